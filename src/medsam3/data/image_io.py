@@ -188,6 +188,8 @@ def _read_tiff(path: Path, slice_index: int | None, axis: int) -> MedicalImage:
         raise InputFileError(
             path, f"unreadable or corrupt TIFF ({' '.join(str(error).split())[:200]})"
         ) from None
+    if pixels.size == 0:
+        raise InputFileError(path, f"is empty ({'x'.join(str(s) for s in pixels.shape)} pixels)")
     # Drop length-1 axes, bring colour samples last, and keep at most one stack axis.
     keep = [i for i, (ax, n) in enumerate(zip(axes, pixels.shape, strict=True)) if n != 1 or ax in "YX"]
     pixels = pixels.reshape([pixels.shape[i] for i in keep])
