@@ -1,0 +1,121 @@
+"""Segment one image by naming concepts: the library behind ``medsam3 segment``."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medsam3.infer.predictor import Sam3Predictor, as_rgb_uint8
+from medsam3.infer.types import Box, Prompt, PromptResult
+from medsam3.utils.files import write_json_atomic
+
+MAX_PROMPT_WORDS = 3
+
+
+@dataclass
+class Segmentation:
+    """All prompts' results for one image, and what is needed to write them."""
+
+    image: np.ndarray  # (H, W, 3) uint8, what the model saw
+    results: list[PromptResult]
+    source: str
+    model: str
+    adapter: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def build_prompts(
+    texts: list[str], boxes: list[Box] = (), negative_boxes: list[Box] = ()
+) -> tuple[list[Prompt], list[str]]:
+    """One Prompt per phrase; every box applies to every phrase. Returns prompts and warnings."""
+    notes = []
+    box_list = list(boxes) + list(negative_boxes)
+    labels = [1] * len(boxes) + [0] * len(negative_boxes)
+    prompts = [Prompt(t, boxes=tuple(box_list), box_labels=tuple(labels)) for t in texts]
+    for prompt in prompts:
+        if prompt.word_count > MAX_PROMPT_WORDS:
+            notes.append(
+                f"prompt '{prompt.text}' has {prompt.word_count} words: MedSAM-3 is tuned on concept phrases "
+                f"of at most {MAX_PROMPT_WORDS} words, so results may be poor"
+            )
+    return prompts, notes
+
+
+def segment_image(
+    image: np.ndarray,
+    prompts: list[Prompt],
+    predictor: Sam3Predictor,
+    *,
+    source: str = "<array>",
+) -> Segmentation:
+    """Encode ``image`` once and answer every prompt."""
+    rgb = as_rgb_uint8(image, source)
+    predictor.set_image(rgb)
+    results = predictor.predict(prompts)
+    adapter = predictor.loaded.adapter
+    return Segmentation(
+        image=rgb,
+        results=results,
+        source=source,
+        model=predictor.loaded.spec,
+        adapter=None if adapter is None else str(adapter.get("path", "")) or None,
+    )
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a phrase ('breast tumor' -> 'breast_tumor')."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "prompt"
+
+
+def instance_label_map(result: PromptResult) -> np.ndarray:
+    """Instances as one uint16 map (1 = best-scoring instance); overlaps go to the higher score."""
+    labels = np.zeros(result.masks.shape[1:], dtype=np.uint16)
+    for index in range(len(result) - 1, -1, -1):
+        labels[result.masks[index]] = index + 1
+    return labels
+
+
+def write_segmentation(seg: Segmentation, out_dir: str | Path) -> Path:
+    """Write a mask PNG per prompt, an instance map, an overlay and ``result.json`` (last)."""
+    from medsam3.data.image_io import save_png
+    from medsam3.visualize import overlay
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    used: dict[str, int] = {}
+    entries = []
+    for result in seg.results:
+        name = slug(result.prompt.text)
+        used[name] = used.get(name, 0) + 1
+        if used[name] > 1:
+            name = f"{name}_{used[name]}"
+        save_png(out_dir / f"{name}.png", result.union)
+        save_png(out_dir / f"{name}_instances.png", instance_label_map(result))
+        entry = result.to_json(mask_file=f"{name}.png")
+        entry["instance_map"] = f"{name}_instances.png"
+        entries.append(entry)
+    masks = [r.union for r in seg.results]
+    labels = [f"{r.prompt.text} ({len(r)})" for r in seg.results]
+    boxes = [b for r in seg.results for b in r.boxes.tolist()]
+    save_png(out_dir / "overlay.png", overlay(seg.image, masks, labels=labels, boxes=boxes or None))
+    write_json_atomic(
+        out_dir / "result.json",
+        {
+            "image": seg.source,
+            "model": seg.model,
+            "adapter": seg.adapter,
+            "image_size": list(seg.image.shape[:2]),
+            "notes": seg.notes,
+            "prompts": entries,
+        },
+    )
+    return out_dir
+
+
+def warn_notes(notes: list[str]) -> None:
+    for note in notes:
+        warnings.warn(note, stacklevel=2)

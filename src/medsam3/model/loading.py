@@ -1,0 +1,247 @@
+"""Turn a model spec into a ready SAM 3 model and its processor.
+
+A spec is one of: a preset name (``tiny``, ``nano``, ``sam3``, ``sam3-random``), a local folder
+written by ``save_pretrained``, Meta's original ``sam3.pt`` checkpoint, or a Hugging Face hub id
+(``facebook/sam3``). An adapter folder (see :mod:`medsam3.model.adapter`) may be laid on top.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+
+from medsam3.errors import ModelSpecError
+from medsam3.model import presets
+from medsam3.model.tokenizer import build_clip_tokenizer
+
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "id2label",
+    "label2id",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+}
+
+
+@dataclass
+class LoadedModel:
+    """A SAM 3 model ready for inference or training, with what produced it."""
+
+    model: Sam3Model
+    processor: Sam3Processor
+    spec: str
+    device: torch.device
+    adapter: dict | None = None  # the adapter's metadata, when one is applied
+    concepts: list[str] = field(default_factory=list)  # vocabulary the weights were tuned on
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.config.image_size)
+
+    @property
+    def fingerprint(self) -> str:
+        return config_fingerprint(self.model.config)
+
+
+def config_fingerprint(config: Sam3Config) -> str:
+    """A hash of the architecture (not the weights): adapters refuse a base that differs."""
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in sorted(value.items()) if k not in _VOLATILE_CONFIG_KEYS}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    canonical = json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; asking for CUDA without it is an error."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelSpecError(f"--device {device}: no CUDA GPU is available here (use cpu or auto)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise ModelSpecError(f"unknown device '{device}': use auto, cpu or cuda[:N]")
+    return torch.device(device)
+
+
+def offline_processor(image_size: int) -> Sam3Processor:
+    """SAM 3's processor with the offline CLIP tokenizer, for a model of this input size."""
+    image_processor = Sam3ImageProcessor(size={"height": image_size, "width": image_size})
+    return Sam3Processor(image_processor=image_processor, tokenizer=build_clip_tokenizer())
+
+
+def random_model(config: Sam3Config, seed: int = 0) -> Sam3Model:
+    """A randomly initialised model; the same seed gives the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Sam3Model(config)
+
+
+def bundled_model_dir(name: str) -> Path:
+    return Path(str(resources.files("medsam3.model") / "weights" / name))
+
+
+def _load_folder(folder: Path) -> tuple[Sam3Model, Sam3Processor]:
+    if not (folder / "config.json").is_file():
+        raise ModelSpecError(f"{folder}: not a model folder (no config.json written by save_pretrained)")
+    try:
+        model = Sam3Model.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelSpecError(f"{folder}: cannot load a SAM 3 model: {str(exc).splitlines()[0]}") from exc
+    has_processor = (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file()
+    processor = Sam3Processor.from_pretrained(folder) if has_processor else offline_processor(model.config.image_size)
+    return model, processor
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the hub endpoint, so that offline machines fail in seconds, not minutes."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_hub(repo_id: str) -> tuple[Sam3Model, Sam3Processor]:
+    """Load from the hub (or its local cache when the hub cannot be reached)."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or not _hub_reachable()
+    try:
+        model = Sam3Model.from_pretrained(repo_id, local_files_only=offline)
+        processor = Sam3Processor.from_pretrained(repo_id, local_files_only=offline)
+    except Exception as exc:  # hub errors come in many classes; all mean "not available to you"
+        reason = "the hub cannot be reached from this machine and it is not in the local cache" if offline else (
+            f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        )
+        gated = (
+            f"{repo_id} is gated: request access on its hub page and log in with `hf auth login`; "
+            if repo_id == presets.SAM3_HUB_ID
+            else ""
+        )
+        raise ModelSpecError(
+            f"cannot load '{repo_id}' from the Hugging Face hub ({reason}). {gated}Alternatives: pass a local "
+            "folder written by save_pretrained (--model DIR), Meta's sam3.pt (--model sam3.pt), or the bundled "
+            "'nano' preset"
+        ) from exc
+    return model, processor
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MEDSAM3_CACHE", Path.home() / ".cache" / "medsam3"))
+
+
+def convert_original_checkpoint(checkpoint: Path, out_dir: Path | None = None) -> Path:
+    """Convert Meta's ``sam3.pt`` with the conversion code transformers ships; returns the folder.
+
+    transformers keeps the converter in its source tree
+    (``transformers/models/sam3/convert_sam3_to_hf.py``); PyPI wheels leave it out, so it is
+    importable only from a source install of transformers.
+    """
+    try:
+        from transformers.models.sam3 import convert_sam3_to_hf  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise ModelSpecError(
+            f"{checkpoint}: converting Meta's original SAM 3 checkpoint needs transformers' converter "
+            "(transformers/models/sam3/convert_sam3_to_hf.py), which the PyPI wheel does not ship: install "
+            "transformers from its git source, or run that script yourself and pass its output folder"
+        ) from exc
+    if out_dir is None:
+        stat = checkpoint.stat()
+        key = hashlib.sha256(f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        out_dir = _cache_dir() / "converted" / key
+    if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
+        return out_dir
+    try:
+        convert_sam3_to_hf.convert_sam3_checkpoint(checkpoint_path=str(checkpoint), output_path=str(out_dir))
+    except OSError:
+        # The converter saves the weights, then fetches a tokenizer from the hub; offline that last
+        # step fails, which is harmless because we build the same tokenizer locally.
+        if not any(out_dir.glob("*.safetensors")):
+            raise
+    return out_dir
+
+
+def load_model(
+    spec: str | os.PathLike,
+    *,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype = torch.float32,
+    adapter: str | os.PathLike | None = None,
+) -> LoadedModel:
+    """Load SAM 3 from a spec (see module docstring) in eval mode on ``device``.
+
+    fp32 is the default everywhere: bf16 runs ~250x slower than fp32 on common CPUs.
+    """
+    spec = str(spec)
+    if not spec.strip():
+        raise ModelSpecError("empty model spec: use a preset (" + ", ".join(presets.PRESET_NAMES) + "), a folder or a hub id")
+    path = Path(spec).expanduser()
+    concepts: list[str] = []
+    if spec in presets.RANDOM_PRESETS:
+        model = random_model(presets.RANDOM_PRESETS[spec]())
+        processor = offline_processor(model.config.image_size)
+    elif spec in presets.BUNDLED_PRESETS:
+        folder = bundled_model_dir(spec)
+        if not (folder / "config.json").is_file():
+            raise ModelSpecError(f"the bundled '{spec}' weights are missing from this install ({folder})")
+        model, processor = _load_folder(folder)
+        concepts = _read_concepts(folder)
+    elif spec in presets.HUB_PRESETS:
+        model, processor = _load_hub(presets.HUB_PRESETS[spec])
+    elif path.is_dir():
+        model, processor = _load_folder(path)
+        concepts = _read_concepts(path)
+    elif path.suffix in (".pt", ".pth"):
+        if not path.is_file():
+            raise ModelSpecError(f"{path}: checkpoint file not found")
+        model, processor = _load_folder(convert_original_checkpoint(path))
+    elif path.exists():
+        raise ModelSpecError(f"{path}: not a model folder, nor a .pt checkpoint")
+    elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        model, processor = _load_hub(spec)
+    else:
+        raise ModelSpecError(
+            f"unknown model '{spec}': use a preset ({', '.join(presets.PRESET_NAMES)}), a folder written by "
+            "save_pretrained, a sam3.pt checkpoint, or a hub id like facebook/sam3"
+        )
+    target = resolve_device(device)
+    if target.type == "cpu" and dtype != torch.float32:
+        raise ModelSpecError("on CPU only float32 is supported (bf16 runs ~250x slower there)")
+    model = model.to(device=target, dtype=dtype).eval()
+    loaded = LoadedModel(model=model, processor=processor, spec=spec, device=target, concepts=concepts)
+    if adapter is not None:
+        from medsam3.model.adapter import apply_adapter
+
+        apply_adapter(loaded, adapter)
+    return loaded
+
+
+def _read_concepts(folder: Path) -> list[str]:
+    """The concept vocabulary a model folder was trained on (``medsam3.json``), if recorded."""
+    meta = folder / "medsam3.json"
+    if meta.is_file():
+        return list(json.loads(meta.read_text()).get("concepts", []))
+    return []

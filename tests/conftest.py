@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny random-weight SAM 3 (milliseconds per forward) and its saved folder."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from medsam3.model import load_model
+
+    return load_model("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tiny_model):
+    """The tiny model written with save_pretrained (model + processor), as a user would have it."""
+    folder = tmp_path_factory.mktemp("tiny_saved")
+    tiny_model.model.save_pretrained(folder)
+    tiny_model.processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def rgb_image():
+    """A 90 x 130 RGB test picture: a bright disk on a textured background."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:90, :130]
+    image = rng.integers(20, 60, (90, 130, 3)).astype(np.uint8)
+    image[(yy - 45) ** 2 + (xx - 60) ** 2 < 15**2] = 220
+    return image
