@@ -43,7 +43,7 @@ def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
         if array.max() <= 1.0:
             array = array * 255.0
         array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(array)
+    return np.array(array, order="C", copy=True) if not array.flags.writeable else np.ascontiguousarray(array)
 
 
 def _expand(vision: Sam3VisionEncoderOutput, batch: int) -> Sam3VisionEncoderOutput:
