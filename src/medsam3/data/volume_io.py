@@ -1,10 +1,11 @@
-"""3D volumes in and label masks out, with the scanner geometry kept exactly (SimpleITK).
+"""3D volumes in and label masks out, with the scanner geometry kept exactly (SimpleITK, nibabel).
 
 A :class:`Volume` holds the voxels as a (Z, Y, X) float32 array (numpy order: slowest axis first),
 plus the geometry that places them in the patient: spacing, origin and direction as ITK defines
 them. Segmentation works in voxel space (slices are taken along an array axis, never resampled),
 so a mask written by :func:`write_mask` on the same grid overlays the input exactly in 3D Slicer
-or ITK-SNAP, oblique direction matrices included.
+or ITK-SNAP. Oblique direction matrices are kept as they are: nothing is reoriented, so output
+geometry equals input geometry.
 
 Geometry conventions (ITK's, in LPS physical space):
 
@@ -12,16 +13,20 @@ Geometry conventions (ITK's, in LPS physical space):
 - ``origin`` is the physical ``(x, y, z)`` point of voxel (0, 0, 0), as ITK reports it;
 - ``direction`` is ITK's row-major 3x3 matrix, 9 numbers, columns = physical direction of the
   x, y and z voxel axes.
+
+NIfTI geometry is read by ITK (qform/sform as Slicer and ITK-SNAP read it) but the voxels by
+nibabel, because ITK silently zero-fills a truncated file and turns NaN into 0. A NIfTI mask
+written for a NIfTI volume copies the source header's geometry fields bit for bit.
 """
 
 from __future__ import annotations
 
-import gzip
 import warnings
 import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -47,6 +52,8 @@ MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha")
 # Relative tolerance on slice gaps in a DICOM series before it counts as "missing slices".
 _GAP_TOLERANCE = 0.05
 
+Geometry = tuple[tuple[float, float, float], tuple[float, float, float], tuple[float, ...]]
+
 
 @dataclass
 class Volume:
@@ -58,11 +65,24 @@ class Volume:
     direction: tuple[float, ...]
     path: Path
     modality: str | None = None
-    reference: sitk.Image | None = field(default=None, repr=False)
+    nifti_header: Any = field(default=None, repr=False)
+    """The source's nibabel header when read from NIfTI: lets NIfTI masks copy its geometry exactly."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.array.shape)  # type: ignore[return-value]
+
+    @cached_property
+    def reference(self) -> sitk.Image:
+        """A SimpleITK image on this grid (uint8 zeros, built on first use): for resampling onto it.
+
+        It carries the geometry, not the intensities, so a Volume does not hold its voxels twice.
+        """
+        image = sitk.Image([int(s) for s in reversed(self.array.shape)], sitk.sitkUInt8)
+        image.SetSpacing(tuple(reversed(self.spacing)))
+        image.SetOrigin(self.origin)
+        image.SetDirection(self.direction)
+        return image
 
     @property
     def is_constant(self) -> bool:
@@ -105,6 +125,10 @@ def _suffix(path: Path) -> str:
     return path.suffix.lower()
 
 
+def _one_line(error: object, limit: int = 200) -> str:
+    return " ".join(str(error).split())[:limit]
+
+
 def _itk_reason(error: Exception) -> str:
     """The most telling line of a multi-line ITK exception, as a short phrase."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
@@ -118,88 +142,116 @@ def _itk_reason(error: Exception) -> str:
     text = (useful or lines or ["unknown error"])[-1]
     for prefix in ("sitk::ERROR:", "ITK ERROR:", "[nrrd]"):
         text = text.replace(prefix, "")
-    return " ".join(text.split())[:200]
+    return _one_line(text)
 
 
-def _check_gzip_complete(path: Path) -> None:
-    """Decompress a .gz stream to the end: ITK silently zero-fills a truncated .nii.gz, this does not."""
-    try:
-        with gzip.open(path, "rb") as stream:
-            while stream.read(4 << 20):
-                pass
-    except EOFError:
-        raise InputFileError(path, "truncated gzip file (the download or copy did not finish)") from None
-    except (OSError, zlib.error) as error:
-        raise InputFileError(path, f"corrupt gzip data ({error})") from None
-
-
-def _check_nifti_complete(path: Path) -> None:
-    """NIfTI files shorter than their header promises: ITK would read them without complaint."""
-    import nibabel as nib
-
-    try:
-        header = nib.load(str(path)).header
-    except Exception as error:  # nibabel raises many types for a bad header
-        raise InputFileError(
-            path, f"not a readable NIfTI file ({' '.join(str(error).split())[:160]})"
-        ) from None
-    if path.name.lower().endswith(".gz"):
-        _check_gzip_complete(path)
-        return
-    expected = (
-        int(header.get_data_offset())
-        + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    )
-    actual = path.stat().st_size
-    if actual < expected:
-        raise InputFileError(path, f"truncated NIfTI file: {actual} bytes, the header needs {expected}")
-
-
-def _from_sitk(image: sitk.Image, path: Path, modality: str | None) -> Volume:
-    """Check dimension and components, then wrap a SimpleITK image as a :class:`Volume`."""
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputFileError(
-            path,
-            f"has {image.GetNumberOfComponentsPerPixel()} values per voxel (vector/RGB volume); "
-            "medsam3 reads scalar 3D volumes",
+def _geometry_3d(path: Path, dim: int, size: tuple[int, ...], spacing, origin, direction) -> Geometry:
+    """Reduce ITK geometry of a 2D, 3D or single-time-point 4D image to 3D; refuse real 4D."""
+    if dim == 3:
+        return tuple(spacing), tuple(origin), tuple(direction)  # type: ignore[return-value]
+    if dim == 2:
+        d = direction
+        return (
+            (spacing[0], spacing[1], 1.0),
+            (origin[0], origin[1], 0.0),
+            (d[0], d[1], 0.0, d[2], d[3], 0.0, 0.0, 0.0, 1.0),
         )
-    dim = image.GetDimension()
     if dim == 4:
-        size = image.GetSize()
-        if size[3] == 1:
-            image = image[:, :, :, 0]
-        else:
+        if size[3] != 1:
             raise InputFileError(
                 path,
-                f"is a 4D image (x,y,z,t size {size}); medsam3 reads 3D volumes: "
+                f"is a 4D image (x,y,z,t size {tuple(size)}); medsam3 reads 3D volumes: "
                 "save the time point or channel you want as its own 3D file",
             )
-    elif dim == 2:
-        image = sitk.JoinSeries([image])
-    elif dim != 3:
-        raise InputFileError(path, f"is a {dim}D image; medsam3 reads 3D volumes")
-    array = sitk.GetArrayFromImage(image)
+        d = np.asarray(direction, dtype=np.float64).reshape(4, 4)[:3, :3]
+        return tuple(spacing[:3]), tuple(origin[:3]), tuple(float(v) for v in d.reshape(-1))  # type: ignore[return-value]
+    raise InputFileError(path, f"is a {dim}D image; medsam3 reads 3D volumes")
+
+
+def _finite_voxels(array: np.ndarray, path: Path) -> np.ndarray:
+    """float32 (Z, Y, X) with non-finite voxels set to the minimum (warned); all non-finite is an error."""
+    array = np.array(array, dtype=np.float32, order="C")  # always a fresh, writable copy
     if array.size == 0:
         raise InputFileError(path, "is empty (0 voxels)")
-    array = array.astype(np.float32, copy=False)
     bad = ~np.isfinite(array)
     if bad.any():
         if bad.all():
             raise InputFileError(path, "every voxel is NaN or infinite")
         fill = float(array[~bad].min())
         warnings.warn(
-            f"{path}: {int(bad.sum())} NaN/infinite voxels set to the volume minimum {fill:g}", stacklevel=3
+            f"{path}: {int(bad.sum())} NaN/infinite voxels set to the volume minimum {fill:g}", stacklevel=4
         )
         array[bad] = fill
-    spacing = image.GetSpacing()
+    return array
+
+
+def _check_scalar(path: Path, components: int) -> None:
+    if components != 1:
+        raise InputFileError(
+            path, f"has {components} values per voxel (vector/RGB volume); medsam3 reads scalar 3D volumes"
+        )
+
+
+def _from_sitk(image: sitk.Image, path: Path, modality: str | None) -> Volume:
+    """Wrap a SimpleITK image (2D, 3D or 4D with one time point) as a :class:`Volume`."""
+    _check_scalar(path, image.GetNumberOfComponentsPerPixel())
+    spacing, origin, direction = _geometry_3d(
+        path,
+        image.GetDimension(),
+        image.GetSize(),
+        image.GetSpacing(),
+        image.GetOrigin(),
+        image.GetDirection(),
+    )
+    array = sitk.GetArrayViewFromImage(image)
+    array = array.reshape((-1,) + array.shape[-2:]) if array.ndim != 3 else array
     return Volume(
-        array=array,
+        array=_finite_voxels(array, path),
         spacing=(float(spacing[2]), float(spacing[1]), float(spacing[0])),
-        origin=tuple(float(v) for v in image.GetOrigin()),  # type: ignore[arg-type]
-        direction=tuple(float(v) for v in image.GetDirection()),
+        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in direction),
         path=path,
         modality=modality,
-        reference=image,
+    )
+
+
+def _read_nifti(path: Path) -> Volume:
+    """Geometry from ITK's header reader, voxels from nibabel (which notices truncation and keeps NaN)."""
+    import nibabel as nib
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as error:
+        raise InputFileError(path, f"not a readable NIfTI file ({_itk_reason(error)})") from None
+    _check_scalar(path, reader.GetNumberOfComponents())
+    size = tuple(int(s) for s in reader.GetSize())
+    spacing, origin, direction = _geometry_3d(
+        path, reader.GetDimension(), size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+    )
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except (EOFError, zlib.error) as error:
+        raise InputFileError(path, f"truncated or corrupt compressed NIfTI ({_one_line(error)})") from None
+    except Exception as error:  # nibabel raises OSError, ValueError, ImageFileError...
+        reason = _one_line(error)
+        if "Expected" in reason and "bytes" in reason:
+            raise InputFileError(path, f"truncated NIfTI file ({reason})") from None
+        raise InputFileError(path, f"not a readable NIfTI file ({reason})") from None
+    zyx = tuple(reversed(size[:3])) if len(size) >= 3 else (1,) + tuple(reversed(size))
+    if int(np.prod(data.shape)) != int(np.prod(zyx)):
+        raise InputFileError(path, f"NIfTI data shape {data.shape} does not match its header size {size}")
+    array = data.reshape(data.shape[: len(size)][:3]).T.reshape(zyx)
+    return Volume(
+        array=_finite_voxels(array, path),
+        spacing=(float(spacing[2]), float(spacing[1]), float(spacing[0])),
+        origin=tuple(float(v) for v in origin),  # type: ignore[arg-type]
+        direction=tuple(float(v) for v in direction),
+        path=path,
+        modality=None,
+        nifti_header=image.header.copy(),
     )
 
 
@@ -226,7 +278,7 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
     if path.stat().st_size == 0:
         raise InputFileError(path, "is an empty file (0 bytes)")
     if suffix in (".nii", ".nii.gz"):
-        _check_nifti_complete(path)
+        return _read_nifti(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -343,11 +395,32 @@ def _mask_pixels(mask: np.ndarray) -> np.ndarray:
     raise MedSAM3Error(f"mask label {top} is too large to store")
 
 
+def _write_nifti_like(tmp: Path, pixels: np.ndarray, header: Any) -> None:
+    """NIfTI with the source header's geometry fields (qform, sform, pixdim, units) copied unchanged."""
+    import nibabel as nib
+
+    out = header.copy()
+    out.extensions.clear()
+    out.set_data_dtype(pixels.dtype)
+    out.set_slope_inter(1.0, 0.0)
+    out["cal_min"], out["cal_max"] = 0, 0
+    out["intent_code"], out["intent_name"] = 0, b""
+    out["descrip"] = b"medsam3 mask"
+    image_class = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    image = image_class(np.ascontiguousarray(pixels.T), None, header=out)
+    for key in ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x",
+                "qoffset_y", "qoffset_z", "srow_x", "srow_y", "srow_z", "xyzt_units"):  # fmt: skip
+        image.header[key] = header[key]
+    image.header["pixdim"][:4] = header["pixdim"][:4]
+    nib.save(image, str(tmp))
+
+
 def write_mask(path: str | Path, mask: np.ndarray, like: Volume) -> Path:
     """Write a (Z, Y, X) label mask on ``like``'s grid: NIfTI (.nii/.nii.gz), NRRD or MHA, atomically.
 
-    Spacing, origin and direction are copied from ``like`` exactly, so the mask overlays the source
-    volume in any viewer. Compressed formats are compressed.
+    Spacing, origin and direction are copied from ``like``: for a NIfTI mask of a NIfTI volume the
+    header geometry fields are copied bit for bit; otherwise ITK writes ``like``'s float64 geometry,
+    which the format may round (NIfTI stores float32). Compressed formats are compressed.
     """
     from medsam3.utils.files import atomic_path
 
@@ -361,13 +434,16 @@ def write_mask(path: str | Path, mask: np.ndarray, like: Volume) -> Path:
             f"{path}: mask shape {tuple(mask.shape)} does not match the volume {tuple(like.array.shape)} "
             f"of {like.path}"
         )
-    image = sitk.GetImageFromArray(_mask_pixels(mask))
-    image.SetSpacing((like.spacing[2], like.spacing[1], like.spacing[0]))
-    image.SetOrigin(like.origin)
-    image.SetDirection(like.direction)
-    compress = suffix in (".nii.gz", ".nrrd", ".seg.nrrd", ".mha")
+    pixels = _mask_pixels(mask)
     with atomic_path(path, suffix=suffix) as tmp:
-        sitk.WriteImage(image, str(tmp), compress)
+        if suffix in (".nii", ".nii.gz") and like.nifti_header is not None:
+            _write_nifti_like(tmp, pixels, like.nifti_header)
+        else:
+            image = sitk.GetImageFromArray(pixels)
+            image.SetSpacing(tuple(reversed(like.spacing)))
+            image.SetOrigin(like.origin)
+            image.SetDirection(like.direction)
+            sitk.WriteImage(image, str(tmp), suffix != ".nii")
     return path
 
 
