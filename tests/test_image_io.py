@@ -154,6 +154,17 @@ def test_tiff_8_and_16_bit_gray_and_rgb(tmp_path):
     np.testing.assert_array_equal(read_image(tmp_path / "planar.tif").rgb[4, 5], [10, 20, 30])
 
 
+def test_explicit_window_applies_to_gray_tiff_and_is_ignored_for_colour(tmp_path):
+    hu = np.array([[-1000, -160], [40, 240]], np.int16)
+    tifffile.imwrite(tmp_path / "ct.tif", hu)
+    img = read_image(tmp_path / "ct.tif", window="abdomen")
+    assert img.window == (40.0, 400.0)
+    np.testing.assert_array_equal(img.rgb[..., 0], [[0, 0], [128, 255]])
+    Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(tmp_path / "c.png")
+    with pytest.warns(UserWarning, match=r"c\.png: a window applies to gray images only"):
+        assert read_image(tmp_path / "c.png", window="lung").window is None
+
+
 def test_tiff_stack_needs_a_slice_and_4d_is_refused(tmp_path):
     stack = np.stack([np.full((4, 5), v, np.uint8) for v in (10, 20, 30)])
     tifffile.imwrite(tmp_path / "s.tif", stack, photometric="minisblack")

@@ -223,6 +223,21 @@ def _read_tiff(path: Path, slice_index: int | None, axis: int) -> MedicalImage:
     return MedicalImage(rgb=rgb, raw=raw, path=path)
 
 
+def _apply_explicit_window(image: MedicalImage, window: str | Window | None) -> MedicalImage:
+    """A window asked for by the caller also applies to gray PNG/TIFF (e.g. CT slices exported as 16-bit)."""
+    chosen = parse_window(window)
+    if chosen is None:
+        return image
+    if image.raw.ndim != 2:
+        warnings.warn(
+            f"{image.path}: a window applies to gray images only; ignored for a colour image", stacklevel=3
+        )
+        return image
+    image.rgb = gray_to_rgb(to_uint8(apply_window(image.raw, *chosen)))
+    image.window = chosen
+    return image
+
+
 def _first_value(value: object) -> float | None:
     """WindowCenter/Width may be multi-valued (several suggested windows): use the first."""
     if value is None:
@@ -331,7 +346,8 @@ def read_image(
     """Read a PNG/JPEG/BMP/TIFF/DICOM image, or one slice of a NIfTI/NRRD/MHA volume.
 
     ``slice_index`` (along ``axis`` of the (Z, Y, X) array) is required for volumes and TIFF stacks.
-    ``window`` is a preset name ("lung"), "center,width" or a pair; it applies to DICOM and volumes.
+    ``window`` is a preset name ("lung"), "center,width" or a pair, applied to the raw values of any
+    gray image (overriding a DICOM file's own window); colour images ignore it with a warning.
     Any problem with the file raises :class:`~medsam3.errors.InputFileError` naming it.
     """
     path = Path(path)
@@ -344,9 +360,9 @@ def read_image(
     suffix = _suffix(path)
     parse_window(window)  # a bad window is reported before any decoding work
     if suffix in RASTER_SUFFIXES:
-        return _read_raster(path)
+        return _apply_explicit_window(_read_raster(path), window)
     if suffix in TIFF_SUFFIXES:
-        return _read_tiff(path, slice_index, axis)
+        return _apply_explicit_window(_read_tiff(path, slice_index, axis), window)
     if suffix in DICOM_SUFFIXES or _is_dicom_file(path):
         return _read_dicom(path, window)
     if suffix in VOLUME_SUFFIXES:
