@@ -12,7 +12,14 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from medsam3.data.volume_io import list_dicom_series, read_volume, slice_rgb, take_slice, write_mask
+from medsam3.data.volume_io import (
+    list_dicom_series,
+    read_volume,
+    slice_rgb,
+    take_slice,
+    write_dicom_seg,
+    write_mask,
+)
 from medsam3.errors import InputFileError, MedSAM3Error
 
 OBLIQUE = (
@@ -219,7 +226,9 @@ def _series(folder: Path, n: int, *, series_uid: str | None = None, description:
         ds.Modality = "CT"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series_uid, frame
         ds.SeriesDescription = description
-        ds.PatientID = "phantom"
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "phantom", "Phantom^CT", "", "O"
+        ds.StudyDate, ds.StudyTime, ds.StudyID, ds.AccessionNumber = "20240101", "120000", "1", ""
+        ds.ReferringPhysicianName, ds.SeriesNumber = "", 3
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [-10.0, -20.0, z0 + k * dz]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
@@ -272,3 +281,29 @@ def test_missing_slice_and_empty_folder_are_refused(tmp_path):
     (tmp_path / "none").mkdir()
     with pytest.raises(InputFileError, match=r"none: no DICOM series found"):
         read_volume(tmp_path / "none")
+
+
+def test_write_dicom_seg_references_the_series_and_round_trips(tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    _series(tmp_path / "s", 4)
+    vol = read_volume(tmp_path / "s")
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[1, 1:3, 1:4] = 2
+    mask[2, 0, 0] = 5
+    out = write_dicom_seg(tmp_path / "seg" / "mask.dcm", mask, vol, {2: "liver", 5: "liver tumor"})
+    seg = hd.seg.segread(out)
+    assert [seg.get_segment_description(n).segment_label for n in (1, 2)] == ["liver", "liver tumor"]
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in vol.source_files]
+    back = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2], combine_segments=True)
+    np.testing.assert_array_equal(back, np.where(mask == 2, 1, np.where(mask == 5, 2, 0)))
+    assert sorted(p.name for p in out.parent.iterdir()) == ["mask.dcm"]
+    with pytest.raises(MedSAM3Error, match=r"label\(s\) \[5\] have no name"):
+        write_dicom_seg(tmp_path / "x.dcm", mask, vol, ["a", "b"])
+    with pytest.raises(MedSAM3Error, match="the mask is empty"):
+        write_dicom_seg(tmp_path / "x.dcm", np.zeros(vol.shape, np.uint8), vol, ["a"])
+    nifti = read_volume(_write(tmp_path / "v.nii.gz", np.zeros((2, 3, 4), np.int16)))
+    with pytest.raises(MedSAM3Error, match="needs a volume read from a DICOM series folder"):
+        write_dicom_seg(tmp_path / "x.dcm", np.ones((2, 3, 4), np.uint8), nifti, ["a"])
+    assert not (tmp_path / "x.dcm").exists()

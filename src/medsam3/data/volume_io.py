@@ -67,6 +67,8 @@ class Volume:
     modality: str | None = None
     nifti_header: Any = field(default=None, repr=False)
     """The source's nibabel header when read from NIfTI: lets NIfTI masks copy its geometry exactly."""
+    source_files: tuple[str, ...] = field(default=(), repr=False)
+    """For a DICOM series: the slice files, in array (Z) order. Needed for DICOM-SEG output."""
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -373,7 +375,9 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
         image = reader.Execute()
     except RuntimeError as error:
         raise InputFileError(folder, f"unreadable DICOM series {series_uid} ({_itk_reason(error)})") from None
-    return _from_sitk(image, folder, modality)
+    volume = _from_sitk(image, folder, modality)
+    volume.source_files = tuple(files)
+    return volume
 
 
 # ----------------------------------------------------------------------------- masks out
@@ -445,6 +449,104 @@ def write_mask(path: str | Path, mask: np.ndarray, like: Volume) -> Path:
             image.SetDirection(like.direction)
             sitk.WriteImage(image, str(tmp), suffix != ".nii")
     return path
+
+
+def write_dicom_seg(
+    path: str | Path,
+    mask: np.ndarray,
+    like: Volume,
+    labels: dict[int, str] | list[str],
+    *,
+    series_description: str = "medsam3 segmentation",
+) -> Path:
+    """Write a (Z, Y, X) label mask as a DICOM Segmentation object referencing ``like``'s series.
+
+    ``like`` must come from a DICOM series folder (its slice files are the source images).
+    ``labels`` names each label value (a list names values 1, 2, ...): the concept phrase becomes
+    the segment label; the coded property is the generic SNOMED "Tissue", since free-text concepts
+    have no code. Empty slices are omitted, as the standard allows. Written atomically.
+    """
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    from medsam3 import __version__
+    from medsam3.utils.files import atomic_path
+
+    path = Path(path)
+    if not like.source_files:
+        raise MedSAM3Error(
+            f"{path}: DICOM-SEG needs a volume read from a DICOM series folder, not {like.path}"
+        )
+    mask = np.asarray(mask)
+    if mask.shape != like.array.shape:
+        raise MedSAM3Error(
+            f"{path}: mask shape {tuple(mask.shape)} does not match the volume {tuple(like.array.shape)}"
+        )
+    pixels = _mask_pixels(mask)
+    names = dict(enumerate(labels, start=1)) if isinstance(labels, list) else dict(labels)
+    present = sorted(int(v) for v in np.unique(pixels) if v != 0)
+    unnamed = [v for v in present if v not in names]
+    if unnamed:
+        raise MedSAM3Error(f"{path}: mask label(s) {unnamed} have no name in labels {names}")
+    if not present:
+        raise MedSAM3Error(f"{path}: the mask is empty; DICOM-SEG cannot store an empty segmentation")
+    # highdicom numbers segments 1..N: map each present label onto its rank.
+    lookup = np.zeros(int(pixels.max()) + 1, dtype=np.uint16)
+    for number, value in enumerate(present, start=1):
+        lookup[value] = number
+    label_map = lookup[pixels]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="medsam3", family=codes.cid7162.ArtificialIntelligence, version=__version__
+    )
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=str(names[value])[:64],
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=codes.SCT.Tissue,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for number, value in enumerate(present, start=1)
+    ]
+    try:
+        sources = [pydicom.dcmread(name) for name in like.source_files]
+    except Exception as error:
+        raise InputFileError(like.path, f"cannot re-read the DICOM series ({_one_line(error)})") from None
+    try:
+        seg = _build_seg(hd, sources, label_map, descriptions, series_description)
+    except (AttributeError, ValueError, TypeError) as error:
+        raise MedSAM3Error(
+            f"{like.path}: cannot build a DICOM-SEG for this series ({_one_line(error)})"
+        ) from None
+    with atomic_path(path, suffix=".dcm") as tmp:
+        seg.save_as(tmp)
+    return path
+
+
+def _build_seg(
+    hd: Any, sources: list, label_map: np.ndarray, descriptions: list, series_description: str
+) -> Any:
+    from medsam3 import __version__
+
+    seg = hd.seg.Segmentation(
+        source_images=sources,
+        pixel_array=label_map,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=int(getattr(sources[0], "SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="medsam3",
+        manufacturer_model_name="MedSAM-3",
+        software_versions=__version__,
+        device_serial_number="0",
+        content_description=series_description[:64],
+    )
+    seg.SeriesDescription = series_description[:64]
+    return seg
 
 
 # ----------------------------------------------------------------------------- slices for the model
