@@ -78,6 +78,25 @@ def test_overlay_boxes_and_labels_are_drawn_in_their_colour():
     assert not np.array_equal(boxed[:20], overlay(rgb, [mask], boxes=[[30, 20, 70, 60]])[:20])  # above box
 
 
+def test_overlay_boxes_grouped_by_mask_and_legend():
+    rgb = _image(80, 100, value=0)
+    a, b = _square(80, 100, 10, 30, 10, 30), _square(80, 100, 50, 70, 60, 90)
+    colors = [(255, 0, 0), (0, 0, 255)]
+    boxes = [[10, 10, 30, 30], [60, 50, 90, 70], [40, 5, 50, 15]]
+    out = overlay(rgb, [a, b], colors=colors, alpha=0.0, contour=False, boxes=boxes, box_masks=[0, 1, 1])
+    np.testing.assert_array_equal(out[20, 10], colors[0])
+    np.testing.assert_array_equal(out[60, 60], colors[1])
+    np.testing.assert_array_equal(out[5, 45], colors[1])  # third box belongs to the second mask
+    with pytest.raises(ValueError, match="box_masks needs one mask index"):
+        overlay(rgb, [a, b], boxes=boxes, box_masks=[0, 1])
+    shown = overlay(rgb, [a, np.zeros_like(b)], colors=colors, alpha=0.0, contour=False,
+                    labels=["polyp (1)", "tumor (0)"], legend=True)  # fmt: skip
+    panel = shown[:30, :60]
+    assert (np.all(panel == colors[0], axis=-1)).sum() > 4  # swatch of the first label
+    assert (np.all(panel == colors[1], axis=-1)).sum() > 4  # the empty mask's label is listed too
+    assert (panel.sum(axis=-1) > 600).any()  # white legend text
+
+
 def test_overlay_rejects_bad_inputs():
     rgb = _image()
     with pytest.raises(ValueError, match=r"mask 0 has shape \(10, 10\), the image is \(40, 50\)"):

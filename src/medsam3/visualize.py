@@ -117,12 +117,16 @@ def overlay(
     boxes: Sequence[Sequence[float]] | np.ndarray | None = None,
     labels: Sequence[str] | None = None,
     contour: bool = True,
+    box_masks: Sequence[int] | None = None,
+    legend: bool = False,
 ) -> np.ndarray:
     """Blend each (H, W) bool mask over ``rgb`` in its own colour, with contours, boxes and labels.
 
-    ``boxes`` are xyxy pixels; box i, mask i and label i share colour i. A label goes at the top-left
-    of its box when there is one, else inside its mask (the point farthest from the border).
-    Returns a new (H, W, 3) uint8 image.
+    ``boxes`` are xyxy pixels. Box j belongs to mask ``box_masks[j]`` (default: box i to mask i) and
+    takes its colour, so several instance boxes can share one prompt's mask. Label i goes at the
+    top-left of the first box of mask i, else inside mask i (the point farthest from its border);
+    with ``legend`` the labels are listed with their colours in the top-left corner instead, which
+    also shows labels of empty masks. Returns a new (H, W, 3) uint8 image.
     """
     out = _as_rgb(rgb)
     height, width = out.shape[:2]
@@ -131,8 +135,13 @@ def overlay(
         if mask.shape != (height, width):
             raise ValueError(f"mask {i} has shape {mask.shape}, the image is {(height, width)}")
     box_list = [] if boxes is None else [tuple(float(v) for v in b) for b in np.asarray(boxes).reshape(-1, 4)]
+    owners = list(range(len(box_list))) if box_masks is None else [int(i) for i in box_masks]
+    if len(owners) != len(box_list) or any(i < 0 for i in owners):
+        raise ValueError(
+            f"box_masks needs one mask index >= 0 per box: {len(owners)} for {len(box_list)} boxes"
+        )
     label_list = list(labels) if labels is not None else []
-    count = max(len(masks), len(box_list), len(label_list))
+    count = max([len(masks), len(label_list)] + [i + 1 for i in owners])
     if colors is None:
         palette = label_colors(count)
     else:
@@ -162,21 +171,48 @@ def overlay(
     draw = ImageDraw.Draw(image)
     thickness = max(1, round(min(height, width) / 256))
     font = _font(max(10, min(32, round(min(height, width) / 28))))
-    for i, box in enumerate(box_list):
-        x0, y0, x1, y1 = box
-        draw.rectangle((x0, y0, x1, y1), outline=palette[i], width=thickness)
+    for box, owner in zip(box_list, owners, strict=True):
+        draw.rectangle(box, outline=palette[owner], width=thickness)
+    if legend:
+        _draw_legend(draw, label_list, palette, font, (width, height))
+        return np.asarray(image, dtype=np.uint8).copy()
     for i, text in enumerate(label_list):
         if not text:
             continue
-        if i < len(box_list):
-            _draw_label(
-                draw, box_list[i][:2], str(text), palette[i], font, (width, height), anchor_center=False
-            )
+        if i in owners:
+            corner = box_list[owners.index(i)][:2]
+            _draw_label(draw, corner, str(text), palette[i], font, (width, height), anchor_center=False)
             continue
         point = _inside_point(masks[i].astype(bool)) if i < len(masks) else None
         if point is not None:
             _draw_label(draw, point, str(text), palette[i], font, (width, height), anchor_center=True)
     return np.asarray(image, dtype=np.uint8).copy()
+
+
+def _draw_legend(
+    draw: ImageDraw.ImageDraw,
+    labels: Sequence[str],
+    palette: Sequence[Color],
+    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
+    size: tuple[int, int],
+) -> None:
+    """One row per label: a colour swatch and the text, on a dark panel in the top-left corner."""
+    rows = [(str(t), palette[i]) for i, t in enumerate(labels) if t]
+    if not rows:
+        return
+    line = max(
+        draw.textbbox((0, 0), t, font=font)[3] - draw.textbbox((0, 0), t, font=font)[1] for t, _ in rows
+    )
+    line = max(line, 6) + 4
+    text_w = max(draw.textlength(t, font=font) for t, _ in rows)
+    panel_w = min(size[0] - 1, int(text_w + line + 10))
+    panel_h = min(size[1] - 1, line * len(rows) + 4)
+    draw.rectangle((0, 0, panel_w, panel_h), fill=(0, 0, 0))
+    for row, (text, color) in enumerate(rows):
+        top = 2 + row * line
+        draw.rectangle((3, top + 2, 3 + line - 6, top + line - 4), fill=color)
+        left, up = draw.textbbox((0, 0), text, font=font)[:2]
+        draw.text((line + 3 - left, top + 2 - up), text, fill=(255, 255, 255), font=font)
 
 
 def _fit(image: np.ndarray, tile_h: int, tile_w: int, background: int) -> np.ndarray:
