@@ -315,6 +315,38 @@ def test_pydicom_ct_small_reads_in_hounsfield_units():
     assert img.spacing == pytest.approx((0.661468, 0.661468))
 
 
+def test_dicom_that_pydicom_cannot_decode_falls_back_to_gdcm():
+    from pydicom.data import get_testdata_file
+
+    path = get_testdata_file("JPEG-lossy.dcm", download=False)  # 12-bit lossy JPEG: no pydicom plugin here
+    if path is None:
+        pytest.skip("pydicom test data not installed")
+    img = read_image(path)
+    reference = sitk.GetArrayFromImage(sitk.ReadImage(path))[0]
+    np.testing.assert_array_equal(img.raw, reference.astype(np.float32))
+    assert img.rgb.shape == (1024, 256, 3) and img.rgb.max() == 255 and img.modality == "NM"
+
+
+def test_rgb_dicom_is_kept_as_colour(tmp_path):
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 50
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # secondary capture (an endoscopy still)
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, generate_uid(), "ES"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = 4, 5, 3, 0
+    ds.PhotometricInterpretation = "RGB"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = rgb.tobytes()
+    ds.save_as(tmp_path / "es.dcm", enforce_file_format=True)
+    img = read_image(tmp_path / "es.dcm")
+    np.testing.assert_array_equal(img.rgb, rgb)
+    assert img.modality == "ES" and img.window is None
+
+
 # ----------------------------------------------------------------------------- volume slices
 
 

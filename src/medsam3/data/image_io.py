@@ -250,6 +250,23 @@ def _first_value(value: object) -> float | None:
         return None
 
 
+def _decode_with_gdcm(path: Path) -> np.ndarray | None:
+    """Second decoder for what pydicom's plugins cannot read (e.g. 12-bit lossy JPEG): GDCM via SimpleITK.
+
+    Returns the rescaled pixels (GDCM applies the modality LUT), or ``None`` if GDCM fails too.
+    """
+    import SimpleITK as sitk
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = sitk.ReadImage(str(path), imageIO="GDCMImageIO")
+    except RuntimeError:
+        return None
+    array = sitk.GetArrayFromImage(image)
+    return array[0] if array.ndim >= 3 and array.shape[0] == 1 else array
+
+
 def _read_dicom(path: Path, window: str | Window | None) -> MedicalImage:
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -275,14 +292,18 @@ def _read_dicom(path: Path, window: str | Window | None) -> MedicalImage:
         raise InputFileError(
             path, f"is a multi-frame DICOM ({frames} frames); read it with the video or volume reader"
         )
+    rescaled = False
     try:
         pixels = ds.pixel_array
     except Exception as error:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
-        raise InputFileError(
-            path, f"cannot decode DICOM pixel data ({name}: {' '.join(str(error).split())[:160]})"
-        ) from None
+        pixels = _decode_with_gdcm(path)
+        if pixels is None:
+            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+            name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
+            raise InputFileError(
+                path, f"cannot decode DICOM pixel data ({name}: {' '.join(str(error).split())[:160]})"
+            ) from None
+        rescaled = True  # GDCM has already applied RescaleSlope/Intercept
     _check_size(pixels, path)
     modality = str(getattr(ds, "Modality", "") or "").strip() or None
     spacing = None
@@ -295,7 +316,7 @@ def _read_dicom(path: Path, window: str | Window | None) -> MedicalImage:
     if samples > 1 or pixels.ndim == 3:
         rgb, raw = _from_pixels(_drop_alpha(pixels, path) if pixels.ndim == 3 else pixels, path)
         return MedicalImage(rgb=rgb, raw=raw, path=path, spacing=spacing, modality=modality)
-    raw = _finite(apply_modality_lut(pixels, ds), path)
+    raw = _finite(pixels if rescaled else apply_modality_lut(pixels, ds), path)
     chosen = parse_window(window)
     if chosen is None:
         center = _first_value(ds.get("WindowCenter"))
