@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medsam3.data.volume_io import (
+    describe_dicom_series,
     list_dicom_series,
     read_volume,
     slice_rgb,
@@ -268,6 +269,9 @@ def test_two_series_need_a_uid_and_the_error_lists_them(tmp_path):
     assert f"{first} (3 slices, 'ARTERIAL')" in message and f"{second} (5 slices, 'VENOUS')" in message
     assert "\n" not in message
     assert read_volume(tmp_path / "d", series_uid=second).shape == (5, 4, 5)
+    infos = {info.uid: info for info in describe_dicom_series(tmp_path / "d")}
+    assert (infos[first].slices, infos[first].description, infos[first].modality) == (3, "ARTERIAL", "CT")
+    assert infos[second].slices == 5
     with pytest.raises(MedSAM3Error, match=r"no DICOM series with UID 1\.2\.3; found: .*ARTERIAL"):
         read_volume(tmp_path / "d", series_uid="1.2.3")
 

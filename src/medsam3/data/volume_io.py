@@ -294,24 +294,42 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
 # ----------------------------------------------------------------------------- DICOM series
 
 
-def _series_summary(folder: Path, uid: str) -> str:
-    import pydicom
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One DICOM series in a folder, as a user would choose it."""
 
-    files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-    description = ""
-    if files:
-        try:
-            ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-            description = str(getattr(ds, "SeriesDescription", "") or getattr(ds, "Modality", ""))
-        except Exception:  # a summary line must never fail the listing
-            description = ""
-    text = f"{uid} ({len(files)} slices"
-    return text + (f", '{description}')" if description else ")")
+    uid: str
+    slices: int
+    description: str
+    modality: str | None
+
+    def __str__(self) -> str:
+        text = f"{self.uid} ({self.slices} slices"
+        return text + (f", '{self.description}')" if self.description else ")")
 
 
 def list_dicom_series(folder: str | Path) -> list[str]:
-    """The DICOM series instance UIDs found directly in ``folder`` (GDCM's scan)."""
+    """The DICOM series instance UIDs found directly in ``folder`` (GDCM's scan; sub-folders not searched)."""
     return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
+def describe_dicom_series(folder: str | Path) -> list[SeriesInfo]:
+    """Every series in ``folder`` with its slice count, description and modality (headers only)."""
+    import pydicom
+
+    infos = []
+    for uid in list_dicom_series(folder):
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        description, modality = "", None
+        if files:
+            try:
+                ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+                description = str(getattr(ds, "SeriesDescription", "") or "")
+                modality = str(getattr(ds, "Modality", "") or "").strip() or None
+            except Exception:  # a listing must never fail on one odd header
+                pass
+        infos.append(SeriesInfo(uid, len(files), description or (modality or ""), modality))
+    return infos
 
 
 def _check_slice_positions(folder: Path, files: list[str]) -> str | None:
@@ -358,14 +376,14 @@ def _check_slice_positions(folder: Path, files: list[str]) -> str | None:
 def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
     uids = list_dicom_series(folder)
     if not uids:
-        raise InputFileError(folder, "no DICOM series found in this folder")
+        raise InputFileError(folder, "no DICOM series found in this folder (sub-folders are not searched)")
     if series_uid is None:
         if len(uids) > 1:
-            listing = "; ".join(_series_summary(folder, uid) for uid in uids)
+            listing = "; ".join(str(info) for info in describe_dicom_series(folder))
             raise MedSAM3Error(f"{folder}: {len(uids)} DICOM series, choose one by series UID: {listing}")
         series_uid = uids[0]
     elif series_uid not in uids:
-        listing = "; ".join(_series_summary(folder, uid) for uid in uids)
+        listing = "; ".join(str(info) for info in describe_dicom_series(folder))
         raise MedSAM3Error(f"{folder}: no DICOM series with UID {series_uid}; found: {listing}")
     files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
     modality = _check_slice_positions(folder, files)
