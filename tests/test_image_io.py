@@ -454,3 +454,11 @@ def test_read_mask_handles_jpeg_noise_and_rgb_masks(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_mask(tmp_path / "m.jpg").shape == (32, 32)
+
+
+def test_returned_arrays_are_writable_copies(tmp_path):
+    Image.fromarray(np.full((3, 3), 7, np.uint8)).save(tmp_path / "w.png")
+    img = read_image(tmp_path / "w.png")
+    img.rgb[0, 0] = 0
+    img.raw[0, 0] = 0.0
+    assert read_image(tmp_path / "w.png").rgb[0, 0, 0] == 7

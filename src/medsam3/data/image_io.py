@@ -95,7 +95,7 @@ def _is_dicom_file(path: Path) -> bool:
 
 def _finite(raw: np.ndarray, path: Path) -> np.ndarray:
     """float32 copy of ``raw`` with non-finite pixels set to the minimum; all-non-finite is an error."""
-    raw = np.asarray(raw, dtype=np.float32)
+    raw = np.array(raw, dtype=np.float32)  # a fresh, writable copy
     bad = ~np.isfinite(raw)
     if bad.any():
         if bad.all():
@@ -104,7 +104,6 @@ def _finite(raw: np.ndarray, path: Path) -> np.ndarray:
         warnings.warn(
             f"{path}: {int(bad.sum())} NaN/infinite pixels set to the image minimum {fill:g}", stacklevel=3
         )
-        raw = raw.copy()
         raw[bad] = fill
     return raw
 
@@ -132,7 +131,7 @@ def _from_pixels(pixels: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray
     else:
         raise InputFileError(path, f"unsupported pixel type {pixels.dtype}")
     rgb = gray_to_rgb(shown) if shown.ndim == 2 else shown
-    return np.ascontiguousarray(rgb, dtype=np.uint8), raw
+    return np.array(rgb, dtype=np.uint8, order="C"), raw  # writable, never a view of a decoder buffer
 
 
 def _drop_alpha(pixels: np.ndarray, path: Path) -> np.ndarray:
