@@ -101,7 +101,9 @@ def write_segmentation(seg: Segmentation, out_dir: str | Path) -> Path:
     masks = [r.union for r in seg.results]
     labels = [f"{r.prompt.text} ({len(r)})" for r in seg.results]
     boxes = [b for r in seg.results for b in r.boxes.tolist()]
-    save_png(out_dir / "overlay.png", overlay(seg.image, masks, labels=labels, boxes=boxes or None))
+    box_owner = [i for i, r in enumerate(seg.results) for _ in range(len(r))]
+    picture = overlay(seg.image, masks, labels=labels, boxes=boxes or None, box_masks=box_owner or None, legend=True)
+    save_png(out_dir / "overlay.png", picture)
     write_json_atomic(
         out_dir / "result.json",
         {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import SafetensorError
@@ -45,8 +46,18 @@ def adapter_metadata(loaded: LoadedModel, policy: str, concepts: list[str], extr
     }
 
 
-def save_adapter(loaded: LoadedModel, out_dir: str | os.PathLike, policy: str, concepts: list[str], extra=None) -> Path:
-    """Write the trainable parameters and metadata atomically (the old folder survives a failure)."""
+def save_adapter(
+    loaded: LoadedModel,
+    out_dir: str | os.PathLike,
+    policy: str,
+    concepts: list[str],
+    extra: dict | None = None,
+    write_extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write the trainable parameters and metadata atomically (the old folder survives a failure).
+
+    ``write_extra(folder)`` may add files (a trainer's optimizer state) inside the same atomic write.
+    """
     out_dir = Path(out_dir)
     tensors = trainable_state_dict(loaded.model)
     if not tensors:
@@ -55,6 +66,8 @@ def save_adapter(loaded: LoadedModel, out_dir: str | os.PathLike, policy: str, c
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
     return out_dir
 
 
