@@ -84,7 +84,9 @@ def test_volume_slices_never_straddle_splits(tmp_path):
         _write(image, root / f"images{folder}" / f"organ_{i:03d}_0000.nii.gz")
         _write(label, root / f"labels{folder}" / f"organ_{i:03d}.nii.gz")
     (root / "dataset.json").write_text(
-        json.dumps({"labels": {"background": 0, "organ": 1}, "file_ending": ".nii.gz", "channel_names": {"0": "MR"}})
+        json.dumps(
+            {"labels": {"background": 0, "organ": 1}, "file_ending": ".nii.gz", "channel_names": {"0": "MR"}}
+        )
     )
     for axis in (0, 2):
         ds = open_dataset(tmp_path, axis=axis, negatives_fraction=1.0)

@@ -167,6 +167,21 @@ def _assign_splits(
     return out
 
 
+def _verify_images(refs: list[SampleRef], report: IndexReport) -> list[SampleRef]:
+    """Decode each distinct image (volume) once; drop the refs of those that fail when skipping."""
+    from medsam3.data.layouts.readers import verify_image
+
+    bad: set[Path] = set()
+    for path in dict.fromkeys(ref.image.path for ref in refs):
+        with report.guard(path):
+            try:
+                verify_image(path)
+            except MedSAM3Error:
+                bad.add(path)
+                raise
+    return [ref for ref in refs if ref.image.path not in bad]
+
+
 def open_dataset(
     path: str | Path,
     layout: str = "auto",
@@ -183,6 +198,7 @@ def open_dataset(
     concept_map: Mapping[str, str] | None = None,
     channel: int = 0,
     window: Any = None,
+    verify_images: bool = False,
 ) -> ConceptDataset:
     """Index a dataset folder into a :class:`ConceptDataset`.
 
@@ -193,6 +209,8 @@ def open_dataset(
     ``skip_bad``: leave out bad cases with a warning instead of failing; they are listed in
     ``dataset.skipped``. ``instances``: "components" splits semantic masks into connected components,
     "semantic" keeps one whole mask per concept. ``concept_map``: label name -> phrase overrides.
+    ``verify_images``: decode every image once now (indexing reads only headers and labels), so a
+    corrupt image is reported (or, with ``skip_bad``, left out) before training rather than during.
     """
     root = Path(path)
     if not root.exists():
@@ -227,6 +245,12 @@ def open_dataset(
     if not refs:
         detail = f"; {len(report.skipped)} bad file(s) skipped" if report.skipped else ""
         raise DatasetError(f"{data_root}: no samples found in this {reader.name} dataset{detail}")
+    if verify_images:
+        refs = _verify_images(refs, report)
+    if not refs:
+        raise DatasetError(
+            f"{data_root}: no readable samples left ({len(report.skipped)} bad file(s) skipped)"
+        )
     refs = _assign_splits(refs, seed, fractions)
     info = DatasetInfo(data_root, reader.name, report.skipped, report.notes, skip_bad)
     dataset = ConceptDataset(

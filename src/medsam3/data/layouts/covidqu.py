@@ -57,9 +57,8 @@ class CovidQuExLayout(Layout):
         if lung_set is not None:
             jobs.append(("lung", lung_set, {"lung masks": "lung"}))
         if infection_set is not None:
-            wanted = {"infection masks": "lung infection"}
-            if lung_set is None:
-                wanted["lung masks"] = "lung"
+            wanted = {"lung masks": "lung"} if lung_set is None else {}
+            wanted["infection masks"] = "lung infection"
             jobs.append(("infection", infection_set, wanted))
         refs: list[SampleRef] = []
         for subset, base, wanted in jobs:

@@ -220,6 +220,16 @@ def read_volume_cached(path: Path):
     return _read_volume_cached(_stamp(Path(path)))
 
 
+def verify_image(path: Path) -> None:
+    """Decode an image or volume fully, raising :class:`InputFileError` if it is corrupt."""
+    if is_volume_file(path):
+        read_volume_cached(path)
+    else:
+        from medsam3.data.image_io import read_image
+
+        read_image(path)
+
+
 def clear_caches() -> None:
     """Forget cached masks and volumes (tests that rewrite files in place use this)."""
     _read_mask_2d_cached.cache_clear()
