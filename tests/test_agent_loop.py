@@ -345,3 +345,31 @@ def test_action_parsing():
         parse_action("I cannot assist with that request.")
     assert info.value.refusal and looks_like_refusal("As an AI, I won't do that")
     assert not looks_like_refusal("The polyp is at the top left.")
+
+
+@pytest.mark.slow
+def test_with_the_real_predictor_on_the_tiny_model(tmp_path):
+    """The loop against ``Sam3Predictor`` itself (random-weight ``tiny`` SAM 3): the protocol, box
+    scaling and outputs hold for the real segmenter, not only the fake."""
+    from medsam3.infer.predictor import Sam3Predictor
+
+    predictor = Sam3Predictor.from_spec("tiny", device="cpu")
+    calls = []
+    predict = predictor.predict
+
+    def spy(prompts, **kwargs):
+        calls.append(list(prompts))
+        return predict(prompts, **kwargs)
+
+    predictor.predict = spy
+    script = [segment(["polyp"], [24, 18, 72, 54]), ACCEPT]
+    with ScriptedLLMServer(script) as server:
+        result = run_agent(
+            make_image(), "the polyp", predictor, llm(server), score_threshold=0.0, out_dir=tmp_path
+        )
+    assert result.stop_reason == "accepted" and predictor.original_size == (H, W)
+    np.testing.assert_allclose(calls[0][0].boxes[0], (40, 30, 120, 90))
+    assert len(result.instances) >= 1  # threshold 0 keeps every query
+    np.testing.assert_array_equal(result.mask, np.any([i.mask for i in result.instances], axis=0))
+    np.testing.assert_array_equal(read_png(tmp_path / "mask.png") > 0, result.mask)
+    assert len(server.received[1].images()) >= 2

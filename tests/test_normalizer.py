@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medsam3.agent.normalizer import Candidate, ConceptNormalizer, clean_phrase, sentence_encoder
+from medsam3.agent.normalizer import (
+    Candidate,
+    ConceptNormalizer,
+    clean_phrase,
+    default_normalizer,
+    normalize_prompt,
+    normalizer_for,
+    sentence_encoder,
+)
 from medsam3.errors import PromptError
 
 HELD = Path(__file__).parent / "data" / "synonyms.tsv"
@@ -54,8 +62,8 @@ def normalizer() -> ConceptNormalizer:
 
 def accuracy(norm: ConceptNormalizer, pairs: list[tuple[str, str]]) -> tuple[float, list[str]]:
     misses = []
-    for phrase, concept in pairs:
-        got = norm.best(phrase)
+    answers = norm.normalize_many([p for p, _ in pairs], top_k=1)
+    for (phrase, concept), (got,) in zip(pairs, answers, strict=True):
         if got.concept != concept:
             misses.append(f"{phrase!r} -> {got.concept!r} ({got.similarity:.2f}), want {concept!r}")
     return 1 - len(misses) / len(pairs), misses
@@ -87,6 +95,12 @@ def test_phrase_in_vocabulary_maps_to_itself(normalizer):
     cands = normalizer.normalize("Breast Tumour", top_k=3)
     assert cands[0] == Candidate("breast tumor", 1.0, "exact")
     assert len(cands) == 3 and all(c.via == "embedding" for c in cands[1:])
+    assert [c.concept for c in cands] == [c.concept for c in normalizer.normalize_many(["breast tumor"])[0]]
+    np.testing.assert_allclose(
+        normalizer.similarity_matrix(["hepatic lesion", "glioma"])[1],
+        normalizer.similarities("glioma"),
+        atol=1e-5,
+    )
     assert cands[1].similarity >= cands[2].similarity
     assert "breast tumor" in normalizer and "breast nodule" not in normalizer
 
@@ -132,3 +146,27 @@ def test_bad_input_is_refused(normalizer):
         normalizer.normalize("polyp", top_k=0)
     with pytest.raises(PromptError, match="at least one concept"):
         ConceptNormalizer([])
+
+
+def test_normalize_prompt_for_segment(normalizer):
+    same = normalize_prompt("polyp", normalizer)
+    assert (same.used, same.changed, same.via, same.similarity) == ("polyp", False, "exact", 1.0)
+    assert normalize_prompt("Breast  Tumour", normalizer).used == "breast tumor"
+    mapped = normalize_prompt("tumour of the kidney", normalizer)
+    assert mapped.changed and mapped.used == "kidney tumor" and mapped.via == "embedding"
+    assert mapped.to_json()["candidates"][0]["concept"] == "kidney tumor" and len(mapped.candidates) == 3
+    far = normalize_prompt("the weather is nice today", normalizer)
+    assert far.used == "the weather is nice today" and not far.changed and far.via is None
+    assert far.similarity < 0.35
+
+
+def test_bundled_vocabulary_and_adapter_concepts():
+    bundled = default_normalizer()
+    assert "breast tumor" in bundled.vocabulary and bundled.best("hepatic lesion").concept == "liver tumor"
+    assert bundled.best("Segment the polyps in this colonoscopy frame") == Candidate("polyp", 1.0, "exact")
+    adapter = normalizer_for(["breast tumor", "polyp"])  # an adapter tuned on two concepts
+    assert (
+        adapter.vocabulary == ["breast tumor", "polyp"] and "breast mass" in adapter.synonyms["breast tumor"]
+    )
+    assert adapter.best("melanoma").concept in {"breast tumor", "polyp"}  # only its own concepts
+    assert normalize_prompt("tumour in the breast", adapter).used == "breast tumor"

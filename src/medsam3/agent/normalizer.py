@@ -196,16 +196,26 @@ class ConceptNormalizer:
         core = core_phrase(cleaned)
         return [cleaned] + ([core] if core and core != cleaned else [])
 
+    def similarity_matrix(self, texts: Sequence[str]) -> np.ndarray:
+        """(len(texts), len(vocabulary)) cosine similarities, all texts encoded in one batch.
+
+        A text's similarity to a concept is the best over the concept and its synonyms, and over the
+        text as typed and without its instruction words."""
+        queries = [self._queries(t) or [t] for t in texts]
+        flat = [q for group in queries for q in group]
+        per_wording = self._wording_embeddings() @ self.encoder.encode(flat).T  # (wordings, queries)
+        owner = np.array([self._concept_index[c] for _, c, _ in self._wordings])
+        out = np.full((len(texts), len(self.vocabulary)), -1.0, dtype=np.float32)
+        start = 0
+        for row, group in enumerate(queries):
+            best_wording = per_wording[:, start : start + len(group)].max(axis=1)
+            np.maximum.at(out[row], owner, best_wording)
+            start += len(group)
+        return out
+
     def similarities(self, text: str) -> np.ndarray:
-        """Cosine similarity of ``text`` to each concept: the best over the concept and its synonyms,
-        and over the text as typed and without its instruction words."""
-        queries = self.encoder.encode(self._queries(text) or [text])
-        per_wording = (self._wording_embeddings() @ queries.T).max(axis=1)
-        best = np.full(len(self.vocabulary), -1.0, dtype=np.float32)
-        for (_, concept, _), sim in zip(self._wordings, per_wording, strict=True):
-            i = self._concept_index[concept]
-            best[i] = max(best[i], float(sim))
-        return best
+        """Cosine similarity of ``text`` to each concept (see :meth:`similarity_matrix`)."""
+        return self.similarity_matrix([text])[0]
 
     def lookup(self, text: str) -> Candidate | None:
         """The concept ``text`` names outright (itself, a listed synonym, or either in an instruction or
@@ -223,24 +233,32 @@ class ConceptNormalizer:
         A phrase that names a concept (or one of its listed synonyms) maps to it with similarity 1.0;
         the rest are ranked by the sentence encoder's cosine similarity.
         """
+        return self.normalize_many([text], top_k=top_k)[0]
+
+    def normalize_many(self, texts: Sequence[str], top_k: int = 3) -> list[list[Candidate]]:
+        """:meth:`normalize` for many texts, encoded in one batch."""
         if top_k < 1:
             raise PromptError(f"top_k must be at least 1, got {top_k}")
-        if not clean_phrase(text):
-            raise PromptError(
-                f"nothing to normalise in {text!r}: give a concept phrase such as 'breast tumor'"
-            )
-        named = self.lookup(text)
-        head = [named] if named else []
-        if len(head) >= top_k:
-            return head
-        sims = self.similarities(text)
-        order = np.argsort(-sims, kind="stable")
-        tail = [
-            Candidate(self.vocabulary[i], float(sims[i]), "embedding")
-            for i in order
-            if named is None or self.vocabulary[i] != named.concept
-        ]
-        return (head + tail)[:top_k]
+        for text in texts:
+            if not clean_phrase(text):
+                raise PromptError(
+                    f"nothing to normalise in {text!r}: give a concept phrase such as 'breast tumor'"
+                )
+        named = [self.lookup(t) for t in texts]
+        need = [i for i, n in enumerate(named) if n is None or top_k > 1]
+        sims = dict(zip(need, self.similarity_matrix([texts[i] for i in need]), strict=True)) if need else {}
+        out = []
+        for i, hit in enumerate(named):
+            head = [hit] if hit else []
+            if i in sims:
+                order = np.argsort(-sims[i], kind="stable")
+                head += [
+                    Candidate(self.vocabulary[j], float(sims[i][j]), "embedding")
+                    for j in order
+                    if hit is None or self.vocabulary[j] != hit.concept
+                ]
+            out.append(head[:top_k])
+        return out
 
     def best(self, text: str) -> Candidate:
         """The single best concept for ``text``."""
@@ -252,13 +270,70 @@ class ConceptNormalizer:
         return entry is not None and entry[1] == "exact"
 
 
-def default_normalizer() -> ConceptNormalizer:
-    """A normaliser over the bundled concept vocabulary (``medsam3.data.vocabulary``)."""
-    return _default_normalizer()
+@dataclass(frozen=True)
+class PromptNormalization:
+    """What ``segment`` asked for, what it ran, and why (the ``normalization`` entry of result.json)."""
+
+    asked: str
+    used: str
+    via: Via | None
+    similarity: float | None
+    candidates: tuple[Candidate, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return self.asked != self.used
+
+    def to_json(self) -> dict:
+        return {
+            "asked": self.asked,
+            "used": self.used,
+            "changed": self.changed,
+            "via": self.via,
+            "similarity": None if self.similarity is None else round(self.similarity, 4),
+            "candidates": [c.to_json() for c in self.candidates],
+        }
 
 
-@functools.lru_cache(maxsize=1)
-def _default_normalizer() -> ConceptNormalizer:
+def normalize_prompt(
+    text: str, normalizer: ConceptNormalizer, *, min_similarity: float = 0.35, top_k: int = 3
+) -> PromptNormalization:
+    """The phrase to run for a user's prompt: itself when the model knows it, else the nearest concept.
+
+    A phrase whose best concept is less similar than ``min_similarity`` is kept as typed (nothing in
+    the vocabulary is close; an unrelated sentence scores ~0.1 with this encoder).
+    """
+    asked = " ".join(text.split())
+    if asked in normalizer:
+        concept = normalizer.lookup(asked)
+        return PromptNormalization(asked, concept.concept, "exact", 1.0)
+    candidates = tuple(normalizer.normalize(asked, top_k=top_k))
+    best = candidates[0]
+    if best.similarity < min_similarity:
+        return PromptNormalization(asked, asked, None, best.similarity, candidates)
+    return PromptNormalization(asked, best.concept, best.via, best.similarity, candidates)
+
+
+def normalizer_for(concepts: Sequence[str]) -> ConceptNormalizer:
+    """A normaliser over a model's own concept list (e.g. an adapter's), with the bundled vocabulary's
+    synonyms for those concepts. Cached per concept list."""
+    return _normalizer_for(tuple(concepts))
+
+
+@functools.lru_cache(maxsize=8)
+def _normalizer_for(concepts: tuple[str, ...]) -> ConceptNormalizer:
     from medsam3.data import vocabulary
 
-    return ConceptNormalizer(vocabulary.all_concepts(), vocabulary.synonyms())
+    known = vocabulary.synonyms()
+    return ConceptNormalizer(concepts, {c: known.get(c, []) for c in concepts})
+
+
+def default_normalizer() -> ConceptNormalizer:
+    """A normaliser over the bundled concept vocabulary (``medsam3.data.vocabulary``)."""
+    return normalizer_for(tuple(_bundled_concepts()))
+
+
+def _bundled_concepts() -> list[str]:
+    from medsam3.data import vocabulary
+
+    return vocabulary.all_concepts()
