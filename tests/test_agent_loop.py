@@ -348,28 +348,61 @@ def test_action_parsing():
 
 
 @pytest.mark.slow
-def test_with_the_real_predictor_on_the_tiny_model(tmp_path):
-    """The loop against ``Sam3Predictor`` itself (random-weight ``tiny`` SAM 3): the protocol, box
-    scaling and outputs hold for the real segmenter, not only the fake."""
-    from medsam3.infer.predictor import Sam3Predictor
+def test_agent_command_end_to_end_with_the_tiny_model(tmp_path):
+    """``medsam3 agent``'s library call: a PNG file, the real predictor (random-weight ``tiny`` SAM 3),
+    the real client and the scripted server; then the same image offline (``--llm none``)."""
+    from medsam3.agent.command import agent_command
 
-    predictor = Sam3Predictor.from_spec("tiny", device="cpu")
-    calls = []
-    predict = predictor.predict
-
-    def spy(prompts, **kwargs):
-        calls.append(list(prompts))
-        return predict(prompts, **kwargs)
-
-    predictor.predict = spy
+    path = tmp_path / "frame.png"
+    Image.fromarray(make_image()).save(path)
     script = [segment(["polyp"], [24, 18, 72, 54]), ACCEPT]
     with ScriptedLLMServer(script) as server:
-        result = run_agent(
-            make_image(), "the polyp", predictor, llm(server), score_threshold=0.0, out_dir=tmp_path
+        result = agent_command(
+            path,
+            "the polyp",
+            tmp_path / "out",
+            llm_base_url=server.url,
+            llm_model="scripted-mllm",
+            api_key_env="MEDSAM3_TEST_NO_SUCH_KEY",
+            model="tiny",
+            device="cpu",
+            threshold=0.0,
+            max_image_side=96,
         )
-    assert result.stop_reason == "accepted" and predictor.original_size == (H, W)
-    np.testing.assert_allclose(calls[0][0].boxes[0], (40, 30, 120, 90))
-    assert len(result.instances) >= 1  # threshold 0 keeps every query
+    assert result.stop_reason == "accepted" and result.rounds == 1
+    assert len(result.instances) >= 1  # threshold 0 keeps every query of the random model
     np.testing.assert_array_equal(result.mask, np.any([i.mask for i in result.instances], axis=0))
-    np.testing.assert_array_equal(read_png(tmp_path / "mask.png") > 0, result.mask)
-    assert len(server.received[1].images()) >= 2
+    np.testing.assert_array_equal(read_png(tmp_path / "out" / "mask.png") > 0, result.mask)
+    sent = server.received[1].images()
+    assert sent[0].shape == (72, 96, 3) and len(sent) >= 2
+    segment_event = result.trace.of_kind("segment")[0]
+    assert segment_event["results"][0]["boxes_in"] == [
+        [40.0, 30.0, 120.0, 90.0]
+    ]  # scaled to the file's pixels
+
+    offline = agent_command(
+        path, "segment the polyps", tmp_path / "offline", llm="none", model="tiny", device="cpu"
+    )
+    assert offline.stop_reason == "offline" and offline.concepts == ("polyp",)
+    assert json.loads((tmp_path / "offline" / "result.json").read_text())["normalizer"][0]["via"] == "exact"
+
+
+def test_agent_command_refuses_a_missing_endpoint_or_key_before_loading(tmp_path, monkeypatch):
+    from medsam3.agent.command import agent_command
+    from medsam3.agent.llm_client import LLMError
+
+    path = tmp_path / "frame.png"
+    Image.fromarray(make_image()).save(path)
+    with pytest.raises(PromptError, match="--llm-base-url and --llm-model"):
+        agent_command(path, "polyp", tmp_path / "out", model="no-such-model")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(LLMError, match="no API key"):
+        agent_command(
+            path,
+            "polyp",
+            tmp_path / "out",
+            llm_base_url="https://api.openai.com/v1",
+            llm_model="gpt-4o",
+            model="no-such-model",
+        )
+    assert not (tmp_path / "out").exists()

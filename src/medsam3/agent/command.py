@@ -1,0 +1,92 @@
+"""The library behind ``medsam3 agent``: read the image, load MedSAM-3, run the agent or the offline path.
+
+The LLM client is made before the model is loaded, so a missing API key or a bad URL fails in a
+second instead of after a model load.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from medsam3.agent.llm_client import ChatClient
+from medsam3.agent.loop import AgentResult, run_agent, run_offline
+from medsam3.agent.normalizer import ConceptNormalizer, default_normalizer, normalizer_for
+from medsam3.errors import PromptError
+
+
+def model_concepts(loaded) -> list[str]:
+    """The concepts a loaded model (or its adapter) was tuned on; empty for an open-vocabulary SAM 3."""
+    concepts = list(getattr(loaded, "concepts", None) or [])
+    adapter = getattr(loaded, "adapter", None) or {}
+    for concept in adapter.get("concepts", []) if isinstance(adapter, dict) else []:
+        if concept not in concepts:
+            concepts.append(concept)
+    return concepts
+
+
+def agent_command(
+    image: str | os.PathLike,
+    instruction: str,
+    out: str | os.PathLike,
+    *,
+    llm_base_url: str | None = None,
+    llm_model: str | None = None,
+    llm: str = "openai",
+    api_key_env: str = "OPENAI_API_KEY",
+    max_rounds: int = 3,
+    model: str = "nano",
+    adapter: str | os.PathLike | None = None,
+    device: str = "auto",
+    threshold: float = 0.5,
+    max_image_side: int = 1024,
+    timeout_s: float = 120.0,
+    slice_index: int | None = None,
+    axis: int = 0,
+    window: str | None = None,
+) -> AgentResult:
+    """Run the MedSAM-3 agent on one image file; write ``out``: mask.png, overlay.png, result.json, trace/.
+
+    ``llm="none"`` skips the LLM: the concept normaliser picks the phrase from the instruction and
+    MedSAM-3 runs once. Otherwise ``llm_base_url`` and ``llm_model`` name any OpenAI-compatible
+    chat-completions endpoint that takes images.
+    """
+    from medsam3.data.image_io import read_image
+    from medsam3.infer.predictor import Sam3Predictor
+    from medsam3.model import load_model
+
+    if not instruction or not instruction.strip():
+        raise PromptError("empty --instruction: say what to segment, e.g. 'segment the tumor in the breast'")
+    if llm not in ("openai", "none"):
+        raise PromptError(f"--llm {llm!r}: use 'openai' (any OpenAI-compatible endpoint) or 'none' (offline)")
+    client = None
+    if llm == "openai":
+        if not llm_base_url or not llm_model:
+            raise PromptError(
+                "the agent needs --llm-base-url and --llm-model (any OpenAI-compatible endpoint), "
+                "or --llm none to run offline"
+            )
+        client = ChatClient(
+            llm_base_url,
+            llm_model,
+            api_key_env=api_key_env,
+            max_image_side=max_image_side,
+            timeout_s=timeout_s,
+        )
+    picture = read_image(image, slice_index=slice_index, axis=axis, window=window)
+    loaded = load_model(model, device=device, adapter=adapter)
+    predictor = Sam3Predictor(loaded, score_threshold=threshold)
+    concepts = model_concepts(loaded)
+    if client is None:
+        normalizer = normalizer_for(concepts) if concepts else default_normalizer()
+        return run_offline(picture.rgb, instruction, predictor, normalizer, out_dir=Path(out))
+    normalizer: ConceptNormalizer | None = normalizer_for(concepts) if concepts else None
+    return run_agent(
+        picture.rgb,
+        instruction,
+        predictor,
+        client,
+        max_rounds=max_rounds,
+        out_dir=Path(out),
+        normalizer=normalizer,
+    )
