@@ -110,3 +110,18 @@ def test_grid_selection_and_dataset_object(tmp_path):
     with pytest.raises(DatasetError, match="grid size"):
         inspect_dataset(ds, tmp_path / "h.png", grid_size=0)
     assert not (tmp_path / "h.png").exists()
+
+
+def test_inspection_decodes_images_and_counts_corrupt_ones(tmp_path):
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    make_busi(root)
+    image = root / "malignant" / "malignant (1).png"
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])  # the header still reads; the pixels do not
+    assert len(open_dataset(tmp_path)) == 5  # plain indexing reads headers only
+    with pytest.raises(InputFileError, match=r"malignant \(1\)\.png: unreadable or corrupt image"):
+        inspect_dataset(tmp_path)
+    summary = inspect_dataset(tmp_path, tmp_path / "grid.png", skip_bad=True)
+    assert summary.samples == 4 and summary.total("breast tumor").instances == 3
+    assert [s.path for s in summary.skipped] == [str(image)]
+    assert "skipped 1 bad file(s)" in str(summary)

@@ -198,7 +198,7 @@ def render_grid(dataset: ConceptDataset, indices: Sequence[int], tile: int = 256
         )
         where = sample.case_id
         if "slice_index" in sample.meta:
-            where += f" z{sample.meta['slice_index']}"
+            where += f" {'zyx'[sample.meta.get('axis', 0)]}{sample.meta['slice_index']}"
         state = f"{len(sample.masks)} inst" if len(sample.masks) else "absent"
         titles.append(f"{sample.concept} | {where} | {state}")
     if not pictures:
@@ -218,12 +218,14 @@ def inspect_dataset(
 ) -> DatasetSummary:
     """Count a dataset per concept and split, and (with ``out_png``) write a grid of samples.
 
-    ``path`` is a dataset folder (opened with :func:`open_dataset` and ``open_kwargs``) or an
-    already opened :class:`ConceptDataset`.
+    ``path`` is a dataset folder (opened with :func:`open_dataset` and ``open_kwargs``; images are
+    decoded once to find corrupt ones unless ``verify_images=False``) or an already opened
+    :class:`ConceptDataset`.
     """
     if isinstance(path, ConceptDataset):
         dataset = path
     else:
+        open_kwargs.setdefault("verify_images", True)
         dataset = open_dataset(path, layout=layout, **open_kwargs)
     summary = count_dataset(dataset, count_instances=count_instances)
     if out_png is not None:

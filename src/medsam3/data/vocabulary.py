@@ -34,6 +34,7 @@ CONCEPTS: dict[str, list[str]] = {
         "dermoscopic lesion", "cutaneous lesion",
     ],
     "cell nucleus": ["nucleus", "nuclei", "cell nuclei", "cell", "stained nucleus", "nuclear region"],
+    "mitotic cell": ["mitosis", "mitotic figure", "dividing cell"],
     "optic cup": ["cup", "physiological cup", "optic disc cup"],
     "optic disc": ["optic disk", "optic nerve head", "optic papilla", "disc", "optic nerve disc"],
     "lung": ["lung field", "pulmonary parenchyma", "lung parenchyma", "lung region"],
@@ -84,6 +85,7 @@ CONCEPTS: dict[str, list[str]] = {
     "prostate peripheral zone": ["peripheral zone", "prostatic peripheral zone"],
     "prostate transition zone": ["transition zone", "prostatic transition zone", "central gland"],
     "breast lesion": ["mammary lesion", "lesion in the breast", "breast mr lesion"],
+    "breast cyst": ["cyst in the breast", "mammary cyst", "anechoic breast cyst"],
     # Ultrasound artefacts (phantoms).
     "acoustic shadow": ["shadow", "posterior acoustic shadowing", "shadowing", "acoustic shadowing"],
 }  # fmt: skip
@@ -115,19 +117,19 @@ DATASET_CONCEPTS: dict[str, list[str]] = {
     "msd-spleen": ["spleen"],
     "msd-colon": ["colon tumor"],
     "pyradiomics": ["brain tumor", "breast lesion", "lung tumor"],
+    # What medsam3.data.phantoms draws (its dataset.json names these labels).
     "phantoms": [
         "cell nucleus",
+        "mitotic cell",
         "breast tumor",
-        "acoustic shadow",
-        "body",
+        "breast cyst",
         "liver",
         "kidney",
         "spleen",
         "liver tumor",
         "polyp",
         "skin lesion",
-        "bone",
-    ],
+    ],  # fmt: skip
 }
 
 #: Label names that mean something only within their dataset (MSD calls several tumours "cancer").
