@@ -1,0 +1,373 @@
+"""SAM 3 detection loss: hand-computed terms, invariances, gradient routing on a tiny Sam3Model, overfit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medsam3.train.boxes import masks_to_normalized_boxes
+from medsam3.train.losses import (
+    DecoderLayerRecorder,
+    LossWeights,
+    Sam3DetectionLoss,
+    dice_loss,
+    resize_masks,
+)
+
+LN2 = math.log(2)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These tensors are tiny: one thread is as fast alone and far faster on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _disk(size: int, cy: float, cx: float, r: float) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    return (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+
+
+def _case() -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """A perfect prediction for two images: image 0 holds a disk and a square (labels at 32 px, predictions
+    at 16 px), image 1 does not contain the concept. Queries 3 and 1 answer image 0's instances."""
+    disk = _disk(32, 10, 10, 6)
+    square = torch.zeros(32, 32, dtype=torch.bool)
+    square[20:28, 16:30] = True
+    masks = torch.stack([disk, square])
+    targets = [
+        {"boxes": masks_to_normalized_boxes(masks), "masks": masks, "present": True},
+        {"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 32, 32, dtype=torch.bool), "present": False},
+    ]
+    b, q, h = 2, 5, 16
+    logits = torch.full((b, q), -12.0)
+    boxes = torch.tensor([0.4, 0.4, 0.6, 0.6]).repeat(b, q, 1)
+    pred_masks = torch.full((b, q, h, h), -20.0)
+    small = resize_masks(masks, (h, h))
+    for query, instance in ((3, 0), (1, 1)):
+        logits[0, query] = 12.0
+        boxes[0, query] = targets[0]["boxes"][instance]
+        pred_masks[0, query] = small[instance] * 40 - 20
+    semantic = torch.full((b, 1, h, h), -20.0)
+    semantic[0, 0] = resize_masks(masks.any(0, keepdim=True), (h, h))[0] * 40 - 20
+    outputs = {
+        "pred_logits": logits,
+        "pred_boxes": boxes,
+        "pred_masks": pred_masks,
+        "presence_logits": torch.tensor([[10.0], [-10.0]]),
+        "semantic_seg": semantic,
+    }
+    return outputs, targets
+
+
+def _clone(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in outputs.items()}
+
+
+def test_perfect_prediction_is_near_zero_and_every_mistake_costs_more():
+    loss = Sam3DetectionLoss()
+    outputs, targets = _case()
+    best, terms = loss(outputs, targets)
+    assert best.item() < 5e-3
+    assert all(v.item() < 1e-4 for v in terms.values()), terms
+
+    def worse(edit, term: str) -> None:
+        bad = _clone(outputs)
+        edit(bad)
+        total, bad_terms = loss(bad, targets)
+        assert total.item() > best.item() + 0.5, term
+        assert bad_terms[term].item() > terms[term].item() + 1e-2, term
+
+    worse(lambda o: o["pred_boxes"][0, 3].add_(torch.tensor([0.05, 0.0, 0.05, 0.0])), "loss_bbox")
+    worse(lambda o: o["pred_boxes"][0, 3].add_(torch.tensor([0.05, 0.0, 0.05, 0.0])), "loss_giou")
+    worse(lambda o: o["pred_masks"][0, 1].neg_(), "loss_mask")
+    worse(lambda o: o["pred_masks"][0, 1].neg_(), "loss_dice")
+    worse(lambda o: o["pred_logits"][0, 3].fill_(-2.0), "loss_cls")  # a true instance scored low
+    worse(lambda o: o["pred_logits"][1, 0].fill_(3.0), "loss_cls")  # a query fires on an absent concept
+    worse(lambda o: o["presence_logits"][1].fill_(5.0), "loss_presence")
+    worse(lambda o: o["semantic_seg"].neg_(), "loss_semantic_bce")
+    worse(lambda o: o["semantic_seg"].neg_(), "loss_semantic_dice")
+
+
+def test_permuting_queries_gives_the_same_loss():
+    torch.manual_seed(3)
+    _, targets = _case()
+    b, q, h = 2, 7, 16
+    corners = torch.rand(b, q, 2, 2).sort(dim=2).values
+    outputs = {
+        "pred_logits": torch.randn(b, q),
+        "pred_boxes": corners.permute(0, 1, 3, 2).reshape(b, q, 4)[..., [0, 2, 1, 3]],
+        "pred_masks": torch.randn(b, q, h, h),
+        "presence_logits": torch.randn(b, 1),
+        "semantic_seg": torch.randn(b, 1, h, h),
+    }
+    loss = Sam3DetectionLoss()
+    total, terms = loss(outputs, targets)
+    perm = torch.randperm(q)
+    permuted = {k: (v[:, perm] if k.startswith("pred_") else v) for k, v in outputs.items()}
+    total_p, terms_p = loss(permuted, targets)
+    assert total_p.item() == pytest.approx(total.item(), rel=1e-5)
+    for name in terms:
+        assert terms_p[name].item() == pytest.approx(terms[name].item(), rel=1e-5, abs=1e-7), name
+
+
+def _single(logits, boxes, masks_logits, target_box, target_mask):
+    outputs = {
+        "pred_logits": torch.tensor([logits]),
+        "pred_boxes": torch.tensor([boxes]),
+        "pred_masks": masks_logits[None],
+        "presence_logits": torch.zeros(1, 1),
+    }
+    targets = [{"boxes": torch.tensor([target_box]), "masks": target_mask[None]}]
+    return outputs, targets
+
+
+def test_box_terms_match_hand_values():
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:2, :2] = True
+    outputs, targets = _single([0.0], [[0.0, 0.0, 0.5, 1.0]], torch.zeros(1, 4, 4), [0, 0, 0.5, 0.5], mask)
+    _, terms = Sam3DetectionLoss()(outputs, targets)
+    # cxcywh (.25, .5, .5, 1) vs (.25, .25, .5, .5): L1 = .25 + .5; IoU = GIoU = .25 / .5
+    assert terms["loss_bbox"].item() == pytest.approx(0.75, abs=1e-6)
+    assert terms["loss_giou"].item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_classification_and_presence_match_hand_values():
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:2, :2] = True
+    box = [0.0, 0.0, 0.5, 0.5]
+    outputs, targets = _single([0.0, 0.0], [box, [0.5, 0.5, 1.0, 1.0]], torch.zeros(2, 4, 4), box, mask)
+    _, terms = Sam3DetectionLoss()(outputs, targets)
+    # logit 0: BCE is ln 2 whatever the soft target; positive x pos_weight 10, negative x p^gamma = 1/4
+    assert terms["loss_cls"].item() == pytest.approx((10 * LN2 + 0.25 * LN2) / 2, abs=1e-6)
+    # presence: focal with alpha .5, gamma 0 = half a BCE
+    assert terms["loss_presence"].item() == pytest.approx(0.5 * LN2, abs=1e-6)
+
+
+def test_mask_terms_match_hand_values():
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[:, :2] = True  # half the pixels
+    outputs, targets = _single([0.0], [[0.0, 0.0, 0.5, 1.0]], torch.zeros(1, 4, 4), [0, 0, 0.5, 1.0], mask)
+    _, terms = Sam3DetectionLoss()(outputs, targets)
+    # p = .5 everywhere: positives alpha (1-p)^2 ln2 = .0625 ln2, negatives (1-alpha) p^2 ln2 = .1875 ln2
+    assert terms["loss_mask"].item() == pytest.approx(0.125 * LN2, abs=1e-6)
+    # Dice: intersection 8 * .5 = 4, sums 8 + 8 -> 1 - (2 * 4 + 1) / (16 + 1)
+    assert terms["loss_dice"].item() == pytest.approx(1 - 9 / 17, abs=1e-6)
+
+
+def test_absent_concept_has_no_matches_and_pushes_presence_and_queries_down():
+    outputs, targets = _case()
+    absent_out = {k: v[1:].clone().requires_grad_(True) for k, v in outputs.items()}
+    absent_out["pred_logits"].data.fill_(0.0)
+    absent_out["presence_logits"].data.fill_(0.0)
+    total, terms = Sam3DetectionLoss()(absent_out, targets[1:])
+    assert terms["loss_bbox"].item() == 0 and terms["loss_mask"].item() == 0
+    total.backward()
+    assert absent_out["presence_logits"].grad.item() > 0  # descent lowers presence
+    assert (absent_out["pred_logits"].grad > 0).all()  # every query is a negative
+    assert absent_out["pred_boxes"].grad.abs().sum() == 0  # nothing to regress to
+    assert absent_out["pred_masks"].grad.abs().sum() == 0
+
+    absent_out["pred_logits"].grad = None
+    Sam3DetectionLoss(negatives_in_absent_images=False)(absent_out, targets[1:])[0].backward()
+    assert absent_out["pred_logits"].grad.abs().sum() == 0  # left to the presence head
+
+
+def test_present_concept_pushes_presence_up():
+    outputs, targets = _case()
+    present = {k: v[:1].clone().requires_grad_(True) for k, v in outputs.items()}
+    present["presence_logits"].data.fill_(0.0)
+    total, _ = Sam3DetectionLoss()(present, targets[:1])
+    total.backward()
+    assert present["presence_logits"].grad.item() < 0
+
+
+def test_box_and_mask_sums_are_normalised_by_the_number_of_boxes():
+    torch.manual_seed(0)
+    outputs, targets = _case()
+    outputs["pred_boxes"][0, 3] += 0.03
+    outputs["pred_masks"][0, 1] += torch.randn(16, 16) * 10
+    _, one = Sam3DetectionLoss()({k: v[:1] for k, v in outputs.items()}, targets[:1])
+    twice = {k: torch.cat([v[:1], v[:1]]) for k, v in outputs.items()}
+    _, two = Sam3DetectionLoss()(twice, [targets[0], targets[0]])
+    for name in ("loss_bbox", "loss_giou", "loss_mask", "loss_dice", "loss_cls", "loss_semantic_dice"):
+        assert two[name].item() == pytest.approx(one[name].item(), rel=1e-5), name
+
+
+def test_resize_masks_area_threshold_and_tiny_instances():
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[0, :3, :3] = True  # 2x2 blocks: (0, 1) and (1, 0) half covered -> inside; (1, 1) a quarter -> out
+    small = resize_masks(mask, (4, 4))
+    assert small[0].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    speck = torch.zeros(1, 8, 8, dtype=torch.bool)
+    speck[0, 5, 6] = True  # covers a quarter of one output pixel
+    kept = resize_masks(speck, (4, 4))
+    assert kept.sum().item() == 1 and kept[0, 2, 3].item() == 1
+    big = resize_masks(torch.ones(1, 2, 2, dtype=torch.bool), (4, 4))
+    assert big.sum().item() == 16
+    assert dice_loss(torch.full((1, 4), 20.0), torch.ones(1, 4)).item() < 1e-6
+
+
+def test_bad_targets_fail_with_clear_messages():
+    outputs, targets = _case()
+    loss = Sam3DetectionLoss()
+    with pytest.raises(ValueError, match="present=True but it has 0 boxes"):
+        loss(outputs, [targets[0], {**targets[1], "present": True}])
+    inverted = {**targets[0], "boxes": targets[0]["boxes"][:, [2, 1, 0, 3]]}
+    with pytest.raises(ValueError, match="x2 >= x1"):
+        loss(outputs, [inverted, targets[1]])
+    with pytest.raises(ValueError, match="masks must be"):
+        loss(outputs, [{**targets[0], "masks": targets[0]["masks"][:1]}, targets[1]])
+    with pytest.raises(ValueError, match="2 predictions"):
+        loss(outputs, targets[:1])
+
+
+def test_one_to_many_terms_use_more_queries():
+    outputs, targets = _case()
+    weights = LossWeights(one_to_many=2.0, one_to_many_k=2)
+    total, terms = Sam3DetectionLoss(weights)(outputs, targets)
+    base, _ = Sam3DetectionLoss()(outputs, targets)
+    # the extra queries have the default box and empty masks, so the one-to-many terms are positive
+    assert terms["loss_bbox_o2m"].item() > 0.1 and terms["loss_dice_o2m"].item() > 0.5
+    assert total.item() > base.item() + 1.0
+
+
+def test_box_count_is_averaged_over_processes(tmp_path):
+    dist = torch.distributed
+    outputs, targets = _case()
+    alone, _ = Sam3DetectionLoss()(outputs, targets)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        grouped, _ = Sam3DetectionLoss()(outputs, targets)
+    finally:
+        dist.destroy_process_group()
+    assert grouped.item() == pytest.approx(alone.item(), rel=1e-6)
+
+
+# ---- a tiny transformers Sam3Model (random weights) -----------------------------------------------
+
+
+def _tiny_model():
+    from transformers import Sam3Config, Sam3Model
+
+    torch.manual_seed(0)
+    small = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64}
+    config = Sam3Config(
+        vision_config={
+            "backbone_config": {
+                "model_type": "sam3_vit_model", "hidden_size": 32, "intermediate_size": 64,
+                "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 112, "patch_size": 14,
+                "window_size": 4, "global_attn_indexes": [1],
+            },
+            "fpn_hidden_size": 32,
+            "backbone_feature_sizes": [[32, 32], [16, 16], [8, 8]],
+        },
+        text_config={
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "vocab_size": 49408, "max_position_embeddings": 32, "projection_dim": 32,
+        },
+        geometry_encoder_config=dict(small, num_layers=1),
+        detr_encoder_config=dict(small, num_layers=1),
+        detr_decoder_config=dict(small, num_layers=2, num_queries=8),
+        mask_decoder_config={"hidden_size": 32, "num_attention_heads": 2, "num_upsampling_stages": 3},
+    )
+    model = Sam3Model(config)
+    for frozen in (model.vision_encoder, model.text_encoder, model.text_projection):
+        frozen.requires_grad_(False)
+    return model
+
+
+def _disk_sample():
+    disk = _disk(112, 60, 45, 22)
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(1, 3, 112, 112, generator=generator) * 0.1 + disk.float()
+    input_ids = torch.tensor([[49406, 320, 1000, 49407]])
+    attention_mask = torch.ones_like(input_ids)
+    target = {"boxes": masks_to_normalized_boxes(disk[None]), "masks": disk[None], "present": True}
+    return pixels, input_ids, attention_mask, target
+
+
+def test_gradients_reach_only_trainable_parameters_including_aux_layers():
+    model = _tiny_model()
+    pixels, input_ids, attention_mask, target = _disk_sample()
+    with DecoderLayerRecorder(model) as recorder:
+        outputs = model(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask)
+        layers = recorder.layer_outputs(include_last=True)
+    assert len(layers) == 2  # two decoder layers; the last is what the model returns
+    assert torch.equal(layers[-1]["pred_logits"], outputs.pred_logits)
+    assert torch.equal(layers[-1]["pred_boxes"], outputs.pred_boxes)
+    assert torch.equal(layers[-1]["presence_logits"], outputs.presence_logits)
+
+    total, terms = Sam3DetectionLoss()(outputs, [target], aux_outputs=layers[:-1])
+    assert {"loss_cls_aux0", "loss_presence_aux0", "loss_bbox_aux0", "loss_giou_aux0"} <= set(terms)
+    total.backward()
+    frozen_prefixes = ("vision_encoder.", "text_encoder.", "text_projection.")
+    frozen = {n: p for n, p in model.named_parameters() if n.startswith(frozen_prefixes)}
+    assert frozen and all(p.grad is None for p in frozen.values())
+    for module in ("detr_decoder", "detr_encoder", "mask_decoder", "dot_product_scoring"):
+        grads = [p.grad for n, p in model.named_parameters() if n.startswith(module + ".")]
+        assert grads and sum(g.abs().sum().item() for g in grads if g is not None) > 0, module
+    # geometry encoder is unused without box prompts, so it gets no gradient
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("geometry_encoder."))
+
+
+def test_aux_outputs_are_the_first_decoder_layer_own_predictions():
+    """A loss on the recorded first-layer outputs trains decoder layer 0 and never layer 1."""
+    model = _tiny_model()
+    pixels, input_ids, attention_mask, target = _disk_sample()
+    with DecoderLayerRecorder(model) as recorder:
+        model(pixel_values=pixels, input_ids=input_ids, attention_mask=attention_mask)
+        (first,) = recorder.layer_outputs()
+        with pytest.raises(RuntimeError, match="no forward"):
+            recorder.layer_outputs()  # cleared after reading
+    assert first["pred_logits"].shape == (1, 8) and first["pred_boxes"].shape == (1, 8, 4)
+    total, terms = Sam3DetectionLoss()(first, [target])
+    assert set(terms) == {"loss_cls", "loss_presence", "loss_bbox", "loss_giou"}
+    total.backward()
+    layer0 = [p.grad for n, p in model.named_parameters() if n.startswith("detr_decoder.layers.0.")]
+    layer1 = [p.grad for n, p in model.named_parameters() if n.startswith("detr_decoder.layers.1.")]
+    assert any(g is not None and g.abs().sum() > 0 for g in layer0)
+    assert all(g is None or g.abs().sum() == 0 for g in layer1)  # stacked layers pass back zeros
+    assert model.detr_decoder.box_head.layer3.weight.grad.abs().sum() > 0
+    assert not model.detr_decoder._forward_hooks  # the context manager removed its hooks
+
+
+def test_overfitting_one_disk_drives_dice_up():
+    model = _tiny_model()
+    pixels, input_ids, attention_mask, target = _disk_sample()
+    with torch.no_grad():  # frozen encoders: compute their features once, as the feature cache does
+        vision = model.get_vision_features(pixels)
+        text = model.get_text_features(input_ids, attention_mask)
+    small_target = resize_masks(target["masks"], (32, 32))[0] > 0
+
+    def dice_of_best_query_and_presence() -> tuple[float, float]:
+        model.eval()
+        with torch.no_grad():
+            out = model(vision_embeds=vision, text_embeds=text, attention_mask=attention_mask)
+        model.train()
+        best = out.pred_logits[0].argmax()
+        pred = out.pred_masks[0, best] > 0
+        dice = (2 * (pred & small_target).sum() / (pred.sum() + small_target.sum())).item()
+        return dice, out.presence_logits.sigmoid().item()
+
+    before, presence_before = dice_of_best_query_and_presence()
+    loss = Sam3DetectionLoss()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(100):
+        with DecoderLayerRecorder(model) as recorder:
+            outputs = model(vision_embeds=vision, text_embeds=text, attention_mask=attention_mask)
+            total, _ = loss(outputs, [target], aux_outputs=recorder.layer_outputs())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        losses.append(total.item())
+    after, presence_after = dice_of_best_query_and_presence()
+    assert before < 0.5 and presence_before < 0.6
+    assert after > 0.9 and presence_after > 0.9
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
