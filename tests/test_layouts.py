@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -187,6 +188,8 @@ def test_msd_value_to_name_labels_without_channel_suffix(tmp_path):
     image, label = _liver_volume()
     nii(root / "imagesTr" / "liver_0.nii.gz", image)
     nii(root / "labelsTr" / "liver_0.nii.gz", label)
+    nii(root / "imagesTr" / "liver_0001.nii.gz", image)  # looks like a channel suffix, is a case id
+    nii(root / "labelsTr" / "liver_0001.nii.gz", label)
     nii(root / "imagesTs" / "liver_9.nii.gz", image)  # MSD test images have no labels
     (root / "imagesTr" / "._liver_0.nii.gz").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
     (root / "dataset.json").write_text(
@@ -202,7 +205,7 @@ def test_msd_value_to_name_labels_without_channel_suffix(tmp_path):
     )
     ds = open_dataset(root)
     assert ds.concepts == ["liver", "liver tumor"]
-    assert ds.cases == ["liver_0"]
+    assert ds.cases == ["liver_0", "liver_0001"]
     assert any("without labels" in note for note in ds.info.notes)
 
 
@@ -645,6 +648,8 @@ def test_covid_qu_ex_native_layout(tmp_path):
 def test_dataset_views_and_bad_arguments(tmp_path):
     make_nnunet_3d(tmp_path / "Dataset003_Liver")
     ds = open_dataset(tmp_path)
+    copy = pickle.loads(pickle.dumps(ds))  # what DataLoader workers receive
+    assert np.array_equal(copy[5].masks, ds[5].masks) and copy[5].concept == ds[5].concept
     assert len(ds[:3]) == 3 and ds[:3].concepts
     tumor = ds.select(concepts=["liver tumor"], positives_only=True)
     assert tumor.concepts == ["liver tumor"] and all(r.positive for r in tumor.refs)

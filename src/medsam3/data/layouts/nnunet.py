@@ -126,19 +126,19 @@ class NnUNetLayout(Layout):
     ) -> list[SampleRef]:
         suffixes = (ending.lower(),) if isinstance(ending, str) and ending else _SUFFIXES
         image_files = files_with(images, suffixes) if images else []
+        by_stem = {strip_suffix(p): p for p in image_files}
         by_case: dict[str, dict[int, Path]] = {}
-        for path in image_files:
-            stem = strip_suffix(path)
+        for stem, path in by_stem.items():
             match = _CHANNEL.match(stem)
-            case, channel = (match["case"], int(match["channel"])) if match else (stem, -1)
-            by_case.setdefault(case, {})[channel] = path
+            if match:
+                by_case.setdefault(match["case"], {})[int(match["channel"])] = path
         label_files = files_with(labels, suffixes) if labels else []
         labelled = {strip_suffix(p): p for p in label_files}
         refs: list[SampleRef] = []
         for case, label in labelled.items():
             with report.guard(label):
-                channels = by_case.get(case, {})
-                image = channels.get(options.channel, channels.get(-1))
+                # nnU-Net v2 names images CASE_0000; MSD names them like the label.
+                image = by_case.get(case, {}).get(options.channel) or by_stem.get(case)
                 if image is None:
                     where = images or root / ("imagesTs" if split else "imagesTr")
                     raise DatasetError(
@@ -154,12 +154,15 @@ class NnUNetLayout(Layout):
                     case, image, label, concepts, options, split=split, known_values=known,
                     named_in=str(root / "dataset.json"), instance_path=instance, meta=meta,
                 )  # fmt: skip
-        unlabelled = sorted(set(by_case) - set(labelled))
+        unlabelled = [
+            path
+            for stem, path in by_stem.items()
+            if stem not in labelled and not ((m := _CHANNEL.match(stem)) and m["case"] in labelled)
+        ]  # fmt: skip
         if unlabelled and split is None:
-            for case in unlabelled:
-                path = next(iter(by_case[case].values()))
+            for path in unlabelled:
                 with report.guard(path):
                     raise DatasetError(f"{path}: image without its label in {labels or root / 'labelsTr'}")
         elif unlabelled:
-            report.note(f"{len(unlabelled)} test image(s) without labels were left out ({images})")
+            report.note(f"{len(unlabelled)} test image file(s) without labels were left out ({images})")
         return refs

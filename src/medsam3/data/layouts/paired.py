@@ -22,19 +22,15 @@ from medsam3.data.layouts.labelmaps import index_label_pair
 from medsam3.data.layouts.nnunet import _SUFFIXES
 from medsam3.data.layouts.readers import file_suffix, files_with, read_mask_2d, strip_suffix
 from medsam3.data.layouts.refs import SampleRef
-from medsam3.data.splits import SPLITS
 from medsam3.data.vocabulary import concept_for_label
 from medsam3.errors import DatasetError, InputFileError
 
 CONCEPT_FILES = ("concepts.yaml", "concepts.yml", "concepts.json")
-_SPLIT_DIRS = {
-    "train": "train",
-    "training": "train",
-    "val": "val",
-    "valid": "val",
-    "validation": "val",
-    "test": "test",
-}
+# Sub-folders that name a split. A training folder stays unfixed, so a validation split can
+# still be hashed out of it when the dataset has no val folder.
+_SPLIT_DIRS: dict[str, str | None] = {
+    "train": None, "training": None, "val": "val", "valid": "val", "validation": "val", "test": "test",
+}  # fmt: skip
 
 
 def _concept_file(folder: Path) -> Path | None:
@@ -110,8 +106,8 @@ class PairedLayout(Layout):
         assert images_dir is not None and masks_dir is not None
         groups: list[tuple[Path, Path, Path | None, str | None]] = []
         for child in sorted(p for p in images_dir.iterdir() if p.is_dir()):
-            split = _SPLIT_DIRS.get(child.name.lower())
-            if split in SPLITS:
+            if child.name.lower() in _SPLIT_DIRS:
+                split = _SPLIT_DIRS[child.name.lower()]
                 mask_child = child_dir(masks_dir, child.name)
                 inst_child = child_dir(instances_dir, child.name) if instances_dir else None
                 groups.append((child, mask_child or masks_dir / child.name, inst_child, split))
