@@ -10,6 +10,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the hub
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import torch  # noqa: E402
+
+# Test tensors are tiny: one thread per test process avoids oversubscribing the 2 cores when
+# pytest-xdist runs two workers (measured: 2 threads under load made tests 10x slower).
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_model():

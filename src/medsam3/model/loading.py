@@ -107,7 +107,7 @@ def _load_folder(folder: Path) -> tuple[Sam3Model, Sam3Processor]:
     if not (folder / "config.json").is_file():
         raise ModelSpecError(f"{folder}: not a model folder (no config.json written by save_pretrained)")
     try:
-        model = Sam3Model.from_pretrained(folder)
+        model = Sam3Model.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelSpecError(f"{folder}: cannot load a SAM 3 model: {str(exc).splitlines()[0]}") from exc
     has_processor = (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file()

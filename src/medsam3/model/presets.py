@@ -3,7 +3,8 @@
 ``tiny`` is a random-weight SAM 3 of ~1.8 M parameters for tests (a forward takes milliseconds);
 ``nano`` is the small SAM 3-architecture model this project trains and ships; ``sam3`` is Meta's
 released model on the Hugging Face hub. ``sam3-random`` builds the full 840 M-parameter
-architecture with random weights, for benchmarks (compute does not depend on weight values).
+architecture with random weights, for benchmarks (compute does not depend on weight values);
+``nano-init`` is nano's architecture before training (where the bundled model starts).
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def full_config() -> Sam3Config:
     return Sam3Config()
 
 
-RANDOM_PRESETS = {"tiny": tiny_config, "sam3-random": full_config}
+RANDOM_PRESETS = {"tiny": tiny_config, "nano-init": nano_config, "sam3-random": full_config}
 BUNDLED_PRESETS = {"nano"}
 HUB_PRESETS = {"sam3": SAM3_HUB_ID}
 PRESET_NAMES = sorted([*RANDOM_PRESETS, *BUNDLED_PRESETS, *HUB_PRESETS])

@@ -1,0 +1,78 @@
+"""Committed, reproducible training recipes.
+
+``nano``: the bundled default model. A SAM 3-architecture network of 4.8 M parameters trained from
+scratch (policy ``full``) on the project's synthetic phantoms, so that the toolkit segments
+something meaningful offline, out of the box. It is a small model for using and testing the
+toolkit, not SAM 3: it knows only the phantom concepts it was trained on.
+
+One concept ("spleen") is held out of nano's training on purpose: the demo teaches it to nano with
+MedSAM-3's own method (frozen encoders, detector fine-tuned) and shows Dice before and after.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from medsam3.data.dataset import open_dataset
+from medsam3.data.phantoms import write_phantom_dataset
+from medsam3.data.sample import Sample
+
+NANO_KINDS = ("nuclei", "ultrasound", "ct", "endoscopy", "dermoscopy")
+HELD_OUT_CONCEPT = "spleen"
+
+
+class ConcatSamples(Sequence[Sample]):
+    """Several datasets as one sequence of samples, optionally without some concepts."""
+
+    def __init__(self, datasets: Sequence[Sequence[Sample]], exclude: set[str] = frozenset()):
+        self.parts = []
+        for dataset in datasets:
+            refs = [i for i in range(len(dataset)) if _concept(dataset, i) not in exclude]
+            self.parts.append((dataset, refs))
+        self._offsets = []
+        total = 0
+        for _, refs in self.parts:
+            self._offsets.append(total)
+            total += len(refs)
+        self._len = total
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> Sample:
+        if index < 0:
+            index += self._len
+        for (dataset, refs), start in zip(reversed(self.parts), reversed(self._offsets)):
+            if index >= start:
+                return dataset[refs[index - start]]
+        raise IndexError(index)
+
+
+def _concept(dataset, index: int) -> str:
+    ref = getattr(dataset, "ref", None)
+    if ref is not None:
+        return ref(index).concept
+    return dataset[index].concept
+
+
+def make_phantom_corpus(root: Path, n_per_kind: int, seed: int = 0, kinds: Sequence[str] = NANO_KINDS) -> list[Path]:
+    """Write (or reuse) one nnU-Net-layout phantom dataset per kind under ``root``."""
+    folders = []
+    for kind in kinds:
+        folder = root / kind
+        meta = folder / "dataset.json"
+        fresh = meta.is_file() and json.loads(meta.read_text()).get("medsam3", {}).get("n") == n_per_kind
+        if not fresh:
+            write_phantom_dataset(folder, kind, n=n_per_kind, seed=seed)
+        folders.append(folder)
+    return folders
+
+
+def phantom_splits(folders: Sequence[Path], exclude: set[str] = frozenset()) -> dict[str, ConcatSamples]:
+    """train / val / test sequences over every phantom dataset (the test split stays untouched)."""
+    return {
+        split: ConcatSamples([open_dataset(folder, split=split) for folder in folders], exclude)
+        for split in ("train", "val", "test")
+    }
