@@ -648,6 +648,12 @@ def test_covid_qu_ex_native_layout(tmp_path):
 def test_dataset_views_and_bad_arguments(tmp_path):
     make_nnunet_3d(tmp_path / "Dataset003_Liver")
     ds = open_dataset(tmp_path)
+    order = ds.volume_blocked_order(seed=1)
+    assert sorted(order) == list(range(len(ds))) and order == ds.volume_blocked_order(seed=1)
+    assert order != ds.volume_blocked_order(seed=2)
+    files = [ds.refs[i].image.path for i in order]
+    changes = sum(a != b for a, b in zip(files[:-1], files[1:], strict=True))
+    assert changes == len(set(files)) - 1  # one run per volume
     copy = pickle.loads(pickle.dumps(ds))  # what DataLoader workers receive
     assert np.array_equal(copy[5].masks, ds[5].masks) and copy[5].concept == ds[5].concept
     assert len(ds[:3]) == 3 and ds[:3].concepts

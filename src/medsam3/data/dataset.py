@@ -16,11 +16,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, overload
 
+import numpy as np
+
 from medsam3.data.layouts.base import IndexOptions, IndexReport, SkippedFile
 from medsam3.data.layouts.detection import resolve_layout
 from medsam3.data.layouts.refs import SampleRef
 from medsam3.data.sample import INSTANCE_MODES, InstanceMode, Sample
-from medsam3.data.splits import SPLITS, check_no_leakage, split_cases
+from medsam3.data.splits import SPLITS, check_no_leakage, split_cases, stable_seed
 from medsam3.errors import DatasetError, MedSAM3Error
 
 
@@ -136,6 +138,23 @@ class ConceptDataset(Sequence[Sample]):
                 and (not positives_only or ref.positive is not False)
             ]
         )
+
+    def volume_blocked_order(self, seed: int = 0) -> list[int]:
+        """A shuffled order of all indices that keeps each image file's samples together.
+
+        Volumes are decoded whole and only the last two are cached, so a plain shuffle over the
+        slices of large CTs decodes a volume per sample. This order shuffles the files, then the
+        samples within each file: as random across epochs (change ``seed``), one decode per file.
+        """
+        blocks: dict[Path, list[int]] = {}
+        for i, ref in enumerate(self.refs):
+            blocks.setdefault(ref.image.path, []).append(i)
+        rng = np.random.default_rng(stable_seed("order", seed))
+        groups = list(blocks.values())
+        order: list[int] = []
+        for key in rng.permutation(len(groups)):
+            order += [groups[key][j] for j in rng.permutation(len(groups[key]))]
+        return order
 
     def ref(self, index: int) -> SampleRef:
         return self.refs[index]
