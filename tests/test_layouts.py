@@ -44,7 +44,7 @@ def jpg(path, array) -> None:
     Image.fromarray(np.asarray(array)).save(path, quality=90)
 
 
-def nii(path, array, spacing=(0.8, 0.7, 2.5)) -> None:
+def write_volume(path, array, spacing=(0.8, 0.7, 2.5)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     image = sitk.GetImageFromArray(array)
     image.SetSpacing(spacing)
@@ -111,8 +111,8 @@ def make_nnunet_3d(root, cases=("liver_000", "liver_001"), test_cases=("liver_10
     for folder, names in (("Tr", cases), ("Ts", test_cases)):
         for name in names:
             image, label = _liver_volume()
-            nii(root / f"images{folder}" / f"{name}_0000.nii.gz", image)
-            nii(root / f"labels{folder}" / f"{name}.nii.gz", label)
+            write_volume(root / f"images{folder}" / f"{name}_0000.nii.gz", image)
+            write_volume(root / f"labels{folder}" / f"{name}.nii.gz", label)
     (root / "dataset.json").write_text(
         json.dumps(
             {
@@ -183,14 +183,39 @@ def test_nnunet_axis_instances_and_min_area(tmp_path):
         open_dataset(tmp_path, instances="blobs")
 
 
+@pytest.mark.parametrize("ending", [".nrrd", ".mha", ".tif"])
+def test_nnunet_other_file_formats(tmp_path, ending):
+    root = tmp_path / "Dataset300_Formats"
+    image, label = _liver_volume()
+    if ending == ".tif":  # 2D: one slice, 16-bit image, 8-bit label map
+        image, label = (image[4] + 1024).astype(np.uint16), label[4]
+        for path, array in (
+            (root / "imagesTr" / f"x_0000{ending}", image),
+            (root / "labelsTr" / f"x{ending}", label),
+        ):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(path, array)
+    else:
+        write_volume(root / "imagesTr" / f"x_0000{ending}", image)
+        write_volume(root / "labelsTr" / f"x{ending}", label)
+    (root / "dataset.json").write_text(
+        json.dumps({"labels": {"background": 0, "liver": 1, "liver tumor": 2}, "file_ending": ending})
+    )
+    ds = open_dataset(root, negatives_fraction=0.0)
+    key = by_key(ds)[("x", "liver tumor", None if ending == ".tif" else 4)]
+    sample = ds[key]
+    assert sample.masks.shape == (1, 16, 20) and sample.boxes.tolist() == [[6, 5, 8, 7]]
+    assert sample.image.shape == (16, 20, 3)
+
+
 def test_msd_value_to_name_labels_without_channel_suffix(tmp_path):
     root = tmp_path / "Task03_Liver"
     image, label = _liver_volume()
-    nii(root / "imagesTr" / "liver_0.nii.gz", image)
-    nii(root / "labelsTr" / "liver_0.nii.gz", label)
-    nii(root / "imagesTr" / "liver_0001.nii.gz", image)  # looks like a channel suffix, is a case id
-    nii(root / "labelsTr" / "liver_0001.nii.gz", label)
-    nii(root / "imagesTs" / "liver_9.nii.gz", image)  # MSD test images have no labels
+    write_volume(root / "imagesTr" / "liver_0.nii.gz", image)
+    write_volume(root / "labelsTr" / "liver_0.nii.gz", label)
+    write_volume(root / "imagesTr" / "liver_0001.nii.gz", image)  # looks like a channel suffix, is a case id
+    write_volume(root / "labelsTr" / "liver_0001.nii.gz", label)
+    write_volume(root / "imagesTs" / "liver_9.nii.gz", image)  # MSD test images have no labels
     (root / "imagesTr" / "._liver_0.nii.gz").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
     (root / "dataset.json").write_text(
         json.dumps(
@@ -254,15 +279,15 @@ def test_nnunet_bad_input_errors_and_skip_bad(tmp_path):
     ds = open_dataset(root, skip_bad=True)
     assert "b" not in ds.cases and len(ds.skipped) == 1 and "label without its image" in ds.skipped[0].problem
     image, _ = _liver_volume()
-    nii(root / "imagesTr" / "b_0000.nii.gz", image)
+    write_volume(root / "imagesTr" / "b_0000.nii.gz", image)
     # size mismatch
-    nii(root / "labelsTr" / "c.nii.gz", np.zeros((10, 16, 21), np.uint8))
+    write_volume(root / "labelsTr" / "c.nii.gz", np.zeros((10, 16, 21), np.uint8))
     with pytest.raises(InputFileError, match=r"c\.nii\.gz: label volume is \(10, 16, 21\)"):
         open_dataset(root)
     # a label value dataset.json does not name
     bad = _liver_volume()[1]
     bad[0, 0, 0] = 5
-    nii(root / "labelsTr" / "d.nii.gz", bad)
+    write_volume(root / "labelsTr" / "d.nii.gz", bad)
     # a corrupt (truncated) image
     data = (root / "imagesTr" / "e_0000.nii.gz").read_bytes()
     (root / "imagesTr" / "e_0000.nii.gz").write_bytes(data[: len(data) // 3])
@@ -276,7 +301,7 @@ def test_nnunet_bad_input_errors_and_skip_bad(tmp_path):
     assert "label volume is (10, 16, 21)" in problems["c.nii.gz"]
     assert "label values 5 are not named" in problems["d.nii.gz"]
     assert set(problems) == {"c.nii.gz", "d.nii.gz", "e_0000.nii.gz"}
-    nii(root / "labelsTr" / "c.nii.gz", _liver_volume()[1])
+    write_volume(root / "labelsTr" / "c.nii.gz", _liver_volume()[1])
     with pytest.raises(DatasetError, match=r"d\.nii\.gz: label values 5 are not named in .*dataset\.json"):
         open_dataset(root)
 
@@ -284,7 +309,7 @@ def test_nnunet_bad_input_errors_and_skip_bad(tmp_path):
 def test_image_without_label_empty_and_unknown_layouts(tmp_path):
     root = make_nnunet_3d(tmp_path / "Dataset003_Liver", cases=("a",), test_cases=())
     image, _ = _liver_volume()
-    nii(root / "imagesTr" / "z_0000.nii.gz", image)
+    write_volume(root / "imagesTr" / "z_0000.nii.gz", image)
     with pytest.raises(DatasetError, match=r"z_0000\.nii\.gz: image without its label"):
         open_dataset(root)
     (root / "imagesTr" / "z_0000.nii.gz").unlink()
