@@ -97,3 +97,17 @@ def test_same_seed_same_weights_and_protocol_errors(data, tmp_path):
         UNetSegmenter.from_dir(tmp_path / "a")
     with pytest.raises(DatasetError, match="split 'val' has no samples"):
         train_unet_baseline(data, tmp_path / "c", epochs=1, split="val", **SMALL)
+
+
+def test_evaluate_path_dispatches_unet_folders(data, tmp_path):
+    from medsam3.evaluate.runner import evaluate_path
+    from medsam3.evaluate.segmenters import load_segmenter
+
+    train_unet_baseline(data, tmp_path / "unet", epochs=2, **SMALL)
+    assert isinstance(load_segmenter(str(tmp_path / "unet"), device="cpu"), UNetSegmenter)
+    with pytest.raises(ModelSpecError, match="takes no SAM 3 adapter"):
+        load_segmenter(str(tmp_path / "unet"), adapter=tmp_path)
+    res = evaluate_path(data, str(tmp_path / "unet"), out_dir=tmp_path / "ev", device="cpu", progress=False)
+    assert res.summary["dataset"] == "Disks" and res.summary["split"] == "test"
+    assert res.summary["model"] == str(tmp_path / "unet") and len(res.records) == 4
+    assert (tmp_path / "ev" / "report.md").is_file()

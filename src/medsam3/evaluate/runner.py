@@ -112,18 +112,29 @@ def _iterate(dataset: Any) -> Iterator[tuple[int, Any]]:
 
 
 def _dataset_name(dataset: Any) -> str:
-    for attr in ("name", "root", "path"):
-        value = getattr(dataset, attr, None)
+    """A dataset's name for reports (and for matching the paper's tables): its own, or its folder's."""
+    name = getattr(dataset, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    info = getattr(dataset, "info", None)
+    roots = (getattr(info, "root", None), getattr(dataset, "root", None), getattr(dataset, "path", None))
+    for value in roots:
         if value:
-            return Path(value).name if attr != "name" else str(value)
+            return Path(value).name
     return type(dataset).__name__
 
 
 def _describe_model(segmenter: Any) -> str:
+    """The segmenter's own name, or its model spec (+ adapter) when it is the SAM 3 predictor."""
     for attr in ("name", "spec", "model_name"):
         value = getattr(segmenter, attr, None)
         if isinstance(value, str) and value:
             return value
+    loaded = getattr(segmenter, "loaded", None)
+    spec = getattr(loaded, "spec", None)
+    if isinstance(spec, str) and spec:
+        adapter = getattr(loaded, "adapter", None)
+        return f"{spec} + adapter" if adapter else spec
     return type(segmenter).__name__
 
 
@@ -313,6 +324,7 @@ def evaluate_dataset(
         distance_unit=units.pop() if len(units) == 1 else "mixed",
         n_skipped=len(skipped),
         skipped=skipped,
+        index_skipped=[str(item) for item in getattr(dataset, "skipped", None) or []],
         seconds_total=round(time.perf_counter() - started, 3),
     )
     files = {
@@ -325,6 +337,45 @@ def evaluate_dataset(
     write_json_atomic(files["summary"], summary)
     write_text_atomic(files["markdown"], markdown_report(summary))
     return EvaluationResult(records=records, summary=summary, out_dir=out_dir, files=files, skipped=skipped)
+
+
+def evaluate_path(
+    data: str | Path,
+    model: str,
+    *,
+    out_dir: str | Path,
+    adapter: str | Path | None = None,
+    prompt_mode: PromptMode | str = "text",
+    split: str | None = "test",
+    layout: str = "auto",
+    skip_bad: bool = False,
+    device: str = "auto",
+    threshold: float = 0.5,
+    nsd_tolerance: float = 2.0,
+    progress: bool = True,
+) -> EvaluationResult:
+    """What ``medsam3 evaluate DATA --model SPEC`` does: open the dataset, load the model, score it."""
+    from medsam3.data.dataset import open_dataset
+    from medsam3.evaluate.segmenters import load_segmenter
+
+    if prompt_mode not in PROMPT_MODES:
+        raise MedSAM3Error(f"prompt mode must be one of {', '.join(PROMPT_MODES)}, got '{prompt_mode}'")
+    dataset = open_dataset(data, layout=layout, skip_bad=skip_bad)
+    segmenter = load_segmenter(model, adapter=adapter, device=device)
+    label = f"{model} + adapter {Path(adapter).name}" if adapter else model
+    return evaluate_dataset(
+        dataset,
+        segmenter,
+        prompt_mode=prompt_mode,
+        out_dir=out_dir,
+        skip_bad=skip_bad,
+        progress=progress,
+        threshold=threshold,
+        nsd_tolerance=nsd_tolerance,
+        split=split,
+        dataset_name=Path(data).resolve().name,
+        model_name=label,
+    )
 
 
 # ---------------------------------------------------------------- 3D
