@@ -31,7 +31,9 @@ def plain_forward(loaded, image: np.ndarray, phrase: str) -> None:
     inputs = loaded.processor(images=image, text=phrase, return_tensors="pt")
     with torch.inference_mode():
         outputs = loaded.model(**inputs)
-    loaded.processor.post_process_instance_segmentation(outputs, threshold=0.5, target_sizes=[image.shape[:2]])
+    loaded.processor.post_process_instance_segmentation(
+        outputs, threshold=0.5, target_sizes=[image.shape[:2]]
+    )
 
 
 def bench(spec: str, k: int, size: int, repeats: int) -> list[object]:
@@ -56,7 +58,9 @@ def bench(spec: str, k: int, size: int, repeats: int) -> list[object]:
     with PeakRSS() as memory:
         encode = timed(lambda: predictor.set_image(image))
         one_prompt = timed(lambda: predictor.predict(prompts[:1]))
-        k_prompts = timed(lambda: (predictor._text_cache.clear(), predictor.set_image(image), predictor.predict(prompts)))
+        k_prompts = timed(
+            lambda: (predictor._text_cache.clear(), predictor.set_image(image), predictor.predict(prompts))
+        )
         plain = timed(lambda: [plain_forward(loaded, image, p.text) for p in prompts])
     budget = encode + k * one_prompt
     return [

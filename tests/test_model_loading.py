@@ -29,7 +29,10 @@ def test_folder_round_trip(tiny_folder, tiny_model):
     ref = tiny_model.model.state_dict()
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, ref[name]), name
-    assert loaded.processor.tokenizer("liver")["input_ids"] == tiny_model.processor.tokenizer("liver")["input_ids"]
+    assert (
+        loaded.processor.tokenizer("liver")["input_ids"]
+        == tiny_model.processor.tokenizer("liver")["input_ids"]
+    )
 
 
 def test_unknown_spec_and_bad_folder(tmp_path):
@@ -84,7 +87,13 @@ def test_paper_policy_freezes_encoders_only():
     rows = _rows(apply_policy(loaded.model, "paper"))
     for frozen in ("vision_encoder", "text_encoder", "text_projection"):
         assert rows[frozen].trainable == 0 and rows[frozen].total > 0
-    for trained in ("geometry_encoder", "detr_encoder", "detr_decoder", "mask_decoder", "dot_product_scoring"):
+    for trained in (
+        "geometry_encoder",
+        "detr_encoder",
+        "detr_decoder",
+        "mask_decoder",
+        "dot_product_scoring",
+    ):
         assert rows[trained].trainable == rows[trained].total > 0
 
 

@@ -20,7 +20,9 @@ def plain_path(loaded, image, prompt, threshold, mask_threshold):
     """Sam3Model.forward on one prompt + Sam3Processor post-processing, sorted by score."""
     extra = {}
     if prompt.boxes:
-        extra = dict(input_boxes=[[list(b) for b in prompt.boxes]], input_boxes_labels=[list(prompt.box_labels)])
+        extra = dict(
+            input_boxes=[[list(b) for b in prompt.boxes]], input_boxes_labels=[list(prompt.box_labels)]
+        )
     inputs = loaded.processor(images=image, text=prompt.text, return_tensors="pt", **extra)
     with torch.no_grad():
         outputs = loaded.model(**inputs)

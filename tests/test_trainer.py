@@ -7,7 +7,6 @@ from medsam3.errors import MedSAM3Error, ModelSpecError
 from medsam3.model import load_model
 from medsam3.model.adapter import read_adapter_metadata
 from medsam3.train.trainer import TrainConfig, Trainer, frozen_components_untouched
-
 from train_helpers import disk_samples
 
 
@@ -120,8 +119,12 @@ def test_feature_cache_refuses_other_encoder_and_trainable_encoder(tmp_path):
     with pytest.raises(MedSAM3Error, match="another encoder"):
         Trainer(other, disk_samples(2), tmp_path / "run", _config(epochs=1, cache_features=True))
     with pytest.raises(MedSAM3Error, match="needs frozen encoders"):
-        Trainer(load_model("tiny", device="cpu"), disk_samples(2), tmp_path / "x",
-                _config(policy="full", cache_features=True))
+        Trainer(
+            load_model("tiny", device="cpu"),
+            disk_samples(2),
+            tmp_path / "x",
+            _config(policy="full", cache_features=True),
+        )
 
 
 def test_bad_training_settings(tmp_path):

@@ -7,7 +7,9 @@ import numpy as np
 from medsam3.data.sample import Sample, masks_to_boxes
 
 
-def disk_samples(n: int, size: int = 64, seed: int = 0, concept: str = "blob", negatives: int = 1) -> list[Sample]:
+def disk_samples(
+    n: int, size: int = 64, seed: int = 0, concept: str = "blob", negatives: int = 1
+) -> list[Sample]:
     rng = np.random.default_rng(seed)
     samples = []
     yy, xx = np.mgrid[:size, :size]
@@ -19,6 +21,7 @@ def disk_samples(n: int, size: int = 64, seed: int = 0, concept: str = "blob", n
             mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
             image[mask] = 200
             masks = mask[None]
-        samples.append(Sample(image=image, concept=concept, masks=masks, boxes=masks_to_boxes(masks),
-                              case_id=f"case{i}"))
+        samples.append(
+            Sample(image=image, concept=concept, masks=masks, boxes=masks_to_boxes(masks), case_id=f"case{i}")
+        )
     return samples

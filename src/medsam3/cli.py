@@ -37,32 +37,55 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
     return values  # type: ignore[return-value]
 
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset (nano, tiny, sam3), model folder, sam3.pt or hub id.")]
-AdapterOpt = Annotated[Path | None, typer.Option("--adapter", help="Adapter folder written by `medsam3 train`.")]
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="Preset (nano, tiny, sam3), model folder, sam3.pt or hub id.")
+]
+AdapterOpt = Annotated[
+    Path | None, typer.Option("--adapter", help="Adapter folder written by `medsam3 train`.")
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
 
 
 @app.command()
 def segment(
-    image: Annotated[Path, typer.Argument(help="PNG, JPEG, BMP, TIFF, DICOM, or a NIfTI/NRRD/MHA volume with --slice.")],
-    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Concept phrase, e.g. 'breast tumor'. Repeatable.")],
+    image: Annotated[
+        Path, typer.Argument(help="PNG, JPEG, BMP, TIFF, DICOM, or a NIfTI/NRRD/MHA volume with --slice.")
+    ],
+    prompt: Annotated[
+        list[str], typer.Option("--prompt", "-p", help="Concept phrase, e.g. 'breast tumor'. Repeatable.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    box: Annotated[list[str] | None, typer.Option("--box", help="Positive exemplar box X0,Y0,X1,Y1 (pixels); applies to every prompt.")] = None,
-    negative_box: Annotated[list[str] | None, typer.Option("--negative-box", help="Negative exemplar box X0,Y0,X1,Y1.")] = None,
+    box: Annotated[
+        list[str] | None,
+        typer.Option("--box", help="Positive exemplar box X0,Y0,X1,Y1 (pixels); applies to every prompt."),
+    ] = None,
+    negative_box: Annotated[
+        list[str] | None, typer.Option("--negative-box", help="Negative exemplar box X0,Y0,X1,Y1.")
+    ] = None,
     model: ModelOpt = "nano",
     adapter: AdapterOpt = None,
-    threshold: Annotated[float, typer.Option(help="Instance score threshold (sigmoid(logit) x presence).")] = 0.5,
+    threshold: Annotated[
+        float, typer.Option(help="Instance score threshold (sigmoid(logit) x presence).")
+    ] = 0.5,
     mask_threshold: Annotated[float, typer.Option(help="Mask probability threshold.")] = 0.5,
-    nms: Annotated[float | None, typer.Option(help="Box IoU for non-maximum suppression (off by default, as SAM 3).")] = None,
+    nms: Annotated[
+        float | None, typer.Option(help="Box IoU for non-maximum suppression (off by default, as SAM 3).")
+    ] = None,
     slice_index: Annotated[int | None, typer.Option("--slice", help="Slice index for a 3D volume.")] = None,
     axis: Annotated[int, typer.Option(help="Slicing axis of the volume's (Z, Y, X) array.")] = 0,
-    window: Annotated[str | None, typer.Option(help="CT window: preset (abdomen, lung, bone, brain, ...) or CENTER,WIDTH.")] = None,
+    window: Annotated[
+        str | None, typer.Option(help="CT window: preset (abdomen, lung, bone, brain, ...) or CENTER,WIDTH.")
+    ] = None,
     device: DeviceOpt = "auto",
+    no_normalize: Annotated[
+        bool,
+        typer.Option("--no-normalize", help="Run phrases as typed, even outside the model's vocabulary."),
+    ] = False,
 ) -> None:
     """Segment every instance of each named concept in one image."""
     from medsam3.data.image_io import read_image
     from medsam3.infer.predictor import Sam3Predictor
-    from medsam3.infer.segment import build_prompts, segment_image, write_segmentation
+    from medsam3.infer.segment import build_prompts, normalize_prompts, segment_image, write_segmentation
     from medsam3.model import load_model
 
     prompts, notes = build_prompts(
@@ -72,9 +95,16 @@ def segment(
         _say(f"warning: {note}")
     picture = read_image(image, slice_index=slice_index, axis=axis, window=window)
     loaded = load_model(model, device=device, adapter=adapter)
+    normalization: list[dict] = []
+    if not no_normalize:
+        prompts, normalization, renamed = normalize_prompts(prompts, loaded.concepts)
+        for note in renamed:
+            _say(f"note: {note}")
+        notes += renamed
     predictor = Sam3Predictor(loaded, score_threshold=threshold, mask_threshold=mask_threshold, nms_iou=nms)
     result = segment_image(picture.rgb, prompts, predictor, source=str(image))
     result.notes.extend(notes)
+    result.normalization = normalization
     write_segmentation(result, out)
     for r in result.results:
         typer.echo(f"{r.prompt.text}: {len(r)} instance(s), presence {r.presence:.3f}")
@@ -84,7 +114,9 @@ def segment(
 @app.command()
 def info(
     model: Annotated[str, typer.Argument(help="Preset, model folder, sam3.pt or hub id.")] = "nano",
-    policy: Annotated[str, typer.Option(help="Parameter policy: paper, lora-detector, lora-all, full.")] = "paper",
+    policy: Annotated[
+        str, typer.Option(help="Parameter policy: paper, lora-detector, lora-all, full.")
+    ] = "paper",
     adapter: AdapterOpt = None,
 ) -> None:
     """Parameters per SAM 3 component under a fine-tuning policy: total, trainable, frozen."""
@@ -108,6 +140,208 @@ def info(
     typer.echo(f"image size {loaded.image_size}px, config fingerprint {loaded.fingerprint}")
     if loaded.concepts:
         typer.echo("concepts: " + ", ".join(loaded.concepts))
+
+
+data_app = typer.Typer(
+    help="Datasets: inspect layouts, fetch the real offline example cases.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+
+
+@app.command()
+def train(
+    data: Annotated[
+        Path, typer.Argument(help="Dataset folder (nnU-Net/MSD, COCO, paired folders, BUSI, Kvasir, ...).")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", help="Run folder: checkpoints best/ and last/, metrics.csv, tensorboard/."
+        ),
+    ],
+    base: Annotated[str, typer.Option("--base", help="Base model spec to fine-tune.")] = "nano",
+    policy: Annotated[
+        str, typer.Option(help="paper (frozen encoders), lora-detector, lora-all, full.")
+    ] = "paper",
+    prompt_mode: Annotated[str, typer.Option(help="text, text+box, or mixed (half and half).")] = "mixed",
+    epochs: int = 10,
+    batch_size: int = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    lr: float = 1e-4,
+    weight_decay: float = 0.1,
+    grad_clip: float = 0.1,
+    seed: int = 0,
+    layout: Annotated[str, typer.Option(help="Dataset layout, or auto.")] = "auto",
+    axis: Annotated[int, typer.Option(help="Slice axis for 3D volumes.")] = 0,
+    cache_features: Annotated[
+        bool,
+        typer.Option(
+            "--cache-features", help="Store frozen vision features; later epochs run only the detector."
+        ),
+    ] = False,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Feature cache folder (default RUN/feature_cache).")
+    ] = None,
+    rebuild_cache: Annotated[
+        bool, typer.Option("--rebuild-cache", help="Discard a cache made by another encoder.")
+    ] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from RUN/last exactly where it stopped.")
+    ] = False,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Also checkpoint every N optimizer steps (0: per epoch).")
+    ] = 0,
+    allow_long_phrases: Annotated[
+        bool, typer.Option("--allow-long-phrases", help="Train on phrases of more than three words.")
+    ] = False,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Skip unreadable cases with a warning.")
+    ] = False,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Fine-tune MedSAM-3 on a labelled dataset (the paper's method: frozen encoders, detector trained)."""
+    from medsam3.data.dataset import open_dataset
+    from medsam3.data.vocabulary import check_phrase
+    from medsam3.model import load_model
+    from medsam3.train.trainer import TrainConfig, Trainer
+
+    train_set = open_dataset(data, layout=layout, split="train", axis=axis, skip_bad=skip_bad)
+    val_set = open_dataset(data, layout=layout, split="val", axis=axis, skip_bad=skip_bad)
+    for concept in train_set.concepts:
+        check_phrase(concept, allow_long=allow_long_phrases)
+    loaded = load_model(base, device=device)
+    config = TrainConfig(
+        policy=policy,
+        prompt_mode=prompt_mode,
+        epochs=epochs,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        seed=seed,
+        cache_features=cache_features,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+        rebuild_cache=rebuild_cache,
+        checkpoint_every=checkpoint_every,
+    )
+    trainer = Trainer(loaded, train_set, out, config, val_data=val_set)
+    if resume:
+        trainer.resume()
+    typer.echo(
+        f"training {len(train_set)} samples ({', '.join(train_set.concepts)}), validating on {len(val_set)}"
+    )
+    summary = trainer.fit()
+    for row in summary["history"]:
+        typer.echo(f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, val Dice {row['val_dice']}")
+    typer.echo(f"adapter: {out}/best (use: medsam3 segment IMAGE --model {base} --adapter {out}/best ...)")
+
+
+@app.command()
+def phantoms(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (nnU-Net v2 layout).")],
+    kind: Annotated[
+        str, typer.Option(help="nuclei, ultrasound, ct, endoscopy, dermoscopy, ct3d, video, or all.")
+    ] = "all",
+    n: Annotated[int, typer.Option(help="Cases per kind.")] = 20,
+    seed: int = 0,
+    size: Annotated[int | None, typer.Option(help="Image side in pixels (default per kind).")] = None,
+) -> None:
+    """Write synthetic, labelled, medical-looking images (deterministic by seed)."""
+    from medsam3.data.phantoms import KINDS, write_phantoms
+
+    if kind != "all" and kind not in KINDS:
+        raise PromptError(f"unknown phantom kind '{kind}': choose one of {', '.join(KINDS)}, or all")
+    for folder in write_phantoms(out, kind, n=n, seed=seed, size=size):
+        typer.echo(f"wrote {folder}")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    folder: Annotated[Path, typer.Argument(help="Dataset folder.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="PNG grid of samples with mask overlays.")
+    ] = None,
+    layout: str = "auto",
+    axis: int = 0,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
+) -> None:
+    """Counts per concept and split (images, instances, negatives) and a grid of samples."""
+    from medsam3.data.inspect import inspect_dataset
+
+    summary = inspect_dataset(folder, out, layout=layout, axis=axis, skip_bad=skip_bad)
+    typer.echo(str(summary))
+
+
+@data_app.command("fetch-examples")
+def data_fetch_examples(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (nnU-Net layout).")],
+) -> None:
+    """Fetch real labelled cases from PyPI packages (stardist nuclei, pyradiomics MR/CT lesions)."""
+    from medsam3.data.examples import fetch_examples
+
+    result = fetch_examples(out)
+    typer.echo(f"wrote {result}")
+
+
+@app.command()
+def agent(
+    image: Annotated[Path, typer.Argument(help="Image (PNG, JPEG, TIFF, DICOM; a volume with --slice).")],
+    instruction: Annotated[str, typer.Option("--instruction", "-i", help="What to segment, in words.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    llm_base_url: Annotated[
+        str | None,
+        typer.Option("--llm-base-url", help="OpenAI-compatible endpoint, e.g. https://api.openai.com/v1"),
+    ] = None,
+    llm_model: Annotated[str | None, typer.Option("--llm-model", help="Model name at that endpoint.")] = None,
+    llm: Annotated[
+        str,
+        typer.Option(
+            "--llm",
+            help="'openai' (any OpenAI-compatible endpoint) or 'none' (offline: normaliser + one pass).",
+        ),
+    ] = "openai",
+    api_key_env: Annotated[
+        str, typer.Option("--api-key-env", help="Environment variable that holds the API key.")
+    ] = "OPENAI_API_KEY",
+    max_rounds: Annotated[int, typer.Option("--max-rounds", min=1)] = 3,
+    max_image_side: Annotated[
+        int, typer.Option("--max-image-side", help="Longest side of images sent to the LLM.")
+    ] = 1024,
+    model: ModelOpt = "nano",
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = "auto",
+    threshold: float = 0.5,
+    slice_index: Annotated[int | None, typer.Option("--slice")] = None,
+    axis: int = 0,
+    window: str | None = None,
+) -> None:
+    """Segment what an instruction asks for, with a multimodal LLM steering MedSAM-3."""
+    from medsam3.agent.command import agent_command
+
+    result = agent_command(
+        image,
+        instruction,
+        out,
+        llm_base_url=llm_base_url,
+        llm_model=llm_model,
+        llm=llm,
+        api_key_env=api_key_env,
+        max_rounds=max_rounds,
+        model=model,
+        adapter=adapter,
+        device=device,
+        threshold=threshold,
+        max_image_side=max_image_side,
+        slice_index=slice_index,
+        axis=axis,
+        window=window,
+    )
+    typer.echo(
+        f"{result.stop_reason} after {result.rounds} round(s): {', '.join(result.concepts) or '-'}, "
+        f"{int(result.mask.sum())} px"
+    )
+    typer.echo(f"wrote {out}/result.json")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,9 @@ WEIGHTS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
 
 
-def adapter_metadata(loaded: LoadedModel, policy: str, concepts: list[str], extra: dict | None = None) -> dict:
+def adapter_metadata(
+    loaded: LoadedModel, policy: str, concepts: list[str], extra: dict | None = None
+) -> dict:
     processor = loaded.processor.image_processor
     return {
         "format": "medsam3-adapter/1",
@@ -104,8 +106,10 @@ def apply_adapter(loaded: LoadedModel, adapter_dir: str | os.PathLike) -> Loaded
         raise ModelSpecError(f"{adapter_dir}: adapter has parameters the base lacks, e.g. {missing[0]}")
     for name, tensor in tensors.items():
         if own[name].shape != tensor.shape:
-            raise ModelSpecError(f"{adapter_dir}: parameter {name} has shape {tuple(tensor.shape)}, base has "
-                                 f"{tuple(own[name].shape)}")
+            raise ModelSpecError(
+                f"{adapter_dir}: parameter {name} has shape {tuple(tensor.shape)}, base has "
+                f"{tuple(own[name].shape)}"
+            )
         own[name].data.copy_(tensor.to(own[name].device, own[name].dtype))
     loaded.model.eval()
     loaded.adapter = meta

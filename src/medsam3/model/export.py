@@ -9,7 +9,9 @@ from medsam3.model.loading import LoadedModel
 from medsam3.utils.files import atomic_dir
 
 
-def export_model(loaded: LoadedModel, folder: str | Path, concepts: list[str], info: dict | None = None) -> Path:
+def export_model(
+    loaded: LoadedModel, folder: str | Path, concepts: list[str], info: dict | None = None
+) -> Path:
     """save_pretrained (safetensors) + processor + ``medsam3.json`` (concepts, provenance), atomically."""
     folder = Path(folder)
     with atomic_dir(folder) as tmp:

@@ -110,8 +110,12 @@ def _load_folder(folder: Path) -> tuple[Sam3Model, Sam3Processor]:
         model = Sam3Model.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelSpecError(f"{folder}: cannot load a SAM 3 model: {str(exc).splitlines()[0]}") from exc
-    has_processor = (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file()
-    processor = Sam3Processor.from_pretrained(folder) if has_processor else offline_processor(model.config.image_size)
+    has_processor = (folder / "processor_config.json").is_file() or (
+        folder / "tokenizer_config.json"
+    ).is_file()
+    processor = (
+        Sam3Processor.from_pretrained(folder) if has_processor else offline_processor(model.config.image_size)
+    )
     return model, processor
 
 
@@ -133,8 +137,10 @@ def _load_hub(repo_id: str) -> tuple[Sam3Model, Sam3Processor]:
         model = Sam3Model.from_pretrained(repo_id, local_files_only=offline)
         processor = Sam3Processor.from_pretrained(repo_id, local_files_only=offline)
     except Exception as exc:  # hub errors come in many classes; all mean "not available to you"
-        reason = "the hub cannot be reached from this machine and it is not in the local cache" if offline else (
-            f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        reason = (
+            "the hub cannot be reached from this machine and it is not in the local cache"
+            if offline
+            else (f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
         )
         gated = (
             f"{repo_id} is gated: request access on its hub page and log in with `hf auth login`; "
@@ -142,9 +148,9 @@ def _load_hub(repo_id: str) -> tuple[Sam3Model, Sam3Processor]:
             else ""
         )
         raise ModelSpecError(
-            f"cannot load '{repo_id}' from the Hugging Face hub ({reason}). {gated}Alternatives: pass a local "
-            "folder written by save_pretrained (--model DIR), Meta's sam3.pt (--model sam3.pt), or the bundled "
-            "'nano' preset"
+            f"cannot load '{repo_id}' from the Hugging Face hub ({reason}). {gated}Alternatives: pass a "
+            "local folder written by save_pretrained (--model DIR), Meta's sam3.pt (--model sam3.pt), or the "
+            "bundled 'nano' preset"
         ) from exc
     return model, processor
 
@@ -170,7 +176,9 @@ def convert_original_checkpoint(checkpoint: Path, out_dir: Path | None = None) -
         ) from exc
     if out_dir is None:
         stat = checkpoint.stat()
-        key = hashlib.sha256(f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+        ).hexdigest()[:16]
         out_dir = _cache_dir() / "converted" / key
     if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
         return out_dir
@@ -197,7 +205,9 @@ def load_model(
     """
     spec = str(spec)
     if not spec.strip():
-        raise ModelSpecError("empty model spec: use a preset (" + ", ".join(presets.PRESET_NAMES) + "), a folder or a hub id")
+        raise ModelSpecError(
+            "empty model spec: use a preset (" + ", ".join(presets.PRESET_NAMES) + "), a folder or a hub id"
+        )
     path = Path(spec).expanduser()
     concepts: list[str] = []
     if spec in presets.RANDOM_PRESETS:

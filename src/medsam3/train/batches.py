@@ -30,7 +30,9 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator, scale: float, height: int, width: int) -> np.ndarray:
+def jitter_boxes(
+    boxes: np.ndarray, rng: np.random.Generator, scale: float, height: int, width: int
+) -> np.ndarray:
     """Move each box edge by up to ``scale`` x its side, then clip to the image."""
     if len(boxes) == 0 or scale <= 0:
         return boxes.astype(np.float32)
@@ -66,7 +68,9 @@ def make_item(
     height, width = sample.image.shape[:2]
     use_boxes = prompt_mode == "text+box" or (prompt_mode == "mixed" and rng.random() < text_box_fraction)
     prompt_boxes = (
-        jitter_boxes(sample.boxes, rng, box_jitter, height, width) if use_boxes else np.zeros((0, 4), np.float32)
+        jitter_boxes(sample.boxes, rng, box_jitter, height, width)
+        if use_boxes
+        else np.zeros((0, 4), np.float32)
     )
     scale = np.array([width, height, width, height], dtype=np.float32)
     target = {

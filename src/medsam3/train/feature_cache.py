@@ -96,19 +96,25 @@ class FeatureCache:
             if self._positions is None:
                 self._positions = tuple(p[:1].detach().cpu() for p in fresh.fpn_position_encoding)
             for row, index in enumerate(missing):
-                levels = {f"level{j}": h[row].detach().to("cpu", torch.float16).contiguous()
-                          for j, h in enumerate(fresh.fpn_hidden_states)}
+                levels = {
+                    f"level{j}": h[row].detach().to("cpu", torch.float16).contiguous()
+                    for j, h in enumerate(fresh.fpn_hidden_states)
+                }
                 with atomic_path(self._path(keys[index])) as tmp:
                     save_file(levels, str(tmp))
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         if self._positions is None:  # every image was cached: one encode gives the (shape-only) positions
-            self._positions = tuple(p[:1].cpu() for p in self._compute(rgbs[:1], device).fpn_position_encoding)
+            self._positions = tuple(
+                p[:1].cpu() for p in self._compute(rgbs[:1], device).fpn_position_encoding
+            )
         stored = [load_file(str(self._path(key))) for key in keys]
         dtype = next(self.model.parameters()).dtype
         levels = tuple(
-            torch.stack([s[f"level{j}"] for s in stored]).to(device, dtype) for j in range(len(self._positions))
+            torch.stack([s[f"level{j}"] for s in stored]).to(device, dtype)
+            for j in range(len(self._positions))
         )
         positions = tuple(p.to(device, dtype).expand(len(keys), *p.shape[1:]) for p in self._positions)
-        return Sam3VisionEncoderOutput(last_hidden_state=None, fpn_hidden_states=levels,
-                                       fpn_position_encoding=positions)
+        return Sam3VisionEncoderOutput(
+            last_hidden_state=None, fpn_hidden_states=levels, fpn_position_encoding=positions
+        )

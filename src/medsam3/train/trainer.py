@@ -173,7 +173,9 @@ class Trainer:
         return self.model.get_vision_features(pixel_values=pixels)
 
     def _tokens(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.loaded.processor.tokenizer(phrases, padding="max_length", max_length=32, return_tensors="pt")
+        tokens = self.loaded.processor.tokenizer(
+            phrases, padding="max_length", max_length=32, return_tensors="pt"
+        )
         return tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
 
     def _text(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,8 +231,14 @@ class Trainer:
     def _items(self, epoch: int, indices: list[int]) -> list[TrainItem]:
         c = self.config
         return [
-            make_item(self.train_data[i], sample_rng(c.seed, epoch, i), c.prompt_mode, c.text_box_fraction,
-                      c.box_jitter, self.augment)
+            make_item(
+                self.train_data[i],
+                sample_rng(c.seed, epoch, i),
+                c.prompt_mode,
+                c.text_box_fraction,
+                c.box_jitter,
+                self.augment,
+            )
             for i in indices
         ]
 
@@ -251,7 +259,8 @@ class Trainer:
         for indices in batches:
             items = self._items(epoch, indices)
             targets_device = [
-                {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in item.target.items()} for item in items
+                {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in item.target.items()}
+                for item in items
             ]
             for item, target in zip(items, targets_device):
                 item.target = target
@@ -305,7 +314,11 @@ class Trainer:
         state = self._state()
         meta = {"position": asdict(self.position), "train_config": asdict(self.config), **(extra or {})}
         return save_adapter(
-            self.loaded, self.out_dir / name, self.config.policy, self.concepts, extra=meta,
+            self.loaded,
+            self.out_dir / name,
+            self.config.policy,
+            self.concepts,
+            extra=meta,
             write_extra=lambda folder: torch.save(state, folder / STATE_FILE),
         )
 
@@ -319,8 +332,10 @@ class Trainer:
                 f"(fingerprint {meta.get('base_fingerprint')}), not on '{self.loaded.spec}'"
             )
         if meta.get("policy") != self.config.policy:
-            raise MedSAM3Error(f"{folder}: cannot resume: checkpoint policy is '{meta.get('policy')}', "
-                               f"this run's is '{self.config.policy}'")
+            raise MedSAM3Error(
+                f"{folder}: cannot resume: checkpoint policy is '{meta.get('policy')}', "
+                f"this run's is '{self.config.policy}'"
+            )
         from safetensors.torch import load_file
 
         tensors = load_file(str(folder / "adapter.safetensors"))
@@ -340,8 +355,14 @@ class Trainer:
         c = self.config
         writer = self._tensorboard() if self.rank == 0 else None
         total_steps = self.steps_per_epoch * c.epochs
-        bar = tqdm(total=total_steps, initial=self.position.step, disable=not c.progress or self.rank != 0,
-                   desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=total_steps,
+            initial=self.position.step,
+            disable=not c.progress or self.rank != 0,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+        )
         started = time.perf_counter()
         history = []
         stopped = False
@@ -367,9 +388,14 @@ class Trainer:
                 break
             self.position.epoch, self.position.batch = epoch + 1, 0
             val = self.validate() if self.rank == 0 else None
-            row = {"epoch": epoch + 1, "step": self.position.step, "train_loss": logged["loss"],
-                   "val_dice": "" if val is None else round(val, 5), "lr": logged["lr"],
-                   "seconds": round(time.perf_counter() - started, 1)}
+            row = {
+                "epoch": epoch + 1,
+                "step": self.position.step,
+                "train_loss": logged["loss"],
+                "val_dice": "" if val is None else round(val, 5),
+                "lr": logged["lr"],
+                "seconds": round(time.perf_counter() - started, 1),
+            }
             history.append(row)
             if self.rank == 0:
                 self._log_row(row, writer)
@@ -408,4 +434,6 @@ class Trainer:
 
 def frozen_components_untouched(model) -> bool:
     """True when no encoder parameter requires grad (the paper's promise)."""
-    return not any(p.requires_grad for n, p in model.named_parameters() if n.split(".")[0] in ENCODER_COMPONENTS)
+    return not any(
+        p.requires_grad for n, p in model.named_parameters() if n.split(".")[0] in ENCODER_COMPONENTS
+    )
