@@ -19,6 +19,7 @@ from medsam3.data.examples import (
     STARDIST,
     ExampleDownloadError,
     VolumeDataset,
+    describe,
     fetch_examples,
     load_index,
     nuclei_statistics,
@@ -224,6 +225,9 @@ def test_real_volumes_keep_geometry_and_labels(fetched, tmp_path):
     lung = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "lung_tumor_ct/imagesTr/lung1_0000.nii.gz")))
     assert lung.min() == -1024  # CT stays in Hounsfield units
     assert load_index(out) == index
+    text = describe(index, out)
+    assert "lung2: 61x512x512 voxels of 5x0.627x0.627 mm, label 48.434 mL on 11 slices" in text
+    assert "dsb2018_0000: 512x512 uint16, 125 nuclei" in text
 
 
 @pytest.mark.network_pkg

@@ -200,8 +200,8 @@ def read_members(package: Package, archive: Path) -> dict[str, bytes]:
     missing = sorted(wanted - set(found))
     if missing:
         raise InputFileError(archive, f"archive lacks {', '.join(missing)}")
-    for name, data in found.items():
-        digest = hashlib.sha256(data).hexdigest()
+    for name in package.files:  # a fixed order, so the first bad file named is always the same
+        digest = hashlib.sha256(found[name]).hexdigest()
         if digest != package.files[name]:
             archive.unlink(missing_ok=True)
             raise InputFileError(
@@ -463,3 +463,23 @@ def load_index(out_dir: str | Path) -> dict[str, Any]:
     if MARKER not in index:
         raise InputFileError(path, "not an examples index written by fetch-examples")
     return index
+
+
+def describe(index: dict[str, Any], out_dir: str | Path | None = None) -> str:
+    """A few printable lines: one per dataset and case, with its size and label statistics."""
+    lines = [f"real example cases in {out_dir}:" if out_dir else "real example cases:"]
+    for folder, dataset in index["datasets"].items():
+        lines.append(f"  {folder}/  concept '{dataset['concept']}'  from {dataset['source']}")
+        for case, stats in dataset["cases"].items():
+            if "instances" in stats:
+                lines.append(
+                    f"    {case}: {'x'.join(map(str, stats['shape']))} {stats['dtype']}, "
+                    f"{stats['instances']} nuclei (median area {stats['area_px']['median']:g} px)"
+                )
+            else:
+                spacing = "x".join(f"{v:g}" for v in stats["spacing_zyx_mm"])
+                lines.append(
+                    f"    {case}: {'x'.join(map(str, stats['shape_zyx']))} voxels of {spacing} mm, "
+                    f"label {stats['label_volume_ml']:g} mL on {stats['slices_with_label']} slices"
+                )
+    return "\n".join(lines)
