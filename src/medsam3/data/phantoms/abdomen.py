@@ -232,6 +232,20 @@ def render(
     inner_fat = 1.0 - abd.fat_mm / mean_axis
     cavity = rho <= inner_fat - abd.muscle_mm / mean_axis
 
+    planes = np.asarray(z_mm, dtype=np.float32)
+    z_reach = float(np.abs(abd.waves[2, :, 0]).sum()) + 1.0  # the most the deformation moves along z
+
+    def ins(solid: Solid, deformed: bool = True) -> np.ndarray:
+        """``solid.inside`` on the full grid, evaluated only on the planes the solid can reach."""
+        cx, cy, cz = (xd, yd, zd) if deformed else (x, y, z)
+        if not np.isfinite(solid.radii[2]):
+            return solid.inside(cx, cy, cz)
+        out = np.zeros(full, dtype=bool)
+        near = np.flatnonzero(np.abs(planes - solid.center[2]) <= solid.radii[2] + z_reach)
+        if len(near):
+            out[near] = solid.inside(cx[near], cy[near], cz[near])
+        return out
+
     hu = np.full(full, hu_t["air"], dtype=np.float32)
     label = np.zeros(full, dtype=np.uint8)
 
@@ -243,16 +257,14 @@ def render(
     paint((rho <= inner_fat) & ~cavity, hu_t["muscle"])
     paint(cavity, hu_t["fat"] + 10)  # visceral fat, a little denser than subcutaneous
     for solid, content in abd.bowel:
-        loop = solid.inside(xd, yd, zd) & cavity
-        lumen = (
-            Solid(solid.center, tuple(r - 2.5 for r in solid.radii), solid.angle).inside(xd, yd, zd) & cavity
-        )
+        loop = ins(solid) & cavity
+        lumen = ins(Solid(solid.center, tuple(r - 2.5 for r in solid.radii), solid.angle)) & cavity
         paint(loop, hu_t["bowel_wall"])
         paint(lumen, {"air": hu_t["air"] + 50, "fluid": hu_t["fluid"], "stool": hu_t["stool"]}[content])
-    stomach = abd.stomach.inside(xd, yd, zd) & cavity
+    stomach = ins(abd.stomach) & cavity
     paint(stomach, hu_t["bowel_wall"])
     gastric = Solid(abd.stomach.center, tuple(r - 4 for r in abd.stomach.radii), abd.stomach.angle)
-    contents = gastric.inside(xd, yd, zd) & cavity
+    contents = ins(gastric) & cavity
     air_level = abd.stomach.center[1] - 0.25 * abd.stomach.radii[1]  # air rises anteriorly (supine)
     paint(contents & (y < air_level), hu_t["air"] + 30)
     paint(contents & (y >= air_level), hu_t["fluid"] + 10)
@@ -261,18 +273,18 @@ def render(
 
     liver = np.zeros(full, dtype=bool)
     for lobe in abd.liver:
-        liver |= lobe.inside(xd, yd, zd)
+        liver |= ins(lobe)
     paint(liver & cavity, hu_t["liver"], LIVER)
-    paint(abd.gallbladder.inside(xd, yd, zd) & cavity, hu_t["bile"])
-    paint(abd.spleen.inside(xd, yd, zd) & cavity, hu_t["spleen"], SPLEEN)
+    paint(ins(abd.gallbladder) & cavity, hu_t["bile"])
+    paint(ins(abd.spleen) & cavity, hu_t["spleen"], SPLEEN)
     for kidney, sinus in zip(abd.kidneys, abd.renal_sinus, strict=True):
-        whole = kidney.inside(xd, yd, zd) & cavity
-        medulla = Solid(kidney.center, tuple(r * 0.7 for r in kidney.radii), kidney.angle).inside(xd, yd, zd)
+        whole = ins(kidney) & cavity
+        medulla = ins(Solid(kidney.center, tuple(r * 0.7 for r in kidney.radii), kidney.angle))
         paint(whole, hu_t["kidney"], KIDNEY)
         paint(whole & medulla, hu_t["medulla"], KIDNEY)
-        paint(whole & sinus.inside(xd, yd, zd), hu_t["fat"] + 20)  # renal sinus fat is not kidney
+        paint(whole & ins(sinus), hu_t["fat"] + 20)  # renal sinus fat is not kidney
     for tumor, density in abd.tumors:
-        paint(tumor.inside(x, y, z) & (label == LIVER), density, TUMOR)
+        paint(ins(tumor, deformed=False) & (label == LIVER), density, TUMOR)
 
     # Posterior muscles and bone come last: they clear any organ label they overlap.
     for name in ("paraspinal_l", "paraspinal_r"):
