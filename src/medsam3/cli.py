@@ -142,6 +142,22 @@ def info(
         typer.echo("concepts: " + ", ".join(loaded.concepts))
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for overlays, results and report.md.")],
+    model: ModelOpt = "nano",
+    finetune_cases: Annotated[int, typer.Option(help="CT phantoms generated for the fine-tuning step.")] = 60,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 12,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """A few-minute tour: segment phantoms by text and text+box, then teach the model a new concept."""
+    from medsam3.demo import DemoSettings, run_demo, summary_lines
+
+    settings = DemoSettings(model=model, finetune_cases=finetune_cases, epochs=epochs, device=device)
+    for line in summary_lines(run_demo(out, settings)):
+        typer.echo(line)
+
+
 data_app = typer.Typer(
     help="Datasets: inspect layouts, fetch the real offline example cases.", no_args_is_help=True
 )
@@ -278,10 +294,9 @@ def data_fetch_examples(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (nnU-Net layout).")],
 ) -> None:
     """Fetch real labelled cases from PyPI packages (stardist nuclei, pyradiomics MR/CT lesions)."""
-    from medsam3.data.examples import fetch_examples
+    from medsam3.data.examples import describe, fetch_examples
 
-    result = fetch_examples(out)
-    typer.echo(f"wrote {result}")
+    typer.echo(describe(fetch_examples(out), out))
 
 
 @app.command()
