@@ -33,8 +33,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     folders = make_phantom_corpus(args.out / "phantoms", args.n_per_kind, seed=args.seed)
     splits = phantom_splits(folders, exclude={HELD_OUT_CONCEPT})
