@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PeakRSS, machine, markdown_table  # noqa: E402
+from common import PeakRSS, best_of, machine, markdown_table  # noqa: E402
 
 from medsam3.infer.predictor import Sam3Predictor  # noqa: E402
 from medsam3.infer.types import Prompt  # noqa: E402
@@ -37,20 +37,13 @@ def plain_forward(loaded, image: np.ndarray, phrase: str) -> None:
 
 
 def bench(spec: str, k: int, size: int, repeats: int) -> list[object]:
-    import time
-
     loaded = load_model(spec, device="cpu")
     image = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
     prompts = [Prompt(p) for p in PHRASES[:k]]
     predictor = Sam3Predictor(loaded)
 
     def timed(fn) -> float:
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        return best
+        return best_of(fn, repeats)
 
     plain_forward(loaded, image, "warm up")  # first-call overheads out of the way
     predictor.set_image(image)

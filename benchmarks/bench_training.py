@@ -35,14 +35,23 @@ def samples(n: int, size: int) -> list[Sample]:
         mask = (yy - size // 2) ** 2 + (xx - size // 3) ** 2 < (size // 6) ** 2
         image[mask] = 200
         masks = mask[None]
-        out.append(Sample(image=image, concept="lesion", masks=masks, boxes=masks_to_boxes(masks), case_id=f"c{i}"))
+        out.append(
+            Sample(image=image, concept="lesion", masks=masks, boxes=masks_to_boxes(masks), case_id=f"c{i}")
+        )
     return out
 
 
 def run(spec: str, n: int, size: int, batch: int, cache: bool) -> dict:
     loaded = load_model(spec, device="cpu")
-    config = TrainConfig(policy="paper", prompt_mode="text", epochs=2, batch_size=batch, progress=False,
-                         cache_features=cache, lr=1e-4)
+    config = TrainConfig(
+        policy="paper",
+        prompt_mode="text",
+        epochs=2,
+        batch_size=batch,
+        progress=False,
+        cache_features=cache,
+        lr=1e-4,
+    )
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as memory:
         trainer = Trainer(loaded, samples(n, size), tmp, config)
         trainer.save_checkpoint = lambda *a, **k: None  # measure training, not checkpoint writing
@@ -52,8 +61,14 @@ def run(spec: str, n: int, size: int, batch: int, cache: bool) -> dict:
     first = history[0]["seconds"]
     second = history[1]["seconds"] - first
     steps = trainer.steps_per_epoch
-    return {"first": first, "second": second, "step": second / steps, "total": total,
-            "rss": memory.gib, "steps": steps}
+    return {
+        "first": first,
+        "second": second,
+        "step": second / steps,
+        "total": total,
+        "rss": memory.gib,
+        "steps": steps,
+    }
 
 
 def main() -> None:
@@ -69,15 +84,37 @@ def main() -> None:
         plain = run(spec, args.samples, args.size, args.batch_size, cache=False)
         cached = run(spec, args.samples, args.size, args.batch_size, cache=True)
         for label, r in (("no cache", plain), ("feature cache", cached)):
-            rows.append([
-                spec, label, f"{r['step']:.3f}", f"{r['first']:.1f}", f"{r['second']:.1f}",
-                f"{args.samples / r['second']:.2f}", f"{plain['second'] / r['second']:.1f}x", f"{r['rss']:.2f}",
-            ])
+            rows.append(
+                [
+                    spec,
+                    label,
+                    f"{r['step']:.3f}",
+                    f"{r['first']:.1f}",
+                    f"{r['second']:.1f}",
+                    f"{args.samples / r['second']:.2f}",
+                    f"{plain['second'] / r['second']:.1f}x",
+                    f"{r['rss']:.2f}",
+                ]
+            )
     print(f"Machine: {machine()}\n")
-    print(f"{args.samples} samples per epoch, {args.size} px images, batch {args.batch_size}, policy paper.\n")
-    print(markdown_table(
-        ["model", "path", "s / step (epoch 2)", "epoch 1 s", "epoch 2 s", "samples/s (epoch 2)",
-         "epoch-2 speed-up vs no cache", "peak RSS GiB"], rows))
+    print(
+        f"{args.samples} samples per epoch, {args.size} px images, batch {args.batch_size}, policy paper.\n"
+    )
+    print(
+        markdown_table(
+            [
+                "model",
+                "path",
+                "s / step (epoch 2)",
+                "epoch 1 s",
+                "epoch 2 s",
+                "samples/s (epoch 2)",
+                "epoch-2 speed-up vs no cache",
+                "peak RSS GiB",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,24 @@ def _run(args, capsys):
 def test_segment_writes_masks_overlay_and_result(tmp_path, png, capsys):
     out = tmp_path / "out"
     code, stdout, _ = _run(
-        ["segment", png, "-p", "liver", "-p", "breast tumor", "--box", "10,10,60,50", "--model", "tiny",
-         "--threshold", "0.2", "--out", out], capsys)
+        [
+            "segment",
+            png,
+            "-p",
+            "liver",
+            "-p",
+            "breast tumor",
+            "--box",
+            "10,10,60,50",
+            "--model",
+            "tiny",
+            "--threshold",
+            "0.2",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert code == 0, stdout
     result = json.loads((out / "result.json").read_text())
     assert [p["prompt"] for p in result["prompts"]] == ["liver", "breast tumor"]
@@ -45,16 +61,24 @@ def test_segment_writes_masks_overlay_and_result(tmp_path, png, capsys):
 
 def test_segment_with_saved_folder_equals_preset(tmp_path, png, tiny_folder, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
-    assert _run(["segment", png, "-p", "polyp", "--model", "tiny", "--threshold", "0.2", "--out", a], capsys)[0] == 0
-    assert _run(["segment", png, "-p", "polyp", "--model", tiny_folder, "--threshold", "0.2", "--out", b],
-                capsys)[0] == 0
+    assert (
+        _run(["segment", png, "-p", "polyp", "--model", "tiny", "--threshold", "0.2", "--out", a], capsys)[0]
+        == 0
+    )
+    assert (
+        _run(
+            ["segment", png, "-p", "polyp", "--model", tiny_folder, "--threshold", "0.2", "--out", b], capsys
+        )[0]
+        == 0
+    )
     ra, rb = (json.loads((d / "result.json").read_text())["prompts"] for d in (a, b))
     assert ra == rb
 
 
 def test_long_prompt_warns_but_runs(tmp_path, png, capsys):
-    code, _, err = _run(["segment", png, "-p", "the big round tumor here", "--model", "tiny", "--out", tmp_path / "o"],
-                        capsys)
+    code, _, err = _run(
+        ["segment", png, "-p", "the big round tumor here", "--model", "tiny", "--out", tmp_path / "o"], capsys
+    )
     assert code == 0
     assert "at most 3 words" in err
 
@@ -115,8 +139,21 @@ def test_adapter_for_another_base_refused(tmp_path, png, capsys):
     nano = load_model("nano-init", device="cpu")
     apply_policy(nano.model, "paper")
     save_adapter(nano, tmp_path / "adapter", "paper", ["spleen"])
-    code, _, err = _run(["segment", png, "-p", "spleen", "--model", "tiny", "--adapter", tmp_path / "adapter",
-                         "--out", tmp_path / "o"], capsys)
+    code, _, err = _run(
+        [
+            "segment",
+            png,
+            "-p",
+            "spleen",
+            "--model",
+            "tiny",
+            "--adapter",
+            tmp_path / "adapter",
+            "--out",
+            tmp_path / "o",
+        ],
+        capsys,
+    )
     assert code == 2 and "adapter was trained on base 'nano-init'" in err
 
 

@@ -63,7 +63,10 @@ def _showcase(settings: DemoSettings, out: Path, report: DemoReport) -> None:
         positives = (s for s in open_dataset(folder) if len(s.masks) and s.concept != HELD_OUT_CONCEPT)
         sample = next(positives)
         box = tuple(float(v) for v in sample.boxes[0])
-        for mode, prompt in (("text", Prompt(sample.concept)), ("text+box", Prompt(sample.concept, boxes=(box,)))):
+        for mode, prompt in (
+            ("text", Prompt(sample.concept)),
+            ("text+box", Prompt(sample.concept, boxes=(box,))),
+        ):
             seg = segment_image(sample.image, [prompt], predictor, source=f"phantom {kind} {sample.case_id}")
             target = out / "segment" / f"{kind}_{mode.replace('+', '_')}"
             write_segmentation(seg, target)
@@ -71,33 +74,63 @@ def _showcase(settings: DemoSettings, out: Path, report: DemoReport) -> None:
             union, truth = result.union, sample.union
             dice = 2 * (union & truth).sum() / max(1, union.sum() + truth.sum())
             report.segmentations.append(
-                {"kind": kind, "concept": sample.concept, "mode": mode, "instances": len(result),
-                 "presence": round(result.presence, 3), "dice": round(float(dice), 4),
-                 "overlay": str((target / "overlay.png").relative_to(out))}
+                {
+                    "kind": kind,
+                    "concept": sample.concept,
+                    "mode": mode,
+                    "instances": len(result),
+                    "presence": round(result.presence, 3),
+                    "dice": round(float(dice), 4),
+                    "overlay": str((target / "overlay.png").relative_to(out)),
+                }
             )
 
 
 def _finetune(settings: DemoSettings, out: Path, report: DemoReport) -> None:
     """Teach the held-out concept with frozen encoders; Dice before and after on untouched test cases."""
-    folder = write_phantom_dataset(out / "data" / "ct_finetune", "ct", n=settings.finetune_cases, seed=settings.seed + 7)
+    folder = write_phantom_dataset(
+        out / "data" / "ct_finetune", "ct", n=settings.finetune_cases, seed=settings.seed + 7
+    )
     train = open_dataset(folder, split="train").select([HELD_OUT_CONCEPT])
     val = open_dataset(folder, split="val").select([HELD_OUT_CONCEPT])
     test = open_dataset(folder, split="test").select([HELD_OUT_CONCEPT])
     loaded = load_model(settings.model, device=settings.device)
     for mode in ("text", "text+box"):
-        result = evaluate_dataset(test, Sam3Predictor(loaded), prompt_mode=mode, out_dir=out / "eval" / f"before_{mode}",
-                                  progress=False, model_name=settings.model)
+        result = evaluate_dataset(
+            test,
+            Sam3Predictor(loaded),
+            prompt_mode=mode,
+            out_dir=out / "eval" / f"before_{mode}",
+            progress=False,
+            model_name=settings.model,
+        )
         report.dice.setdefault("before", {})[mode] = _mean_dice(result)
-    config = TrainConfig(policy="paper", prompt_mode="mixed", epochs=settings.epochs, batch_size=settings.batch_size,
-                         lr=settings.lr, weight_decay=0.01, grad_clip=1.0, seed=settings.seed, cache_features=True,
-                         progress=settings.progress, val_limit=50)
+    config = TrainConfig(
+        policy="paper",
+        prompt_mode="mixed",
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        weight_decay=0.01,
+        grad_clip=1.0,
+        seed=settings.seed,
+        cache_features=True,
+        progress=settings.progress,
+        val_limit=50,
+    )
     started = time.perf_counter()
     Trainer(loaded, train, out / "finetune", config, val_data=val).fit()
     report.seconds["finetune"] = round(time.perf_counter() - started, 1)
     tuned = load_model(settings.model, device=settings.device, adapter=out / "finetune" / "last")
     for mode in ("text", "text+box"):
-        result = evaluate_dataset(test, Sam3Predictor(tuned), prompt_mode=mode, out_dir=out / "eval" / f"after_{mode}",
-                                  progress=False, model_name=f"{settings.model} + adapter")
+        result = evaluate_dataset(
+            test,
+            Sam3Predictor(tuned),
+            prompt_mode=mode,
+            out_dir=out / "eval" / f"after_{mode}",
+            progress=False,
+            model_name=f"{settings.model} + adapter",
+        )
         report.dice.setdefault("after", {})[mode] = _mean_dice(result)
     report.seconds["train_samples"] = len(train)
     report.seconds["test_samples"] = len(test)
@@ -108,8 +141,11 @@ def _markdown(settings: DemoSettings, report: DemoReport) -> str:
         "# medsam3 demo",
         "",
         f"Model: `{settings.model}`"
-        + (" (the bundled 4.8 M-parameter SAM 3-architecture model trained on phantoms; not SAM 3)."
-           if settings.model == "nano" else "."),
+        + (
+            " (the bundled 4.8 M-parameter SAM 3-architecture model trained on phantoms; not SAM 3)."
+            if settings.model == "nano"
+            else "."
+        ),
         "",
         "## 1. Segment by naming (text) and by naming plus a box (text+box)",
         "",
@@ -117,8 +153,10 @@ def _markdown(settings: DemoSettings, report: DemoReport) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for s in report.segmentations:
-        lines.append(f"| {s['kind']} | {s['concept']} | {s['mode']} | {s['instances']} | {s['presence']} | "
-                     f"{s['dice']} | [{s['overlay']}]({s['overlay']}) |")
+        lines.append(
+            f"| {s['kind']} | {s['concept']} | {s['mode']} | {s['instances']} | {s['presence']} | "
+            f"{s['dice']} | [{s['overlay']}]({s['overlay']}) |"
+        )
     before, after = report.dice.get("before", {}), report.dice.get("after", {})
     lines += [
         "",
@@ -132,9 +170,14 @@ def _markdown(settings: DemoSettings, report: DemoReport) -> str:
         "|---|---|---|",
     ]
     for mode in ("text", "text+box"):
-        lines.append(f"| {mode} | {before.get(mode, float('nan')):.4f} | {after.get(mode, float('nan')):.4f} |")
-    lines += ["", "Evaluation reports: `eval/before_*/report.md`, `eval/after_*/report.md`; adapter: `finetune/last`.",
-              ""]
+        lines.append(
+            f"| {mode} | {before.get(mode, float('nan')):.4f} | {after.get(mode, float('nan')):.4f} |"
+        )
+    lines += [
+        "",
+        "Evaluation reports: `eval/before_*/report.md`, `eval/after_*/report.md`; adapter: `finetune/last`.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -150,8 +193,15 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> DemoR
     _finetune(settings, out, report)
     report.seconds["total"] = round(time.perf_counter() - started, 1)
     write_text_atomic(out / "report.md", _markdown(settings, report))
-    write_json_atomic(out / "demo.json", {"segmentations": report.segmentations, "dice": report.dice,
-                                         "seconds": report.seconds, "model": settings.model})
+    write_json_atomic(
+        out / "demo.json",
+        {
+            "segmentations": report.segmentations,
+            "dice": report.dice,
+            "seconds": report.seconds,
+            "model": settings.model,
+        },
+    )
     return report
 
 
@@ -159,7 +209,9 @@ def summary_lines(report: DemoReport) -> list[str]:
     before, after = report.dice.get("before", {}), report.dice.get("after", {})
     return [
         f"segmented {len(report.segmentations)} example images (text and text+box)",
-        *(f"'{HELD_OUT_CONCEPT}' Dice ({m}): {before.get(m, float('nan')):.3f} -> {after.get(m, float('nan')):.3f}"
-          for m in ("text", "text+box")),
+        *(
+            f"'{HELD_OUT_CONCEPT}' Dice ({m}): {before.get(m, float('nan')):.3f} -> {after.get(m, float('nan')):.3f}"
+            for m in ("text", "text+box")
+        ),
         f"report: {report.out_dir / 'report.md'} ({report.seconds.get('total')} s)",
     ]
