@@ -41,6 +41,11 @@ def test_paired_difference_and_wilcoxon(tmp_path):
     assert "| breast tumor | 6 | 0.7417 | 0.8250 | +0.0833 (p=0.0625, n=6) |" in md
     assert "Published Dice for BUSI" in md and "| 2 | MedSAM-3 T+I | BUSI | 0.7772 |" in md
     assert "sam3_text: dataset BUSI, model sam3, prompt_mode text" in md
+    md_path, json_path = cmp.save(tmp_path / "comparison")
+    assert md_path.read_text() == md
+    saved = json.loads(json_path.read_text())
+    assert saved["rows"][0]["p_values"] == [pytest.approx(0.0625)]
+    assert saved["runs"][1]["label"] == "medsam3_box"
 
 
 def test_too_few_pairs_and_only_common_cases(tmp_path):

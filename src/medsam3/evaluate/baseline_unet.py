@@ -136,10 +136,12 @@ def _load_training_set(
 
 
 def _loss_fn(name: str) -> torch.nn.Module:
+    """Dice over the whole batch (``batch=True``): a per-image Dice is undefined on negatives (empty
+    truth) and, averaged per image, pushes the network to predict nothing anywhere."""
     if name == "dicece":
-        return DiceCELoss(sigmoid=True)
+        return DiceCELoss(sigmoid=True, batch=True)
     if name == "dicefocal":
-        return DiceFocalLoss(sigmoid=True)
+        return DiceFocalLoss(sigmoid=True, batch=True)
     raise MedSAM3Error(f"U-Net loss must be one of {', '.join(LOSSES)}, got '{name}'")
 
 

@@ -21,6 +21,7 @@ from scipy.stats import wilcoxon
 from medsam3.errors import InputFileError, MedSAM3Error
 from medsam3.evaluate.paper import published_markdown
 from medsam3.evaluate.report import CSV_NAME, SUMMARY_NAME, CaseRecord, read_case_csv
+from medsam3.utils.files import write_json_atomic, write_text_atomic
 
 METRICS = ("dice", "iou", "nsd")
 OVERALL = "overall"
@@ -200,6 +201,14 @@ class Comparison:
             if text and text not in blocks:
                 blocks.append(text)
         return "\n".join(blocks)
+
+    def save(self, path: str | Path) -> tuple[Path, Path]:
+        """Write the Markdown table to ``path`` (.md) and the numbers next to it (.json), atomically."""
+        md = Path(path).with_suffix(".md")
+        js = md.with_suffix(".json")
+        write_text_atomic(md, self.markdown())
+        write_json_atomic(js, self.to_json())
+        return md, js
 
     def to_json(self) -> dict[str, Any]:
         return {
