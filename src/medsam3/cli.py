@@ -40,9 +40,7 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
 ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Preset (nano, tiny, sam3), model folder, sam3.pt or hub id.")
 ]
-AdapterOpt = Annotated[
-    Path | None, typer.Option("--adapter", help="Adapter folder written by `medsam3 train`.")
-]
+AdapterOpt = Annotated[Path | None, typer.Option("--adapter", help="Adapter folder written by `medsam3 train`.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
 
 
@@ -64,9 +62,7 @@ def segment(
     ] = None,
     model: ModelOpt = "nano",
     adapter: AdapterOpt = None,
-    threshold: Annotated[
-        float, typer.Option(help="Instance score threshold (sigmoid(logit) x presence).")
-    ] = 0.5,
+    threshold: Annotated[float, typer.Option(help="Instance score threshold (sigmoid(logit) x presence).")] = 0.5,
     mask_threshold: Annotated[float, typer.Option(help="Mask probability threshold.")] = 0.5,
     nms: Annotated[
         float | None, typer.Option(help="Box IoU for non-maximum suppression (off by default, as SAM 3).")
@@ -114,9 +110,7 @@ def segment(
 @app.command()
 def info(
     model: Annotated[str, typer.Argument(help="Preset, model folder, sam3.pt or hub id.")] = "nano",
-    policy: Annotated[
-        str, typer.Option(help="Parameter policy: paper, lora-detector, lora-all, full.")
-    ] = "paper",
+    policy: Annotated[str, typer.Option(help="Parameter policy: paper, lora-detector, lora-all, full.")] = "paper",
     adapter: AdapterOpt = None,
 ) -> None:
     """Parameters per SAM 3 component under a fine-tuning policy: total, trainable, frozen."""
@@ -158,9 +152,83 @@ def demo(
         typer.echo(line)
 
 
-data_app = typer.Typer(
-    help="Datasets: inspect layouts, fetch the real offline example cases.", no_args_is_help=True
-)
+@app.command()
+def evaluate(
+    paths: Annotated[list[str], typer.Argument(help="DATA (a dataset folder), or: compare DIR1 DIR2 ...")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (evaluate) or table path (compare).")],
+    model: ModelOpt = "nano",
+    adapter: AdapterOpt = None,
+    prompt_mode: Annotated[str, typer.Option(help="text (T) or text+box (T+I, boxes from ground truth).")] = "text",
+    split: Annotated[str | None, typer.Option(help="Dataset split to score (train, val, test).")] = "test",
+    layout: str = "auto",
+    threshold: float = 0.5,
+    nsd_tolerance: Annotated[float, typer.Option(help="NSD tolerance in mm.")] = 2.0,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip and count bad cases instead of failing.")] = False,
+    label: Annotated[list[str] | None, typer.Option("--label", help="compare: a label per folder.")] = None,
+    metric: Annotated[str, typer.Option(help="compare: dice, iou, nsd or hd95.")] = "dice",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Score a model on a dataset (Dice, IoU, NSD, HD95, presence), or compare evaluation folders.
+
+    medsam3 evaluate DATA --model nano --out eval/        medsam3 evaluate compare eval/a eval/b --out cmp.md
+    """
+    if paths[0] == "compare":
+        from medsam3.evaluate.compare import compare_runs
+
+        comparison = compare_runs(paths[1:], labels=label, metric=metric)
+        markdown, numbers = comparison.save(out)
+        typer.echo(comparison.markdown())
+        typer.echo(f"wrote {markdown} and {numbers}")
+        return
+    if len(paths) != 1:
+        raise PromptError("evaluate takes one dataset folder (or: evaluate compare DIR1 DIR2 ...)")
+    from medsam3.evaluate.runner import evaluate_path
+
+    result = evaluate_path(
+        paths[0],
+        model,
+        out_dir=out,
+        adapter=adapter,
+        prompt_mode=prompt_mode,
+        split=split,
+        layout=layout,
+        skip_bad=skip_bad,
+        device=device,
+        threshold=threshold,
+        nsd_tolerance=nsd_tolerance,
+    )
+    typer.echo(result.markdown)
+    typer.echo(f"wrote {out}/report.md")
+
+
+baseline_app = typer.Typer(help="Specialist baselines scored the same way as MedSAM-3.", no_args_is_help=True)
+app.add_typer(baseline_app, name="baseline")
+
+
+@baseline_app.command("unet")
+def baseline_unet(
+    data: Annotated[Path, typer.Argument(help="Dataset folder (any layout).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (weights, config).")],
+    epochs: int = 50,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    size: Annotated[int, typer.Option(help="Training resolution in pixels.")] = 128,
+    seed: int = 0,
+    layout: str = "auto",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Train a MONAI U-Net on the train split; score it with `medsam3 evaluate DATA --model RUN`."""
+    from medsam3.evaluate.baseline_unet import train_unet_baseline
+
+    run = train_unet_baseline(
+        data, out, epochs=epochs, batch_size=batch_size, lr=lr, size=size, seed=seed, layout=layout, device=device
+    )
+    typer.echo(
+        f"wrote {run.out_dir} (final epoch loss {run.history[-1]:.4f})" if run.history else f"wrote {run.out_dir}"
+    )
+
+
+data_app = typer.Typer(help="Datasets: inspect layouts, fetch the real offline example cases.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 
@@ -171,14 +239,10 @@ def train(
     ],
     out: Annotated[
         Path,
-        typer.Option(
-            "--out", "-o", help="Run folder: checkpoints best/ and last/, metrics.csv, tensorboard/."
-        ),
+        typer.Option("--out", "-o", help="Run folder: checkpoints best/ and last/, metrics.csv, tensorboard/."),
     ],
     base: Annotated[str, typer.Option("--base", help="Base model spec to fine-tune.")] = "nano",
-    policy: Annotated[
-        str, typer.Option(help="paper (frozen encoders), lora-detector, lora-all, full.")
-    ] = "paper",
+    policy: Annotated[str, typer.Option(help="paper (frozen encoders), lora-detector, lora-all, full.")] = "paper",
     prompt_mode: Annotated[str, typer.Option(help="text, text+box, or mixed (half and half).")] = "mixed",
     epochs: int = 10,
     batch_size: int = 4,
@@ -191,28 +255,18 @@ def train(
     axis: Annotated[int, typer.Option(help="Slice axis for 3D volumes.")] = 0,
     cache_features: Annotated[
         bool,
-        typer.Option(
-            "--cache-features", help="Store frozen vision features; later epochs run only the detector."
-        ),
+        typer.Option("--cache-features", help="Store frozen vision features; later epochs run only the detector."),
     ] = False,
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Feature cache folder (default RUN/feature_cache).")
-    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder (default RUN/feature_cache).")] = None,
     rebuild_cache: Annotated[
         bool, typer.Option("--rebuild-cache", help="Discard a cache made by another encoder.")
     ] = False,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from RUN/last exactly where it stopped.")
-    ] = False,
-    checkpoint_every: Annotated[
-        int, typer.Option(help="Also checkpoint every N optimizer steps (0: per epoch).")
-    ] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN/last exactly where it stopped.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N optimizer steps (0: per epoch).")] = 0,
     allow_long_phrases: Annotated[
         bool, typer.Option("--allow-long-phrases", help="Train on phrases of more than three words.")
     ] = False,
-    skip_bad: Annotated[
-        bool, typer.Option("--skip-bad", help="Skip unreadable cases with a warning.")
-    ] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable cases with a warning.")] = False,
     device: DeviceOpt = "auto",
 ) -> None:
     """Fine-tune MedSAM-3 on a labelled dataset (the paper's method: frozen encoders, detector trained)."""
@@ -244,9 +298,7 @@ def train(
     trainer = Trainer(loaded, train_set, out, config, val_data=val_set)
     if resume:
         trainer.resume()
-    typer.echo(
-        f"training {len(train_set)} samples ({', '.join(train_set.concepts)}), validating on {len(val_set)}"
-    )
+    typer.echo(f"training {len(train_set)} samples ({', '.join(train_set.concepts)}), validating on {len(val_set)}")
     summary = trainer.fit()
     for row in summary["history"]:
         typer.echo(f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, val Dice {row['val_dice']}")
@@ -275,9 +327,7 @@ def phantoms(
 @data_app.command("inspect")
 def data_inspect(
     folder: Annotated[Path, typer.Argument(help="Dataset folder.")],
-    out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="PNG grid of samples with mask overlays.")
-    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG grid of samples with mask overlays.")] = None,
     layout: str = "auto",
     axis: int = 0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
