@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/nano"))
     parser.add_argument("--export", type=Path, default=None, help="write the trained model folder here")
     parser.add_argument("--n-per-kind", type=int, default=300)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--seed", type=int, default=0)
@@ -56,6 +56,7 @@ def main() -> None:
         checkpoint_every=100,
         val_limit=150,
         max_steps=args.max_steps,
+        loss_weights={"cls_iou_aware": False},  # hard targets while boxes are still poor (from scratch)
     )
     trainer = Trainer(loaded, splits["train"], args.out, config, val_data=splits["val"])
     if args.resume:

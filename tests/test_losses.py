@@ -12,6 +12,7 @@ from medsam3.train.losses import (
     DecoderLayerRecorder,
     LossWeights,
     Sam3DetectionLoss,
+    iou_aware_bce,
     dice_loss,
     resize_masks,
 )
@@ -371,3 +372,17 @@ def test_overfitting_one_disk_drives_dice_up():
     assert before < 0.5 and presence_before < 0.6
     assert after > 0.9 and presence_after > 0.9
     assert sum(losses[-10:]) < 0.5 * sum(losses[:10])
+
+
+def test_hard_classification_targets_for_training_from_scratch():
+    """With IoU-aware targets a badly placed match is pushed low; with hard targets it is pushed to 1."""
+    logits = torch.tensor([[2.0]], requires_grad=True)
+    positive = torch.tensor([[True]])
+    poor_iou = torch.tensor([[0.05]])
+    soft = iou_aware_bce(logits, positive, poor_iou, pos_weight=1.0, alpha=0.25, gamma=2.0)
+    (grad_soft,) = torch.autograd.grad(soft, logits)
+    hard = iou_aware_bce(logits, positive, poor_iou, pos_weight=1.0, alpha=0.25, gamma=2.0, iou_aware=False)
+    (grad_hard,) = torch.autograd.grad(hard, logits)
+    assert grad_soft.item() > 0  # descent lowers the score towards p^.25 * IoU^.75 ~ 0.1
+    assert grad_hard.item() < 0  # descent raises it towards 1
+    assert hard.item() == pytest.approx(math.log1p(math.exp(-2.0)), abs=1e-6)

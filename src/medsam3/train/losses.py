@@ -50,6 +50,7 @@ class LossWeights:
     """
 
     cls: float = 20.0
+    cls_iou_aware: bool = True  # SAM 3's soft targets; False: matched queries target 1 (from scratch)
     cls_pos_weight: float = 10.0
     cls_alpha: float = 0.25
     cls_gamma: float = 2.0
@@ -86,6 +87,7 @@ def iou_aware_bce(
     alpha: float,
     gamma: float,
     query_weight: torch.Tensor | None = None,
+    iou_aware: bool = True,
 ) -> torch.Tensor:
     """SAM 3's IoU-aware classification loss, averaged over all (B, Q) entries.
 
@@ -93,11 +95,16 @@ def iou_aware_bce(
     Positives regress to the detached soft target p^alpha * IoU^(1 - alpha) (floor 0.01), so a query's
     score learns to reflect how well it localises; negatives are BCE towards 0 scaled by p^gamma.
     `query_weight` (B, Q) masks entries out (0) without changing the denominator.
+    ``iou_aware=False`` gives matched queries the hard target 1: a network trained from scratch has
+    poor boxes for a long time, and soft targets then keep every score low.
     """
     prob = logits.sigmoid()
     is_pos = positive.to(logits.dtype)
     with torch.no_grad():
-        soft = (prob.pow(alpha) * positive_iou.clamp(min=0).pow(1 - alpha)).clamp(min=0.01)
+        if iou_aware:
+            soft = (prob.pow(alpha) * positive_iou.clamp(min=0).pow(1 - alpha)).clamp(min=0.01)
+        else:
+            soft = torch.ones_like(prob)
         soft = soft * is_pos
     pos = F.binary_cross_entropy_with_logits(logits, soft, reduction="none") * is_pos * pos_weight
     neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
@@ -270,7 +277,8 @@ class Sam3DetectionLoss(nn.Module):
             keep = torch.tensor([t.present for t in prepared], dtype=logits.dtype, device=logits.device)
             query_weight = keep[:, None].expand_as(logits)
         cls = iou_aware_bce(
-            logits, positive, positive_iou, w.cls_pos_weight, w.cls_alpha, w.cls_gamma, query_weight
+            logits, positive, positive_iou, w.cls_pos_weight, w.cls_alpha, w.cls_gamma, query_weight,
+            iou_aware=w.cls_iou_aware,
         )
         add(f"loss_cls{suffix}", cls, scale * w.cls)
         if presence is not None:
