@@ -13,9 +13,7 @@ from medsam3.evaluate.report import CaseRecord, write_case_csv
 
 
 def rec(case, dice, concept="breast tumor", n_gt=1, source=""):
-    return CaseRecord(
-        case, concept, "test", dice, dice, dice, 1.0, 0.9, n_gt > 0, 1, n_gt, 0.1, source=source
-    )
+    return CaseRecord(case, concept, "test", dice, dice, dice, 1.0, 0.9, n_gt > 0, 1, n_gt, 0.1, source=source)
 
 
 def write_run(path, records, **summary):
@@ -49,12 +47,8 @@ def test_paired_difference_and_wilcoxon(tmp_path):
 
 
 def test_too_few_pairs_and_only_common_cases(tmp_path):
-    a = write_run(
-        tmp_path / "a", [rec("x", 0.2), rec("y", 0.4), rec("z", 0.6, concept="polyp")], dataset="mine"
-    )
-    b = write_run(
-        tmp_path / "b", [rec("x", 0.3), rec("q", 0.9), rec("z", 0.5, concept="polyp")], dataset="mine"
-    )
+    a = write_run(tmp_path / "a", [rec("x", 0.2), rec("y", 0.4), rec("z", 0.6, concept="polyp")], dataset="mine")
+    b = write_run(tmp_path / "b", [rec("x", 0.3), rec("q", 0.9), rec("z", 0.5, concept="polyp")], dataset="mine")
     cmp = compare_runs([a, b])
     tumor, polyp, overall = cmp.rows
     assert tumor.paired_n == [1] and tumor.diffs[0] == pytest.approx(0.1) and tumor.p_values == [None]
@@ -72,7 +66,7 @@ def test_slices_sharing_a_case_id_join_on_source(tmp_path):
     )
     b = write_run(
         tmp_path / "b",
-        [rec("vol1", 0.9, source="vol1.nii.gz#z=4"), rec("vol1", 0.6, source="vol1.nii.gz#z=3")],
+        [rec("vol1", 0.9, source="/other/vol1.nii.gz#z=4"), rec("vol1", 0.6, source="/other/vol1.nii.gz#z=3")],
     )
     (row,) = compare_runs([a, b]).rows
     assert row.paired_n == [2] and row.diffs[0] == pytest.approx((0.1 + 0.2) / 2)
@@ -92,9 +86,7 @@ def test_compare_errors(tmp_path):
 def test_paired_test_exact_values():
     assert paired_test([0.1] * 5, [0.2] * 5) is None
     assert paired_test([0.3] * 6, [0.3] * 6) == 1.0
-    assert paired_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]) == pytest.approx(
-        2 / 64
-    )
+    assert paired_test([0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [0.2, 0.3, 0.4, 0.5, 0.6, 0.7]) == pytest.approx(2 / 64)
 
 
 def test_paper_numbers_are_data():

@@ -54,16 +54,19 @@ def load_run(path: str | Path, label: str | None = None) -> Run:
         try:
             summary = json.loads((path / SUMMARY_NAME).read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise InputFileError(
-                path / SUMMARY_NAME, f"not valid JSON ({exc.msg}, line {exc.lineno})"
-            ) from None
+            raise InputFileError(path / SUMMARY_NAME, f"not valid JSON ({exc.msg}, line {exc.lineno})") from None
     return Run(path=path, label=label or path.name, records=records, summary=summary)
+
+
+def _source_key(source: str) -> str:
+    """The file name (and slice) of a source without its folder, so runs made elsewhere still join."""
+    return source.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 def _keyed(run: Run, with_source: bool) -> dict[tuple[str, ...], CaseRecord]:
     out: dict[tuple[str, ...], CaseRecord] = {}
     for r in run.records:
-        key = (r.case, r.concept, r.source) if with_source else (r.case, r.concept)
+        key = (r.case, r.concept, _source_key(r.source)) if with_source else (r.case, r.concept)
         if key in out:
             if not with_source:
                 return {}  # not unique: the caller retries with the source
@@ -111,9 +114,7 @@ def _mean(values: Sequence[float]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
-def _compare_concept(
-    runs: Sequence[Run], concept: str | None, metric: str, min_pairs: int
-) -> ConceptComparison:
+def _compare_concept(runs: Sequence[Run], concept: str | None, metric: str, min_pairs: int) -> ConceptComparison:
     def positives(run: Run) -> list[CaseRecord]:
         return [r for r in run.records if r.n_gt > 0 and (concept is None or r.concept == concept)]
 
@@ -123,9 +124,7 @@ def _compare_concept(
     paired_n, diffs, p_values = [], [], []
     for run, recs in zip(runs[1:], selected[1:], strict=True):
         pairs = pair_records(base, Run(run.path, run.label, recs, run.summary))
-        pairs = [
-            (p, q) for p, q in pairs if not (math.isnan(getattr(p, metric)) or math.isnan(getattr(q, metric)))
-        ]
+        pairs = [(p, q) for p, q in pairs if not (math.isnan(getattr(p, metric)) or math.isnan(getattr(q, metric)))]
         x = [getattr(p, metric) for p, _ in pairs]
         y = [getattr(q, metric) for _, q in pairs]
         paired_n.append(len(pairs))
@@ -177,9 +176,7 @@ class Comparison:
         for run in self.runs:
             s = run.summary
             facts = ", ".join(
-                f"{k} {s[k]}"
-                for k in ("dataset", "split", "model", "prompt_mode")
-                if s.get(k) not in (None, "")
+                f"{k} {s[k]}" for k in ("dataset", "split", "model", "prompt_mode") if s.get(k) not in (None, "")
             )
             lines.append(f"- {run.label}: {facts or 'no summary.json'} ({run.path})")
         published = self.published()
