@@ -40,12 +40,32 @@ from medsam3.infer.types import Box, Prompt
 # ----------------------------------------------------------------------------- IoU association
 
 
+def _centroid(mask: np.ndarray) -> tuple[float, float] | None:
+    rows, cols = np.nonzero(mask)
+    return (float(rows.mean()), float(cols.mean())) if rows.size else None
+
+
+def shift_mask(mask: np.ndarray, dy: float, dx: float) -> np.ndarray:
+    """``mask`` moved by (dy, dx) pixels, rounded; what leaves the frame is lost, what enters is empty."""
+    dy, dx = int(round(dy)), int(round(dx))
+    if dy == 0 and dx == 0:
+        return mask
+    height, width = mask.shape
+    out = np.zeros_like(mask)
+    if abs(dy) >= height or abs(dx) >= width:
+        return out
+    out[max(dy, 0) : height + min(dy, 0), max(dx, 0) : width + min(dx, 0)] = mask[
+        max(-dy, 0) : height + min(-dy, 0), max(-dx, 0) : width + min(-dx, 0)
+    ]
+    return out
+
+
 def mask_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of every mask in ``a`` (M, H, W) with every mask in ``b`` (N, H, W): an (M, N) array."""
-    a = np.asarray(a, dtype=bool).reshape(len(a), -1)
-    b = np.asarray(b, dtype=bool).reshape(len(b), -1)
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)), dtype=np.float32)
+    a = np.asarray(a, dtype=bool).reshape(len(a), -1)
+    b = np.asarray(b, dtype=bool).reshape(len(b), -1)
     inter = a.astype(np.float32) @ b.astype(np.float32).T
     union = a.sum(1, dtype=np.float32)[:, None] + b.sum(1, dtype=np.float32)[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float32)
@@ -85,11 +105,29 @@ class Track:
 
     object_id: int
     group: int  # the prompt it belongs to
-    last_mask: np.ndarray = field(repr=False)
+    last_mask: np.ndarray | None = field(repr=False)  # None once the track has retired
     last_frame: int
     frames: list[int] = field(default_factory=list)
     areas: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
+    centroid: tuple[float, float] | None = None
+    velocity: tuple[float, float] = (0.0, 0.0)  # pixels per frame (rows, cols), from the last two sightings
+
+    def predicted_mask(self, frame: int) -> np.ndarray:
+        """The last mask moved on at the track's velocity to ``frame`` (constant-velocity guess)."""
+        steps = frame - self.last_frame
+        return shift_mask(self.last_mask, self.velocity[0] * steps, self.velocity[1] * steps)
+
+    def observe(self, frame: int, mask: np.ndarray, score: float) -> None:
+        centroid = _centroid(mask)
+        if self.centroid is not None and centroid is not None and frame > self.last_frame:
+            gap = frame - self.last_frame
+            self.velocity = ((centroid[0] - self.centroid[0]) / gap, (centroid[1] - self.centroid[1]) / gap)
+        self.centroid = centroid if centroid is not None else self.centroid
+        self.last_mask, self.last_frame = mask, frame
+        self.frames.append(frame)
+        self.areas.append(int(mask.sum()))
+        self.scores.append(float(score))
 
     def to_json(self, prompt: str | None = None) -> dict:
         return {
@@ -107,6 +145,10 @@ class Track:
 
 class IoUTracker:
     """Gives detections stable object ids by matching them to live tracks of the same prompt by IoU.
+
+    Each track's last mask is first moved on at the track's own velocity (its centroid's motion
+    between its last two sightings), so an object that moves steadily, or is missed for a frame
+    while moving, still overlaps where it is expected.
 
     A track survives up to ``max_gap`` frames without a match (an object briefly missed by the
     detector keeps its id); after that it retires and a reappearance gets a new id. Only the last
@@ -126,7 +168,10 @@ class IoUTracker:
         return [
             t
             for t in self.tracks.values()
-            if t.group == group and frame - t.last_frame <= self.max_gap + 1 and t.last_frame < frame
+            if t.group == group
+            and t.last_mask is not None
+            and frame - t.last_frame <= self.max_gap + 1
+            and t.last_frame < frame
         ]
 
     def update(
@@ -146,20 +191,20 @@ class IoUTracker:
             members = [i for i, g in enumerate(groups) if g == group]
             tracks = self.live(frame, group)
             if tracks:
-                iou = mask_iou_matrix(np.stack([t.last_mask for t in tracks]), masks[members])
+                expected = np.stack([t.predicted_mask(frame) for t in tracks])
+                iou = mask_iou_matrix(expected, masks[members])
                 for r, c in match_by_iou(iou, self.iou_threshold):
                     ids[members[c]] = tracks[r].object_id
             for i in members:
                 if ids[i] is None:
                     ids[i] = self._next_id
-                    self.tracks[self._next_id] = Track(self._next_id, group, masks[i], frame)
+                    self.tracks[self._next_id] = Track(self._next_id, group, masks[i], frame - 1)
                     self._next_id += 1
         for i, object_id in enumerate(ids):
-            track = self.tracks[object_id]
-            track.last_mask, track.last_frame = masks[i], frame
-            track.frames.append(frame)
-            track.areas.append(int(masks[i].sum()))
-            track.scores.append(float(scores[i]))
+            self.tracks[object_id].observe(frame, masks[i], scores[i])
+        for track in self.tracks.values():  # retired tracks let go of their mask
+            if track.last_mask is not None and frame - track.last_frame > self.max_gap:
+                track.last_mask = None  # type: ignore[assignment]
         return ids  # type: ignore[return-value]
 
 
@@ -451,6 +496,7 @@ class Sam3VideoTracker:
             session.prompt_input_ids[pid] = tokens["input_ids"].to(device)
             session.prompt_attention_masks[pid] = tokens["attention_mask"].to(device)
         group_of = {pid: texts.index(text) for pid, text in session.prompts.items()}
+        self.session = session  # the live session, for inspection
         for index, rgb in enumerate(frames):
             pixels = self.processor.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
             with torch.inference_mode():
