@@ -166,6 +166,13 @@ def evaluate(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip and count bad cases instead of failing.")] = False,
     label: Annotated[list[str] | None, typer.Option("--label", help="compare: a label per folder.")] = None,
     metric: Annotated[str, typer.Option(help="compare: dice, iou, nsd or hd95.")] = "dice",
+    agent: Annotated[
+        str | None, typer.Option("--agent", help="Score the agent: 'openai' (MLLM loop) or 'none'.")
+    ] = None,
+    llm_base_url: Annotated[str | None, typer.Option("--llm-base-url", help="--agent openai: endpoint.")] = None,
+    llm_model: Annotated[str | None, typer.Option("--llm-model", help="--agent openai: model name.")] = None,
+    api_key_env: Annotated[str, typer.Option("--api-key-env")] = "OPENAI_API_KEY",
+    max_rounds: Annotated[int, typer.Option("--max-rounds", min=1)] = 3,
     device: DeviceOpt = "auto",
 ) -> None:
     """Score a model on a dataset (Dice, IoU, NSD, HD95, presence), or compare evaluation folders.
@@ -184,6 +191,11 @@ def evaluate(
         raise PromptError("evaluate takes one dataset folder (or: evaluate compare DIR1 DIR2 ...)")
     from medsam3.evaluate.runner import evaluate_path
 
+    wrap = None
+    if agent is not None:
+        from medsam3.agent.command import agent_segmenter_factory
+
+        wrap = agent_segmenter_factory(agent, llm_base_url, llm_model, api_key_env, max_rounds)
     result = evaluate_path(
         paths[0],
         model,
@@ -196,6 +208,7 @@ def evaluate(
         device=device,
         threshold=threshold,
         nsd_tolerance=nsd_tolerance,
+        wrap=wrap,
     )
     typer.echo(result.markdown)
     typer.echo(f"wrote {out}/report.md")

@@ -90,3 +90,25 @@ def agent_command(
         out_dir=Path(out),
         normalizer=normalizer,
     )
+
+
+def agent_segmenter_factory(
+    llm: str, llm_base_url: str | None, llm_model: str | None, api_key_env: str = "OPENAI_API_KEY", max_rounds: int = 3
+):
+    """For ``evaluate --agent``: a function wrapping the loaded predictor in the agent."""
+    from medsam3.agent.segmenter import AgentSegmenter
+
+    if llm not in ("openai", "none"):
+        raise PromptError(f"--agent {llm!r}: use 'openai' (any OpenAI-compatible endpoint) or 'none' (offline)")
+    client = None
+    if llm == "openai":
+        if not llm_base_url or not llm_model:
+            raise PromptError("--agent openai needs --llm-base-url and --llm-model")
+        client = ChatClient(llm_base_url, llm_model, api_key_env=api_key_env)
+
+    def wrap(predictor):
+        concepts = model_concepts(getattr(predictor, "loaded", None))
+        normalizer = normalizer_for(concepts) if concepts else default_normalizer()
+        return AgentSegmenter(predictor, normalizer, client, max_rounds=max_rounds)
+
+    return wrap

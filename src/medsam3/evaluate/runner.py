@@ -12,7 +12,7 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -353,8 +353,12 @@ def evaluate_path(
     threshold: float = 0.5,
     nsd_tolerance: float = 2.0,
     progress: bool = True,
+    wrap: Callable[[Any], Any] | None = None,
 ) -> EvaluationResult:
-    """What ``medsam3 evaluate DATA --model SPEC`` does: open the dataset, load the model, score it."""
+    """What ``medsam3 evaluate DATA --model SPEC`` does: open the dataset, load the model, score it.
+
+    ``wrap`` turns the loaded segmenter into another one (e.g. the agent around the predictor).
+    """
     from medsam3.data.dataset import open_dataset
     from medsam3.evaluate.segmenters import load_segmenter
 
@@ -363,6 +367,9 @@ def evaluate_path(
     dataset = open_dataset(data, layout=layout, skip_bad=skip_bad)
     segmenter = load_segmenter(model, adapter=adapter, device=device)
     label = f"{model} + adapter {Path(adapter).name}" if adapter else model
+    if wrap is not None:
+        segmenter = wrap(segmenter)
+        label += f" ({type(segmenter).__name__})"
     return evaluate_dataset(
         dataset,
         segmenter,

@@ -1,0 +1,65 @@
+"""The agent behind the segmenter protocol, so ``medsam3 evaluate --agent`` scores it like any model.
+
+Each evaluated sample becomes the instruction "segment the <concept>"; the agent (an MLLM loop, or
+the offline normaliser with ``llm=None``) returns one final mask, split into connected components
+as instances. The paper's comparison (MedSAM-3 T+I vs MedSAM-3 Agent on BUSI) is then one pair of
+``evaluate`` runs and a ``compare``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from medsam3.agent.loop import run_agent, run_offline
+from medsam3.agent.normalizer import ConceptNormalizer
+from medsam3.data.sample import masks_to_boxes
+from medsam3.infer.types import Prompt, PromptResult
+
+
+class AgentSegmenter:
+    """``set_image`` / ``predict`` over the agent loop; boxes in prompts are ignored (the agent plans)."""
+
+    def __init__(self, predictor, normalizer: ConceptNormalizer, llm=None, *, max_rounds: int = 3):
+        self.predictor = predictor
+        self.normalizer = normalizer
+        self.llm = llm
+        self.max_rounds = max_rounds
+        self.loaded = getattr(predictor, "loaded", None)
+        self._image: np.ndarray | None = None
+
+    def set_image(self, image: np.ndarray) -> None:
+        self._image = image
+
+    def predict(self, prompts, **kwargs) -> list[PromptResult]:
+        if self._image is None:
+            raise RuntimeError("call set_image() before predict()")
+        results = []
+        for prompt in prompts:
+            prompt = prompt if isinstance(prompt, Prompt) else Prompt(str(prompt))
+            instruction = f"segment the {prompt.text}"
+            if self.llm is None:
+                outcome = run_offline(self._image, instruction, self.predictor, self.normalizer)
+            else:
+                outcome = run_agent(
+                    self._image,
+                    instruction,
+                    self.predictor,
+                    self.llm,
+                    max_rounds=self.max_rounds,
+                    normalizer=self.normalizer,
+                )
+            results.append(_as_result(prompt, outcome.mask))
+        return results
+
+
+def _as_result(prompt: Prompt, mask: np.ndarray) -> PromptResult:
+    labels, count = ndimage.label(np.asarray(mask, dtype=bool))
+    masks = np.stack([labels == i for i in range(1, count + 1)]) if count else np.zeros((0, *mask.shape), bool)
+    return PromptResult(
+        prompt=prompt,
+        presence=1.0 if count else 0.0,
+        scores=np.ones(count, dtype=np.float32),
+        boxes=masks_to_boxes(masks),
+        masks=masks,
+    )
