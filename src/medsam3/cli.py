@@ -275,6 +275,9 @@ def train(
         bool, typer.Option("--rebuild-cache", help="Discard a cache made by another encoder.")
     ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN/last exactly where it stopped.")] = False,
+    augment: Annotated[
+        bool, typer.Option("--augment", help="Random flips, zoom, rotation, intensity (not with --cache-features).")
+    ] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N optimizer steps (0: per epoch).")] = 0,
     allow_long_phrases: Annotated[
         bool, typer.Option("--allow-long-phrases", help="Train on phrases of more than three words.")
@@ -308,7 +311,12 @@ def train(
         rebuild_cache=rebuild_cache,
         checkpoint_every=checkpoint_every,
     )
-    trainer = Trainer(loaded, train_set, out, config, val_data=val_set)
+    augmentation = None
+    if augment:
+        from medsam3.data.transforms import default_augmentation
+
+        augmentation = default_augmentation()
+    trainer = Trainer(loaded, train_set, out, config, val_data=val_set, augment=augmentation)
     if resume:
         trainer.resume()
     typer.echo(f"training {len(train_set)} samples ({', '.join(train_set.concepts)}), validating on {len(val_set)}")
