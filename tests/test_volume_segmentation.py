@@ -420,3 +420,30 @@ def test_bad_inputs_are_refused_with_nothing_written(tmp_path):
         segment_volume_file(good, [], predictor, out)
     assert predictor.encode_count == 0
     assert not out.parent.exists() and not (tmp_path / "s.dcm").exists()
+
+
+def test_track_with_sam3_video_model_streams_from_the_anchor_both_ways(tmp_path, tiny_model):
+    from medsam3.infer.predictor import Sam3Predictor
+    from medsam3.infer.tracking import SMALL_TRACKER, Sam3VideoTracker, build_video_model
+
+    array, _, _, _ = _scene(depth=5, shape=(30, 36))
+    volume = read_volume(_volume_file(tmp_path / "v.nii.gz", array))
+    model = build_video_model(tiny_model, untrained_tracker=SMALL_TRACKER, score_threshold_detection=0.2,
+                              new_det_thresh=0.2, hotstart_delay=0)  # fmt: skip
+    tracker = Sam3VideoTracker(model, tiny_model.processor)
+    streamed = []
+    original = tracker.track
+
+    def recording(frames, texts):
+        frames = list(frames)
+        streamed.append(len(frames))
+        yield from original(iter(frames), texts)
+
+    tracker.track = recording
+    predictor = Sam3Predictor(tiny_model, score_threshold=0.2)
+    seg = segment_volume(volume, ["liver"], predictor, method="track", video_tracker=tracker,
+                         box_slice=3, box=(2, 2, 20, 20))  # fmt: skip
+    assert seg.anchors == {"liver": 3} and streamed == [2, 4]  # slices 3..4, then 3..0
+    assert seg.label_map.shape == volume.shape and "SAM 3 video model" in seg.notes[0]
+    assert seg.encoded_slices == 0  # the video model encodes inside itself; the predictor did nothing
+    assert set(np.unique(seg.label_map)) <= {0, 1}

@@ -216,8 +216,8 @@ class SliceComponents:
             _, before, before_first = self._previous
             both = (before > 0) & (labels > 0)
             if both.any():
-                pairs = np.unique(np.stack([before[both], labels[both]]), axis=1)
-                for a, b in pairs.T:
+                codes = np.unique(before[both].astype(np.int64) * (count + 1) + labels[both])
+                for a, b in zip(codes // (count + 1), codes % (count + 1), strict=True):
                     self.sets.union(before_first + int(a) - 1, first + int(b) - 1)
         self._previous = (index, labels, first)
 
