@@ -31,12 +31,10 @@ def plain_forward(loaded, image: np.ndarray, phrase: str) -> None:
     inputs = loaded.processor(images=image, text=phrase, return_tensors="pt")
     with torch.inference_mode():
         outputs = loaded.model(**inputs)
-    loaded.processor.post_process_instance_segmentation(
-        outputs, threshold=0.5, target_sizes=[image.shape[:2]]
-    )
+    loaded.processor.post_process_instance_segmentation(outputs, threshold=0.5, target_sizes=[image.shape[:2]])
 
 
-def bench(spec: str, k: int, size: int, repeats: int) -> list[object]:
+def bench(spec: str, k: int, size: int, repeats: int) -> dict:
     loaded = load_model(spec, device="cpu")
     image = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
     prompts = [Prompt(p) for p in PHRASES[:k]]
@@ -56,17 +54,32 @@ def bench(spec: str, k: int, size: int, repeats: int) -> list[object]:
         )
         plain = timed(lambda: [plain_forward(loaded, image, p.text) for p in prompts])
     budget = encode + k * one_prompt
+    return {
+        "model": spec,
+        "params_m": sum(p.numel() for p in loaded.model.parameters()) / 1e6,
+        "image_size": loaded.image_size,
+        "encode": encode,
+        "one_prompt": one_prompt,
+        "k_prompts": k_prompts,
+        "plain": plain,
+        "k": k,
+        "budget_ratio": k_prompts / budget,
+        "rss": memory.gib,
+    }
+
+
+def table_row(r: dict) -> list[str]:
     return [
-        spec,
-        f"{sum(p.numel() for p in loaded.model.parameters()) / 1e6:.1f} M",
-        f"{loaded.image_size}",
-        f"{encode:.3f}",
-        f"{one_prompt:.3f}",
-        f"{k_prompts:.3f}",
-        f"{plain:.3f}",
-        f"{plain / k_prompts:.2f}x",
-        f"{k_prompts / budget:.2f}",
-        f"{memory.gib:.2f}",
+        r["model"],
+        f"{r['params_m']:.1f} M",
+        str(r["image_size"]),
+        f"{r['encode']:.3f}",
+        f"{r['one_prompt']:.3f}",
+        f"{r['k_prompts']:.3f}",
+        f"{r['plain']:.3f}",
+        f"{r['plain'] / r['k_prompts']:.2f}x",
+        f"{r['budget_ratio']:.2f}",
+        f"{r['rss']:.2f}",
     ]
 
 
@@ -78,7 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="best of N timings")
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = [bench(spec, args.k, args.size, args.repeats) for spec in args.model or ["nano", "sam3-random"]]
+    rows = [table_row(bench(spec, args.k, args.size, args.repeats)) for spec in args.model or ["nano", "sam3-random"]]
     print(f"Machine: {machine()}\n")
     print(
         markdown_table(
