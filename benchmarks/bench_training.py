@@ -35,9 +35,7 @@ def samples(n: int, size: int) -> list[Sample]:
         mask = (yy - size // 2) ** 2 + (xx - size // 3) ** 2 < (size // 6) ** 2
         image[mask] = 200
         masks = mask[None]
-        out.append(
-            Sample(image=image, concept="lesion", masks=masks, boxes=masks_to_boxes(masks), case_id=f"c{i}")
-        )
+        out.append(Sample(image=image, concept="lesion", masks=masks, boxes=masks_to_boxes(masks), case_id=f"c{i}"))
     return out
 
 
@@ -97,9 +95,7 @@ def main() -> None:
                 ]
             )
     print(f"Machine: {machine()}\n")
-    print(
-        f"{args.samples} samples per epoch, {args.size} px images, batch {args.batch_size}, policy paper.\n"
-    )
+    print(f"{args.samples} samples per epoch, {args.size} px images, batch {args.batch_size}, policy paper.\n")
     print(
         markdown_table(
             [
