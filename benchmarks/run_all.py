@@ -1,0 +1,88 @@
+"""Every benchmark in one command, one Markdown table, with machine information.
+
+    python benchmarks/run_all.py                    # nano and the full SAM 3 architecture (random weights)
+    python benchmarks/run_all.py --model nano-init  # quick
+
+Each line compares medsam3's path with the plain reference path measured in the same run:
+- predictor: K prompts through ``Sam3Predictor`` (one encode) vs K plain transformers forwards;
+- training: an epoch after the first with the frozen-feature cache vs without it;
+- volume: a whole volume through the streamed volume path vs the 2D path called per slice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_predictor  # noqa: E402
+import bench_training  # noqa: E402
+from common import machine, markdown_table  # noqa: E402
+
+HEADERS = ["benchmark", "model", "what", "medsam3 s", "plain s", "speed-up", "peak RSS GiB"]
+
+
+def predictor_rows(spec: str, k: int, size: int) -> list[list[str]]:
+    r = bench_predictor.bench(spec, k, size, repeats=1)
+    return [
+        ["predictor", spec, f"encode one {size}px image", f"{r['encode']:.3f}", "", "", f"{r['rss']:.2f}"],
+        ["predictor", spec, "one more prompt (features kept)", f"{r['one_prompt']:.3f}", "", "", ""],
+        [
+            "predictor",
+            spec,
+            f"{k} prompts on one image (vs {k} plain forwards)",
+            f"{r['k_prompts']:.3f}",
+            f"{r['plain']:.3f}",
+            f"{r['plain'] / r['k_prompts']:.2f}x",
+            f"{r['rss']:.2f}",
+        ],
+        ["predictor", spec, f"{k} prompts / (encode + {k} x one prompt)", f"{r['budget_ratio']:.2f}", "", "", ""],
+    ]
+
+
+def training_rows(spec: str, samples: int, size: int) -> list[list[str]]:
+    plain = bench_training.run(spec, samples, size, 1, cache=False)
+    cached = bench_training.run(spec, samples, size, 1, cache=True)
+    return [
+        [
+            "training",
+            spec,
+            f"epoch 1 of {samples} samples (cache filled)",
+            f"{cached['first']:.1f}",
+            f"{plain['first']:.1f}",
+            f"{plain['first'] / cached['first']:.2f}x",
+            f"{cached['rss']:.2f}",
+        ],
+        [
+            "training",
+            spec,
+            f"epoch 2 of {samples} samples (cache read)",
+            f"{cached['second']:.1f}",
+            f"{plain['second']:.1f}",
+            f"{plain['second'] / cached['second']:.1f}x",
+            f"{cached['rss']:.2f}",
+        ],
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", help="specs (default: nano and sam3-random)")
+    parser.add_argument("--k", type=int, default=5)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--train-samples", type=int, default=2)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows: list[list[str]] = []
+    for spec in args.model or ["nano", "sam3-random"]:
+        rows += predictor_rows(spec, args.k, args.size)
+        rows += training_rows("nano-init" if spec == "nano" else spec, args.train_samples, 256)
+    print(f"Machine: {machine()}\n")
+    print(markdown_table(HEADERS, rows))
+
+
+if __name__ == "__main__":
+    main()
