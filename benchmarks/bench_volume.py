@@ -144,16 +144,17 @@ def speed_table(args) -> str:
 # ----------------------------------------------------------------------------- accuracy
 
 
-def _predictor(model: str, device: str):
+def _predictor(args):
     from medsam3.infer.predictor import Sam3Predictor
     from medsam3.model import load_model
 
-    return Sam3Predictor(load_model(model, device=device))
+    return Sam3Predictor(load_model(args.model[0], device=args.device, adapter=args.adapter))
 
 
 def _cases(root: Path):
     """(dataset name, image path, label path, {concept: label value}) of every case of nnU-Net folders."""
-    for dataset_json in sorted(root.glob("*/dataset.json")):
+    found = [root / "dataset.json"] if (root / "dataset.json").exists() else sorted(root.glob("*/dataset.json"))
+    for dataset_json in found:
         info = json.loads(dataset_json.read_text())
         if info.get("tensorImageSize", "3D") != "3D" or info.get("channel_names", {}).get("0") == "R":
             continue
@@ -173,7 +174,7 @@ def accuracy_table(args) -> str:
     from medsam3.infer.types import Prompt
     from medsam3.infer.volume import segment_volume
 
-    predictor = _predictor(args.model[0], args.device)
+    predictor = _predictor(args)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         roots = [write_phantom_dataset(Path(scratch) / "phantom", "ct3d", n=args.phantoms, seed=args.seed)]
@@ -218,7 +219,7 @@ def video_table(args) -> str:
     from medsam3.data.phantoms import write_phantom_dataset
     from medsam3.infer.video import segment_video
 
-    predictor = _predictor(args.model[0], args.device)
+    predictor = _predictor(args)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         root = write_phantom_dataset(Path(scratch) / "clips", "video", n=args.video, seed=args.seed)
@@ -255,6 +256,7 @@ def main() -> None:
     parser.add_argument("--plain-up-to", type=int, default=10**9, help="time the 2D path up to this depth")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--adapter", type=Path, help="adapter folder on top of --model (--accuracy, --video)")
     parser.add_argument("--accuracy", action="store_true", help="3D Dice of both methods instead of speed")
     parser.add_argument("--phantoms", type=int, default=3, help="phantom CT volumes for --accuracy")
     parser.add_argument("--examples", type=Path, help="folder for the real example volumes (--accuracy)")

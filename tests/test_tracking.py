@@ -14,6 +14,7 @@ from medsam3.infer.tracking import (
     Sam3VideoTracker,
     box_iou,
     build_video_model,
+    drop_duplicates,
     mask_box,
     mask_iou_matrix,
     match_by_iou,
@@ -84,6 +85,17 @@ def test_a_long_absence_or_another_prompt_gets_a_new_id():
     assert tracker.update(6, np.stack([disk, disk]), [0.9, 0.8], groups=[0, 0]) == [2, 4]
     with pytest.raises(ValueError, match="2 masks, 1 scores"):
         tracker.update(7, np.stack([disk, disk]), [0.9])
+
+
+def test_drop_duplicates_keeps_the_best_of_each_object_per_prompt():
+    size = (30, 30)
+    big = _disk(size, (15, 15), 8)
+    inner = _disk(size, (15, 16), 5)  # a weaker second query on the same object
+    other = _disk(size, (3, 3), 2)
+    empty = np.zeros(size, bool)
+    masks = np.stack([inner, big, other, empty, inner])
+    keep = drop_duplicates(masks, [0.4, 0.9, 0.3, 0.8, 0.5], [0, 0, 0, 0, 1])
+    assert keep == [1, 2, 4]  # the inner duplicate and the empty mask go; another prompt's mask stays
 
 
 class _BoxDetector:

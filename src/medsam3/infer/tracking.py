@@ -99,6 +99,27 @@ def match_by_iou(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:
     return [(int(r), int(c)) for r, c in zip(rows, cols) if iou[r, c] >= threshold]
 
 
+def drop_duplicates(
+    masks: np.ndarray, scores: Sequence[float], groups: Sequence[int], overlap: float = 0.5
+) -> list[int]:
+    """Indices of detections to keep: non-empty, and not mostly covered by a better one of the same prompt.
+
+    SAM 3 often returns a weaker second query on the same object (box NMS misses it when the
+    boxes differ); a detection whose mask lies ``overlap`` or more inside a higher-scoring kept
+    mask of its prompt would only spawn a spurious object id.
+    """
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    kept: list[int] = []
+    for i in order:
+        area = int(masks[i].sum())
+        if area == 0:
+            continue
+        if any(groups[j] == groups[i] and (masks[i] & masks[j]).sum() >= overlap * area for j in kept):
+            continue
+        kept.append(int(i))
+    return sorted(kept)
+
+
 @dataclass
 class Track:
     """One object followed through a clip: where it was seen, how large, how confidently."""
@@ -156,7 +177,7 @@ class IoUTracker:
     ``areas`` are small lists).
     """
 
-    def __init__(self, iou_threshold: float = 0.3, max_gap: int = 2):
+    def __init__(self, iou_threshold: float = 0.1, max_gap: int = 2):
         if not 0.0 < iou_threshold <= 1.0:
             raise ValueError(f"iou_threshold must lie in (0, 1], got {iou_threshold}")
         self.iou_threshold = iou_threshold

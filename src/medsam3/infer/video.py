@@ -23,7 +23,7 @@ import numpy as np
 
 from medsam3.data.video_io import Video, read_video, write_video
 from medsam3.errors import MedSAM3Error, PromptError
-from medsam3.infer.tracking import IoUTracker, Track
+from medsam3.infer.tracking import IoUTracker, Track, drop_duplicates
 from medsam3.infer.types import Prompt
 
 MASK_PATTERN = "masks/frame_{:05d}.png"
@@ -77,7 +77,7 @@ def _check_out_dir(out_dir: Path) -> None:
 
 
 def _detections(predictor, rgb: np.ndarray, prompts: list[Prompt], nms_iou: float | None):
-    """Masks, scores and prompt index of every instance the detector finds in one frame."""
+    """Masks, scores and prompt index of every instance found in one frame (empty masks and duplicates out)."""
     predictor.set_image(rgb)
     masks, scores, groups = [], [], []
     for p, result in enumerate(predictor.predict(prompts, nms_iou=nms_iou)):
@@ -85,7 +85,8 @@ def _detections(predictor, rgb: np.ndarray, prompts: list[Prompt], nms_iou: floa
         scores.extend(float(s) for s in result.scores)
         groups.extend([p] * len(result))
     stack = np.stack(masks) if masks else np.zeros((0, *rgb.shape[:2]), dtype=bool)
-    return stack, scores, groups
+    keep = drop_duplicates(stack, scores, groups)
+    return stack[keep], [scores[k] for k in keep], [groups[k] for k in keep]
 
 
 def segment_video(
@@ -95,7 +96,7 @@ def segment_video(
     out_dir: str | Path,
     *,
     video_tracker=None,
-    iou_threshold: float = 0.3,
+    iou_threshold: float = 0.1,
     max_gap: int = 2,
     nms_iou: float | None = 0.5,
     write_overlay: bool = True,
