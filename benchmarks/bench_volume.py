@@ -130,7 +130,7 @@ def speed_table(args) -> str:
                     plain_text = f"{plain:.2f}" if timed else "-"
                     ratio = f"{r['seconds'] / plain:.2f}" if timed else "-"
                     rows.append([
-                        model, method, depth, f"{r['seconds']:.2f}", f"{depth / r['seconds']:.1f}", r["encodes"],
+                        model, method, depth, f"{r['seconds']:.2f}", f"{depth / r['seconds']:.3g}", r["encodes"],
                         r["features_alive"], f"{r['peak_gib']:.2f}", f"{r['growth_mib']:.0f}",
                         f"{depth * args.size**2 * (args.prompts + 2) / 2**20:.0f}",
                         plain_text, ratio,

@@ -239,3 +239,18 @@ def test_end_to_end_with_the_tiny_model_on_a_phantom_clip(tmp_path, tiny_model):
     for obj in tracks["objects"]:
         for frame, area in zip(obj["frames"], obj["area"], strict=True):
             assert (np.asarray(Image.open(masks[frame])) == obj["id"]).sum() <= area  # overlaps go to one id
+
+
+def test_segment_video_with_sam3_video_model_ids(tmp_path, tiny_model):
+    from medsam3.infer.tracking import SMALL_TRACKER, Sam3VideoTracker, build_video_model
+
+    model = build_video_model(tiny_model, untrained_tracker=SMALL_TRACKER, score_threshold_detection=0.2,
+                              new_det_thresh=0.2, hotstart_delay=0)  # fmt: skip
+    images, _ = _clip(3)
+    result = segment_video(_frame_folder(tmp_path / "clip", images), ["disk"], None, tmp_path / "out",
+                           video_tracker=Sam3VideoTracker(model, tiny_model.processor))  # fmt: skip
+    tracks = json.loads((tmp_path / "out" / "tracks.json").read_text())
+    assert tracks["tracker"] == "sam3-video" and result.frames == 3
+    masks = [np.asarray(Image.open(tmp_path / "out" / "masks" / f"frame_{i:05d}.png")) for i in range(3)]
+    for obj in tracks["objects"]:  # SAM 3's ids shifted by one (0 is background), areas as painted
+        assert obj["id"] >= 1 and obj["area"] == [int((masks[f] == obj["id"]).sum()) for f in obj["frames"]]
