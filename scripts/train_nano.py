@@ -1,6 +1,6 @@
 """Train the bundled default model ``nano`` from scratch: one command, reproducible.
 
-    python scripts/train_nano.py --out runs/nano --export src/medsam3/model/weights/nano
+    python scripts/train_nano.py --out runs/nano --threads 1 --export src/medsam3/model/weights/nano
 
 Generates the phantom corpus (deterministic by seed), trains nano's architecture from random
 weights on every phantom concept except the held-out one, keeps the phantom test split untouched,
@@ -10,6 +10,7 @@ and exports the model folder the ``nano`` preset loads. See medsam3.train.recipe
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--export-only", action="store_true", help="export RUN/best of a finished run")
     args = parser.parse_args()
 
     if args.threads:
@@ -42,6 +44,11 @@ def main() -> None:
     folders = make_phantom_corpus(args.out / "phantoms", args.n_per_kind, seed=args.seed)
     splits = phantom_splits(folders, exclude={HELD_OUT_CONCEPT})
     print({name: len(data) for name, data in splits.items()}, flush=True)
+    if args.export_only:
+        loaded = load_model("nano-init", device="cpu", adapter=args.out / "best")
+        history = [row for row in csv.DictReader((args.out / "metrics.csv").open())]
+        export(loaded, args, splits, loaded.concepts, history, minutes=float(history[-1]["seconds"]) / 60)
+        return
     loaded = load_model("nano-init", device="cpu")
     config = TrainConfig(
         policy="full",
@@ -66,21 +73,30 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     print(json.dumps(summary["history"], indent=1), flush=True)
     if args.export:
-        info = {
-            "name": "nano",
-            "what": "SAM 3 architecture (4.8 M parameters, 224 px) trained from scratch on medsam3 phantoms; "
-            "a small model for using and testing the toolkit offline, not SAM 3",
-            "recipe": "python scripts/train_nano.py "
-            f"--n-per-kind {args.n_per_kind} --epochs {args.epochs} --batch-size {args.batch_size} "
-            f"--lr {args.lr} --seed {args.seed}",
-            "phantom_kinds": list(NANO_KINDS),
-            "held_out_concept": HELD_OUT_CONCEPT,
-            "train_samples": len(splits["train"]),
-            "train_minutes": round(minutes, 1),
-            "history": summary["history"],
-        }
-        export_model(loaded, args.export, trainer.concepts, info)
-        print(f"exported {args.export}")
+        best = load_model("nano-init", device="cpu", adapter=args.out / "best")
+        export(best, args, splits, trainer.concepts, summary["history"], minutes)
+
+
+def export(loaded, args, splits, concepts, history, minutes: float) -> None:
+    """Write the model folder the ``nano`` preset loads (the best validation checkpoint)."""
+    if args.export is None:
+        raise SystemExit("--export DIR is needed")
+    info = {
+        "name": "nano",
+        "what": "SAM 3 architecture (4.8 M parameters, 224 px) trained from scratch on medsam3 phantoms; "
+        "a small model for using and testing the toolkit offline, not SAM 3",
+        "recipe": "python scripts/train_nano.py "
+        f"--n-per-kind {args.n_per_kind} --epochs {args.epochs} --batch-size {args.batch_size} "
+        f"--lr {args.lr} --seed {args.seed} --threads 1",
+        "phantom_kinds": list(NANO_KINDS),
+        "held_out_concept": HELD_OUT_CONCEPT,
+        "train_samples": len(splits["train"]),
+        "train_minutes": round(minutes, 1),
+        "checkpoint": "best validation Dice",
+        "history": history,
+    }
+    export_model(loaded, args.export, concepts, info)
+    print(f"exported {args.export}")
 
 
 if __name__ == "__main__":
