@@ -140,8 +140,8 @@ def info(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for overlays, results and report.md.")],
     model: ModelOpt = "nano",
-    finetune_cases: Annotated[int, typer.Option(help="CT phantoms generated for the fine-tuning step.")] = 60,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 12,
+    finetune_cases: Annotated[int, typer.Option(help="CT phantoms generated for the fine-tuning step.")] = 150,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 40,
     device: DeviceOpt = "cpu",
 ) -> None:
     """A few-minute tour: segment phantoms by text and text+box, then teach the model a new concept."""

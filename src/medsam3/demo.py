@@ -33,8 +33,8 @@ SHOWCASE_KINDS = ("ultrasound", "endoscopy", "dermoscopy", "nuclei", "ct")
 @dataclass
 class DemoSettings:
     model: str = "nano"
-    finetune_cases: int = 60
-    epochs: int = 12
+    finetune_cases: int = 150
+    epochs: int = 40
     batch_size: int = 8
     lr: float = 1e-3
     seed: int = 0
