@@ -6,10 +6,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import disk_samples  # noqa: E402
-
 from medsam3.model import load_model  # noqa: E402
 from medsam3.train.trainer import TrainConfig, Trainer  # noqa: E402
+from train_helpers import disk_samples  # noqa: E402
 
 torch.set_num_threads(1)
 out = Path(sys.argv[1])

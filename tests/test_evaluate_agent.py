@@ -4,9 +4,9 @@ import json
 
 import numpy as np
 from PIL import Image
-from scripted_llm_server import ScriptedLLMServer
 
 from medsam3.cli import main
+from scripted_llm_server import ScriptedLLMServer
 
 
 def _paired_dataset(root, n=3):

@@ -12,8 +12,8 @@ from medsam3.train.losses import (
     DecoderLayerRecorder,
     LossWeights,
     Sam3DetectionLoss,
-    iou_aware_bce,
     dice_loss,
+    iou_aware_bce,
     resize_masks,
 )
 
