@@ -46,9 +46,7 @@ def build_prompts(
     return prompts, notes
 
 
-def normalize_prompts(
-    prompts: list[Prompt], concepts: list[str]
-) -> tuple[list[Prompt], list[dict], list[str]]:
+def normalize_prompts(prompts: list[Prompt], concepts: list[str]) -> tuple[list[Prompt], list[dict], list[str]]:
     """Map phrases outside the model's concept vocabulary to the nearest trained concept.
 
     The paper shows wording alone moves Dice from 0 to 0.68, so a phrase the weights never saw is
@@ -131,9 +129,7 @@ def write_segmentation(seg: Segmentation, out_dir: str | Path) -> Path:
     labels = [f"{r.prompt.text} ({len(r)})" for r in seg.results]
     boxes = [b for r in seg.results for b in r.boxes.tolist()]
     box_owner = [i for i, r in enumerate(seg.results) for _ in range(len(r))]
-    picture = overlay(
-        seg.image, masks, labels=labels, boxes=boxes or None, box_masks=box_owner or None, legend=True
-    )
+    picture = overlay(seg.image, masks, labels=labels, boxes=boxes or None, box_masks=box_owner or None, legend=True)
     save_png(out_dir / "overlay.png", picture)
     write_json_atomic(
         out_dir / "result.json",
