@@ -437,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     MedSAM3Error is a bug and keeps its traceback.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-weight-file loading bars are noise on a command line
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
