@@ -166,18 +166,59 @@ def _cases(root: Path):
                 yield dataset_json.parent.name, image, label, labels
 
 
-def accuracy_table(args) -> str:
-    from medsam3.data.phantoms import write_phantom_dataset
+def _gt_box(truth: np.ndarray) -> tuple[int, tuple[float, float, float, float]] | None:
+    """The ground truth's largest slice (axis 0) and its xyxy box there: the paper's T+I prompt."""
+    from medsam3.infer.tracking import mask_box
+
+    areas = truth.reshape(truth.shape[0], -1).sum(axis=1)
+    if not areas.any():
+        return None
+    index = int(np.argmax(areas))
+    return index, mask_box(truth[index])
+
+
+def _score_runs(args, predictor, dataset, image_path, label_path, labels) -> list[list[str]]:
+    """Both methods, text only (all concepts at once) and, with --with-box, text + a ground-truth box."""
     from medsam3.data.volume_io import read_volume
     from medsam3.evaluate.runner import evaluate_volume_predictions
     from medsam3.infer.segment import normalize_prompts
     from medsam3.infer.types import Prompt
     from medsam3.infer.volume import segment_volume
 
+    volume, truth = read_volume(image_path), read_volume(label_path).array
+    prompts = [Prompt(name) for name in labels]
+    used, _, _ = normalize_prompts(prompts, predictor.loaded.concepts)
+    case = image_path.name.split("_0000")[0]
+    runs = []  # (method label, method, prompts asked, prompts used, box slice, box)
+    for method in args.methods:
+        runs.append((method, method, prompts, used, None, None))
+        if args.with_box:
+            for asked, run in zip(prompts, used, strict=True):
+                found = _gt_box(truth == labels[asked.text])
+                if found is not None:
+                    runs.append((f"{method} + GT box", method, [asked], [run], *found))
+    rows = []
+    for label, method, asked_list, used_list, box_slice, box in runs:
+        start = time.perf_counter()
+        seg = segment_volume(volume, used_list, predictor, method=method, box_slice=box_slice, box=box)
+        seconds = time.perf_counter() - start
+        for k, (asked, run) in enumerate(zip(asked_list, used_list, strict=True), start=1):
+            scores = evaluate_volume_predictions(seg.label_map == k, truth == labels[asked.text], volume.spacing)
+            rows.append([dataset, case, asked.text, run.text, label, f"{scores.semantic.dice:.3f}",
+                         f"{scores.semantic.nsd:.3f}", f"{seconds:.1f}"])  # fmt: skip
+            print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def accuracy_table(args) -> str:
+    from medsam3.data.phantoms import write_phantom_dataset
+
     predictor = _predictor(args)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        roots = [write_phantom_dataset(Path(scratch) / "phantom", "ct3d", n=args.phantoms, seed=args.seed)]
+        roots = []
+        if args.phantoms:
+            roots.append(write_phantom_dataset(Path(scratch) / "phantom", "ct3d", n=args.phantoms, seed=args.seed))
         if args.examples:
             from medsam3.data.examples import fetch_examples
 
@@ -185,28 +226,14 @@ def accuracy_table(args) -> str:
             roots.append(Path(args.examples))
         for root in roots:
             for dataset, image_path, label_path, labels in _cases(root):
-                volume, truth = read_volume(image_path), read_volume(label_path).array
-                prompts = [Prompt(name) for name in labels]
-                used, _, _ = normalize_prompts(prompts, predictor.loaded.concepts)
-                for method in ("slices", "track"):
-                    start = time.perf_counter()
-                    seg = segment_volume(volume, used, predictor, method=method)
-                    seconds = time.perf_counter() - start
-                    for k, (asked, run) in enumerate(zip(prompts, used, strict=True), start=1):
-                        scores = evaluate_volume_predictions(
-                            seg.label_map == k, truth == labels[asked.text], volume.spacing
-                        )
-                        rows.append([
-                            dataset, image_path.name.split("_0000")[0], asked.text, run.text, method,
-                            f"{scores.semantic.dice:.3f}", f"{scores.semantic.nsd:.3f}", f"{seconds:.1f}",
-                        ])  # fmt: skip
-                        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+                rows += _score_runs(args, predictor, dataset, image_path, label_path, labels)
     table = markdown_table(["dataset", "case", "concept", "prompt used", "method", "Dice", "NSD", "s"], rows)
-    means = {}
+    means: dict[tuple[str, str, str], list[float]] = {}
     for row in rows:
-        means.setdefault((row[0].startswith("Phantom") or "phantom" in row[0], row[4]), []).append(float(row[5]))
-    summary = [[("phantom" if k[0] else "real"), k[1], f"{np.mean(v):.3f}", len(v)] for k, v in sorted(means.items())]
-    return table + "\n\n" + markdown_table(["data", "method", "mean Dice", "n"], summary)
+        kind = "phantom" if "phantom" in row[0].lower() else "real"
+        means.setdefault((kind, row[2], row[4]), []).append(float(row[5]))
+    summary = [[*k, f"{np.mean(v):.3f}", len(v)] for k, v in sorted(means.items())]
+    return table + "\n\n" + markdown_table(["data", "concept", "method", "mean Dice", "n"], summary)
 
 
 # ----------------------------------------------------------------------------- video ids
@@ -260,6 +287,7 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true", help="3D Dice of both methods instead of speed")
     parser.add_argument("--phantoms", type=int, default=3, help="phantom CT volumes for --accuracy")
     parser.add_argument("--examples", type=Path, help="folder for the real example volumes (--accuracy)")
+    parser.add_argument("--with-box", action="store_true", help="also score text + ground-truth box runs")
     parser.add_argument("--video", type=int, default=0, help="phantom clips for the id-stability table")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
