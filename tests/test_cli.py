@@ -61,15 +61,9 @@ def test_segment_writes_masks_overlay_and_result(tmp_path, png, capsys):
 
 def test_segment_with_saved_folder_equals_preset(tmp_path, png, tiny_folder, capsys):
     a, b = tmp_path / "a", tmp_path / "b"
+    assert _run(["segment", png, "-p", "polyp", "--model", "tiny", "--threshold", "0.2", "--out", a], capsys)[0] == 0
     assert (
-        _run(["segment", png, "-p", "polyp", "--model", "tiny", "--threshold", "0.2", "--out", a], capsys)[0]
-        == 0
-    )
-    assert (
-        _run(
-            ["segment", png, "-p", "polyp", "--model", tiny_folder, "--threshold", "0.2", "--out", b], capsys
-        )[0]
-        == 0
+        _run(["segment", png, "-p", "polyp", "--model", tiny_folder, "--threshold", "0.2", "--out", b], capsys)[0] == 0
     )
     ra, rb = (json.loads((d / "result.json").read_text())["prompts"] for d in (a, b))
     assert ra == rb
@@ -164,3 +158,36 @@ def test_info_table(capsys):
     assert "vision_encoder" in rows and "detr_decoder" in rows and "total" in rows
     frozen_vision = rows["vision_encoder"].split("│")
     assert frozen_vision[3].strip() == "0"  # trainable column
+
+
+def test_segment_volume_and_video_commands(tmp_path, capsys):
+    import SimpleITK as sitk
+
+    from medsam3.data.phantoms import write_phantom_dataset
+
+    ct = write_phantom_dataset(tmp_path / "ct3d", "ct3d", n=1, seed=0, test_fraction=0.0)
+    volume = next((ct / "imagesTr").iterdir())
+    out = tmp_path / "vol" / "mask.nii.gz"
+    code, stdout, err = _run(["segment-volume", volume, "-p", "liver", "--model", "nano", "--out", out], capsys)
+    assert code == 0, err
+    source, mask = sitk.ReadImage(str(volume)), sitk.ReadImage(str(out))
+    assert mask.GetSize() == source.GetSize() and mask.GetSpacing() == source.GetSpacing()
+    assert mask.GetOrigin() == source.GetOrigin() and mask.GetDirection() == source.GetDirection()
+    legend = json.loads((tmp_path / "vol" / "mask.json").read_text())
+    assert legend["labels"] == {"1": "liver"} and "liver:" in stdout
+    assert sitk.GetArrayFromImage(mask).max() == 1  # nano finds the liver in a phantom CT
+
+    clips = write_phantom_dataset(tmp_path / "video", "video", n=1, seed=0, test_fraction=0.0)
+    video = next((clips / "videos").iterdir())
+    code, stdout, err = _run(
+        ["segment-video", video, "-p", "polyp", "--model", "nano", "--out", tmp_path / "v"], capsys
+    )
+    assert code == 0, err
+    tracks = json.loads((tmp_path / "v" / "tracks.json").read_text())
+    assert tracks and (tmp_path / "v" / "overlay.mp4").is_file()
+    assert len(list((tmp_path / "v" / "masks").glob("*.png"))) == int(stdout.split()[0])
+
+    code, _, err = _run(
+        ["segment-volume", volume, "-p", "liver", "--box", "1,1,9,9", "--out", tmp_path / "x.nii.gz"], capsys
+    )
+    assert code == 2 and "--box and --box-slice go together" in err

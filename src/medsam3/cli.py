@@ -107,6 +107,124 @@ def segment(
     typer.echo(f"wrote {out}/result.json")
 
 
+def _predictor_for(model, adapter, device, threshold, mask_threshold, prompts, no_normalize):
+    """Load the model, map phrases to its vocabulary (unless told not to), build the predictor."""
+    from medsam3.infer.predictor import Sam3Predictor
+    from medsam3.infer.segment import normalize_prompts
+    from medsam3.model import load_model
+
+    loaded = load_model(model, device=device, adapter=adapter)
+    notes: list[str] = []
+    if not no_normalize:
+        prompts, _, notes = normalize_prompts(prompts, loaded.concepts)
+        for note in notes:
+            _say(f"note: {note}")
+    return loaded, Sam3Predictor(loaded, score_threshold=threshold, mask_threshold=mask_threshold), prompts, notes
+
+
+def _video_tracker(loaded, tracker: Path | None):
+    if tracker is None:
+        return None
+    from medsam3.infer.tracking import Sam3VideoTracker, build_video_model
+
+    return Sam3VideoTracker(build_video_model(loaded, tracker=tracker), loaded.processor)
+
+
+TrackerOpt = Annotated[
+    Path | None, typer.Option("--tracker", help="SAM 3 video checkpoint folder: track with SAM 3's own tracker.")
+]
+NoNormalizeOpt = Annotated[bool, typer.Option("--no-normalize", help="Run phrases as typed.")]
+
+
+@app.command("segment-volume")
+def segment_volume_cmd(
+    volume: Annotated[Path, typer.Argument(help="NIfTI, NRRD, MHA, or a DICOM series folder.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Concept phrase. Repeatable.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Label map: .nii.gz, .nii, .nrrd, .seg.nrrd or .mha.")],
+    box_slice: Annotated[int | None, typer.Option("--box-slice", help="Slice of the --box.")] = None,
+    box: Annotated[str | None, typer.Option("--box", help="X0,Y0,X1,Y1 on --box-slice (pixels).")] = None,
+    axis: Annotated[int, typer.Option(help="Slicing axis of the (Z, Y, X) array.")] = 0,
+    method: Annotated[str, typer.Option(help="slices (detector per slice + 3D consistency) or track.")] = "slices",
+    window: Annotated[str | None, typer.Option(help="CT window preset or CENTER,WIDTH.")] = None,
+    dicom_seg: Annotated[Path | None, typer.Option("--dicom-seg", help="Also write DICOM-SEG (DICOM input).")] = None,
+    series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series of a multi-series folder.")] = None,
+    tracker: TrackerOpt = None,
+    model: ModelOpt = "nano",
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = "auto",
+    threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    no_normalize: NoNormalizeOpt = False,
+) -> None:
+    """Segment a 3D volume by naming concepts; the label map keeps the input's geometry."""
+    from medsam3.infer.segment import build_prompts
+    from medsam3.infer.volume import legend_path, segment_volume_file
+
+    if (box is None) != (box_slice is None):
+        raise PromptError("--box and --box-slice go together")
+    prompts, notes = build_prompts(prompt)
+    loaded, predictor, prompts, renamed = _predictor_for(
+        model, adapter, device, threshold, mask_threshold, prompts, no_normalize
+    )
+    seg = segment_volume_file(
+        volume,
+        prompts,
+        predictor,
+        out,
+        axis=axis,
+        method=method,
+        box_slice=box_slice,
+        box=parse_box(box) if box else None,
+        window=window,
+        dicom_seg=dicom_seg,
+        series_uid=series_uid,
+        video_tracker=_video_tracker(loaded, tracker),
+        notes=[*notes, *renamed],
+    )
+    import json
+
+    for entry in json.loads(legend_path(out).read_text()).get("prompts", seg.to_json()["prompts"]):
+        typer.echo(f"{entry['prompt']}: {entry['voxels']} voxels, {entry['volume_ml']} mL")
+    typer.echo(f"wrote {out} and {legend_path(out)}")
+
+
+@app.command("segment-video")
+def segment_video_cmd(
+    video: Annotated[Path, typer.Argument(help="MP4/AVI, a folder of frames, or a multi-frame DICOM cine.")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Concept phrase. Repeatable.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    iou: Annotated[float, typer.Option(help="Mask IoU that continues an object between frames.")] = 0.1,
+    max_gap: Annotated[int, typer.Option(help="Frames an object may vanish and keep its id.")] = 2,
+    nms: Annotated[float, typer.Option(help="Duplicate-detection IoU within a frame.")] = 0.5,
+    no_overlay: Annotated[bool, typer.Option("--no-overlay", help="Skip the overlay video.")] = False,
+    tracker: TrackerOpt = None,
+    model: ModelOpt = "nano",
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = "auto",
+    threshold: float = 0.5,
+    no_normalize: NoNormalizeOpt = False,
+) -> None:
+    """Segment and track named concepts through a video: per-frame id masks, overlay video, tracks.json."""
+    from medsam3.infer.segment import build_prompts
+    from medsam3.infer.video import segment_video_file
+
+    prompts, _ = build_prompts(prompt)
+    loaded, predictor, prompts, _ = _predictor_for(model, adapter, device, threshold, 0.5, prompts, no_normalize)
+    result = segment_video_file(
+        video,
+        prompts,
+        predictor,
+        out,
+        iou_threshold=iou,
+        max_gap=max_gap,
+        nms_iou=nms,
+        write_overlay=not no_overlay,
+        video_tracker=_video_tracker(loaded, tracker),
+    )
+    typer.echo(f"{result.frames} frames, {len(result.tracks)} object(s) tracked")
+    typer.echo(f"wrote {out}/tracks.json")
+
+
 @app.command()
 def info(
     model: Annotated[str, typer.Argument(help="Preset, model folder, sam3.pt or hub id.")] = "nano",
