@@ -6,13 +6,17 @@
 Each line compares medsam3's path with the plain reference path measured in the same run:
 - predictor: K prompts through ``Sam3Predictor`` (one encode) vs K plain transformers forwards;
 - training: an epoch after the first with the frozen-feature cache vs without it;
-- volume: a whole volume through the streamed volume path vs the 2D path called per slice.
+- volume: a whole volume through the streamed volume path vs the 2D path called per slice; peak
+  memory of volumes of growing length (it must stay flat: at most two slices' features alive).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -20,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_predictor  # noqa: E402
 import bench_training  # noqa: E402
+import bench_volume  # noqa: E402
 from common import machine, markdown_table  # noqa: E402
 
 HEADERS = ["benchmark", "model", "what", "medsam3 s", "plain s", "speed-up", "peak RSS GiB"]
@@ -43,6 +48,10 @@ def predictor_rows(spec: str, k: int, size: int) -> list[list[str]]:
     ]
 
 
+def _ratio(plain: float, ours: float) -> str:
+    return f"{plain / ours:.1f}x" if ours > 0 else "-"
+
+
 def training_rows(spec: str, samples: int, size: int) -> list[list[str]]:
     plain = bench_training.run(spec, samples, size, 1, cache=False)
     cached = bench_training.run(spec, samples, size, 1, cache=True)
@@ -53,7 +62,7 @@ def training_rows(spec: str, samples: int, size: int) -> list[list[str]]:
             f"epoch 1 of {samples} samples (cache filled)",
             f"{cached['first']:.1f}",
             f"{plain['first']:.1f}",
-            f"{plain['first'] / cached['first']:.2f}x",
+            _ratio(plain["first"], cached["first"]),
             f"{cached['rss']:.2f}",
         ],
         [
@@ -62,10 +71,27 @@ def training_rows(spec: str, samples: int, size: int) -> list[list[str]]:
             f"epoch 2 of {samples} samples (cache read)",
             f"{cached['second']:.1f}",
             f"{plain['second']:.1f}",
-            f"{plain['second'] / cached['second']:.1f}x",
+            _ratio(plain["second"], cached["second"]),
             f"{cached['rss']:.2f}",
         ],
     ]
+
+
+def volume_rows(spec: str, depths: list[int], size: int = 256) -> list[list[str]]:
+    """The streamed volume path vs segment_image per slice; each run in its own process (clean peak RSS)."""
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for depth in depths:
+            path = bench_volume.phantom_volume(Path(scratch) / f"ct_{depth}.npz", depth, size)
+            command = [sys.executable, bench_volume.__file__, "--one", "--model", spec, "--volume", str(path),
+                       "--method", "slices", "--threads", str(torch.get_num_threads()), "--device", "cpu",
+                       "--prompts", "1", "--batch", "1", "--plain"]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(["volume", spec, f"{depth} slices of {size}px, 1 prompt (features alive: "
+                         f"{r['features_alive']})", f"{r['seconds']:.2f}", f"{r['plain_seconds']:.2f}",
+                         f"{r['plain_seconds'] / r['seconds']:.2f}x", f"{r['peak_gib']:.2f}"])  # fmt: skip
+    return rows
 
 
 def main() -> None:
@@ -80,6 +106,7 @@ def main() -> None:
     for spec in args.model or ["nano", "sam3-random"]:
         rows += predictor_rows(spec, args.k, args.size)
         rows += training_rows("nano-init" if spec == "nano" else spec, args.train_samples, 256)
+        rows += volume_rows(spec, [2] if spec == "sam3-random" else [16, 64, 256])
     print(f"Machine: {machine()}\n")
     print(markdown_table(HEADERS, rows))
 
