@@ -86,6 +86,22 @@ def _showcase(settings: DemoSettings, out: Path, report: DemoReport) -> None:
             )
 
 
+def _test_dice(loaded, test, eval_dir: Path, stage: str, name: str) -> dict[str, float]:
+    """Mean test Dice by text and by text+box prompts (evaluation reports written under eval_dir)."""
+    dice = {}
+    for mode in ("text", "text+box"):
+        result = evaluate_dataset(
+            test,
+            Sam3Predictor(loaded),
+            prompt_mode=mode,
+            out_dir=eval_dir / f"{stage}_{mode}",
+            progress=False,
+            model_name=name,
+        )
+        dice[mode] = _mean_dice(result)
+    return dice
+
+
 def _finetune(settings: DemoSettings, out: Path, report: DemoReport) -> None:
     """Teach the held-out concept with frozen encoders; Dice before and after on untouched test cases."""
     folder = write_phantom_dataset(
@@ -95,16 +111,7 @@ def _finetune(settings: DemoSettings, out: Path, report: DemoReport) -> None:
     val = open_dataset(folder, split="val").select([HELD_OUT_CONCEPT])
     test = open_dataset(folder, split="test").select([HELD_OUT_CONCEPT])
     loaded = load_model(settings.model, device=settings.device)
-    for mode in ("text", "text+box"):
-        result = evaluate_dataset(
-            test,
-            Sam3Predictor(loaded),
-            prompt_mode=mode,
-            out_dir=out / "eval" / f"before_{mode}",
-            progress=False,
-            model_name=settings.model,
-        )
-        report.dice.setdefault("before", {})[mode] = _mean_dice(result)
+    report.dice["before"] = _test_dice(loaded, test, out / "eval", "before", settings.model)
     config = TrainConfig(
         policy="paper",
         prompt_mode="mixed",
@@ -122,16 +129,7 @@ def _finetune(settings: DemoSettings, out: Path, report: DemoReport) -> None:
     Trainer(loaded, train, out / "finetune", config, val_data=val).fit()
     report.seconds["finetune"] = round(time.perf_counter() - started, 1)
     tuned = load_model(settings.model, device=settings.device, adapter=out / "finetune" / "last")
-    for mode in ("text", "text+box"):
-        result = evaluate_dataset(
-            test,
-            Sam3Predictor(tuned),
-            prompt_mode=mode,
-            out_dir=out / "eval" / f"after_{mode}",
-            progress=False,
-            model_name=f"{settings.model} + adapter",
-        )
-        report.dice.setdefault("after", {})[mode] = _mean_dice(result)
+    report.dice["after"] = _test_dice(tuned, test, out / "eval", "after", f"{settings.model} + adapter")
     report.seconds["train_samples"] = len(train)
     report.seconds["test_samples"] = len(test)
 
@@ -170,9 +168,7 @@ def _markdown(settings: DemoSettings, report: DemoReport) -> str:
         "|---|---|---|",
     ]
     for mode in ("text", "text+box"):
-        lines.append(
-            f"| {mode} | {before.get(mode, float('nan')):.4f} | {after.get(mode, float('nan')):.4f} |"
-        )
+        lines.append(f"| {mode} | {before.get(mode, float('nan')):.4f} | {after.get(mode, float('nan')):.4f} |")
     lines += [
         "",
         "Evaluation reports: `eval/before_*/report.md`, `eval/after_*/report.md`; adapter: `finetune/last`.",
