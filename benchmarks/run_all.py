@@ -99,13 +99,19 @@ def main() -> None:
     parser.add_argument("--model", action="append", help="specs (default: nano and sam3-random)")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--train-samples", type=int, default=2)
+    parser.add_argument(
+        "--train-samples",
+        type=int,
+        default=None,
+        help="samples per training epoch (default: 2 for sam3-random, 64 otherwise)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     rows: list[list[str]] = []
     for spec in args.model or ["nano", "sam3-random"]:
         rows += predictor_rows(spec, args.k, args.size)
-        rows += training_rows("nano-init" if spec == "nano" else spec, args.train_samples, 256)
+        samples = args.train_samples or (2 if spec == "sam3-random" else 64)
+        rows += training_rows("nano-init" if spec == "nano" else spec, samples, 256)
         rows += volume_rows(spec, [2] if spec == "sam3-random" else [16, 64, 256])
     print(f"Machine: {machine()}\n")
     print(markdown_table(HEADERS, rows))

@@ -394,7 +394,7 @@ class Trainer:
                 "train_loss": logged["loss"],
                 "val_dice": "" if val is None else round(val, 5),
                 "lr": logged["lr"],
-                "seconds": round(time.perf_counter() - started, 1),
+                "seconds": round(time.perf_counter() - started, 2),
             }
             history.append(row)
             if self.rank == 0:
