@@ -291,6 +291,10 @@ def evaluate(
     llm_model: Annotated[str | None, typer.Option("--llm-model", help="--agent openai: model name.")] = None,
     api_key_env: Annotated[str, typer.Option("--api-key-env")] = "OPENAI_API_KEY",
     max_rounds: Annotated[int, typer.Option("--max-rounds", min=1)] = 3,
+    volumes: Annotated[
+        bool, typer.Option("--volumes", help="nnU-Net/MSD volumes: segment whole volumes, score in 3D (mm).")
+    ] = False,
+    method: Annotated[str, typer.Option(help="--volumes: slices or track.")] = "slices",
     device: DeviceOpt = "auto",
 ) -> None:
     """Score a model on a dataset (Dice, IoU, NSD, HD95, presence), or compare evaluation folders.
@@ -307,6 +311,22 @@ def evaluate(
         return
     if len(paths) != 1:
         raise PromptError("evaluate takes one dataset folder (or: evaluate compare DIR1 DIR2 ...)")
+    if volumes:
+        from medsam3.evaluate.volumes import evaluate_volume_dataset, markdown
+        from medsam3.infer.predictor import Sam3Predictor
+
+        predictor = Sam3Predictor.from_spec(model, device=device, adapter=adapter, score_threshold=threshold)
+        summary = evaluate_volume_dataset(
+            paths[0],
+            predictor,
+            out_dir=out,
+            split=None if split == "all" else split,
+            method=method,
+            nsd_tolerance=nsd_tolerance,
+        )
+        typer.echo(markdown(summary))
+        typer.echo(f"wrote {out}/report.md")
+        return
     from medsam3.evaluate.runner import evaluate_path
 
     wrap = None
