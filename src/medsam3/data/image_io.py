@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medsam3.data.volume_io import VOLUME_SUFFIXES, read_volume, take_slice, window_slice
+from medsam3.data.volume_io import VOLUME_SUFFIXES, finite_float32, read_volume, take_slice, window_slice
 from medsam3.data.windowing import (
     DEFAULT_CT_WINDOW,
     WINDOW_PRESETS,
@@ -95,17 +95,7 @@ def _is_dicom_file(path: Path) -> bool:
 
 def _finite(raw: np.ndarray, path: Path) -> np.ndarray:
     """float32 copy of ``raw`` with non-finite pixels set to the minimum; all-non-finite is an error."""
-    raw = np.array(raw, dtype=np.float32)  # a fresh, writable copy
-    bad = ~np.isfinite(raw)
-    if bad.any():
-        if bad.all():
-            raise InputFileError(path, "every pixel is NaN or infinite: nothing to segment")
-        fill = float(raw[~bad].min())
-        warnings.warn(
-            f"{path}: {int(bad.sum())} NaN/infinite pixels set to the image minimum {fill:g}", stacklevel=3
-        )
-        raw[bad] = fill
-    return raw
+    return finite_float32(raw, path, unit="pixel", whole="image")
 
 
 def _check_size(array: np.ndarray, path: Path) -> None:
@@ -184,9 +174,7 @@ def _read_tiff(path: Path, slice_index: int | None, axis: int) -> MedicalImage:
     except InputFileError:
         raise
     except Exception as error:  # tifffile raises TiffFileError, ValueError, OSError, struct.error...
-        raise InputFileError(
-            path, f"unreadable or corrupt TIFF ({' '.join(str(error).split())[:200]})"
-        ) from None
+        raise InputFileError(path, f"unreadable or corrupt TIFF ({' '.join(str(error).split())[:200]})") from None
     if pixels.size == 0:
         raise InputFileError(path, f"is empty ({'x'.join(str(s) for s in pixels.shape)} pixels)")
     # Drop length-1 axes, bring colour samples last, and keep at most one stack axis.
@@ -206,9 +194,7 @@ def _read_tiff(path: Path, slice_index: int | None, axis: int) -> MedicalImage:
         )
     if stack_axes:
         if "S" in axes:
-            raise InputFileError(
-                path, f"is a stack of colour images (axes {axes}); save the one you want alone"
-            )
+            raise InputFileError(path, f"is a stack of colour images (axes {axes}); save the one you want alone")
         if slice_index is None:
             if pixels.shape[0] != 1:
                 raise InputFileError(
@@ -228,9 +214,7 @@ def _apply_explicit_window(image: MedicalImage, window: str | Window | None) -> 
     if chosen is None:
         return image
     if image.raw.ndim != 2:
-        warnings.warn(
-            f"{image.path}: a window applies to gray images only; ignored for a colour image", stacklevel=3
-        )
+        warnings.warn(f"{image.path}: a window applies to gray images only; ignored for a colour image", stacklevel=3)
         return image
     image.rgb = gray_to_rgb(to_uint8(apply_window(image.raw, *chosen)))
     image.window = chosen
@@ -281,16 +265,12 @@ def _read_dicom(path: Path, window: str | Window | None) -> MedicalImage:
         if "PixelData" not in ds:
             raise InputFileError(path, "not a DICOM file (no DICOM header or pixel data)") from None
     except Exception as error:
-        raise InputFileError(
-            path, f"unreadable or corrupt DICOM ({' '.join(str(error).split())[:200]})"
-        ) from None
+        raise InputFileError(path, f"unreadable or corrupt DICOM ({' '.join(str(error).split())[:200]})") from None
     if "PixelData" not in ds:
         raise InputFileError(path, "DICOM file has no pixel data (not an image)")
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if frames > 1:
-        raise InputFileError(
-            path, f"is a multi-frame DICOM ({frames} frames); read it with the video or volume reader"
-        )
+        raise InputFileError(path, f"is a multi-frame DICOM ({frames} frames); read it with the video or volume reader")
     rescaled = False
     try:
         pixels = ds.pixel_array
@@ -332,9 +312,7 @@ def _read_dicom(path: Path, window: str | Window | None) -> MedicalImage:
     )
 
 
-def _read_volume_slice(
-    path: Path, slice_index: int | None, axis: int, window: str | Window | None
-) -> MedicalImage:
+def _read_volume_slice(path: Path, slice_index: int | None, axis: int, window: str | Window | None) -> MedicalImage:
     volume = read_volume(path)
     if slice_index is None:
         if volume.shape[axis] != 1:
@@ -433,9 +411,7 @@ def save_mask_png(path: str | Path, mask: np.ndarray) -> Path:
     return save_png(path, mask.astype(np.uint8 if high <= 255 else np.uint16))
 
 
-def read_mask(
-    path: str | Path, *, binary: bool = True, slice_index: int | None = None, axis: int = 0
-) -> np.ndarray:
+def read_mask(path: str | Path, *, binary: bool = True, slice_index: int | None = None, axis: int = 0) -> np.ndarray:
     """Read a ground-truth or predicted mask as (H, W): bool when ``binary``, else integer labels.
 
     Colour masks (as some datasets ship them) use their brightest channel. For ``binary``, any

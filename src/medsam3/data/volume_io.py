@@ -170,21 +170,29 @@ def _geometry_3d(path: Path, dim: int, size: tuple[int, ...], spacing, origin, d
     raise InputFileError(path, f"is a {dim}D image; medsam3 reads 3D volumes")
 
 
-def _finite_voxels(array: np.ndarray, path: Path) -> np.ndarray:
-    """float32 (Z, Y, X) with non-finite voxels set to the minimum (warned); all non-finite is an error."""
-    array = np.array(array, dtype=np.float32, order="C")  # always a fresh, writable copy
-    if array.size == 0:
-        raise InputFileError(path, "is empty (0 voxels)")
+def finite_float32(array: np.ndarray, path: Path, unit: str = "voxel", whole: str = "volume") -> np.ndarray:
+    """A fresh, writable float32 copy with non-finite values set to the minimum (warned).
+
+    Shared by the 2D and 3D readers: an all-NaN/inf input is an error naming the file.
+    """
+    array = np.array(array, dtype=np.float32, order="C")
     bad = ~np.isfinite(array)
     if bad.any():
         if bad.all():
-            raise InputFileError(path, "every voxel is NaN or infinite")
+            raise InputFileError(path, f"every {unit} is NaN or infinite: nothing to segment")
         fill = float(array[~bad].min())
         warnings.warn(
-            f"{path}: {int(bad.sum())} NaN/infinite voxels set to the volume minimum {fill:g}", stacklevel=4
+            f"{path}: {int(bad.sum())} NaN/infinite {unit}s set to the {whole} minimum {fill:g}", stacklevel=4
         )
         array[bad] = fill
     return array
+
+
+def _finite_voxels(array: np.ndarray, path: Path) -> np.ndarray:
+    """float32 (Z, Y, X) with non-finite voxels set to the minimum (warned); all non-finite is an error."""
+    if np.asarray(array).size == 0:
+        raise InputFileError(path, "is empty (0 voxels)")
+    return finite_float32(array, path)
 
 
 def _check_scalar(path: Path, components: int) -> None:
@@ -360,9 +368,7 @@ def _check_slice_positions(folder: Path, files: list[str]) -> str | None:
     steps = np.diff(order)
     step = float(np.median(steps))
     if step <= 1e-6 or np.any(steps <= 1e-6):
-        raise InputFileError(
-            folder, "DICOM series has several slices at the same position (duplicated slices)"
-        )
+        raise InputFileError(folder, "DICOM series has several slices at the same position (duplicated slices)")
     worst = int(np.argmax(np.abs(steps - step)))
     if abs(steps[worst] - step) > _GAP_TOLERANCE * step:
         raise InputFileError(
@@ -453,8 +459,7 @@ def write_mask(path: str | Path, mask: np.ndarray, like: Volume) -> Path:
     mask = np.asarray(mask)
     if mask.shape != like.array.shape:
         raise MedSAM3Error(
-            f"{path}: mask shape {tuple(mask.shape)} does not match the volume {tuple(like.array.shape)} "
-            f"of {like.path}"
+            f"{path}: mask shape {tuple(mask.shape)} does not match the volume {tuple(like.array.shape)} of {like.path}"
         )
     pixels = _mask_pixels(mask)
     with atomic_path(path, suffix=suffix) as tmp:
@@ -493,9 +498,7 @@ def write_dicom_seg(
 
     path = Path(path)
     if not like.source_files:
-        raise MedSAM3Error(
-            f"{path}: DICOM-SEG needs a volume read from a DICOM series folder, not {like.path}"
-        )
+        raise MedSAM3Error(f"{path}: DICOM-SEG needs a volume read from a DICOM series folder, not {like.path}")
     mask = np.asarray(mask)
     if mask.shape != like.array.shape:
         raise MedSAM3Error(
@@ -535,17 +538,13 @@ def write_dicom_seg(
     try:
         seg = _build_seg(hd, sources, label_map, descriptions, series_description)
     except (AttributeError, ValueError, TypeError) as error:
-        raise MedSAM3Error(
-            f"{like.path}: cannot build a DICOM-SEG for this series ({_one_line(error)})"
-        ) from None
+        raise MedSAM3Error(f"{like.path}: cannot build a DICOM-SEG for this series ({_one_line(error)})") from None
     with atomic_path(path, suffix=".dcm") as tmp:
         seg.save_as(tmp)
     return path
 
 
-def _build_seg(
-    hd: Any, sources: list, label_map: np.ndarray, descriptions: list, series_description: str
-) -> Any:
+def _build_seg(hd: Any, sources: list, label_map: np.ndarray, descriptions: list, series_description: str) -> Any:
     from medsam3 import __version__
 
     seg = hd.seg.Segmentation(
