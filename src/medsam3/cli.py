@@ -80,9 +80,7 @@ def segment(
 ) -> None:
     """Segment every instance of each named concept in one image."""
     from medsam3.data.image_io import read_image
-    from medsam3.infer.predictor import Sam3Predictor
-    from medsam3.infer.segment import build_prompts, normalize_prompts, segment_image, write_segmentation
-    from medsam3.model import load_model
+    from medsam3.infer.segment import build_prompts, segment_image, write_segmentation
 
     prompts, notes = build_prompts(
         prompt, [parse_box(b) for b in box or []], [parse_box(b) for b in negative_box or []]
@@ -90,16 +88,11 @@ def segment(
     for note in notes:
         _say(f"warning: {note}")
     picture = read_image(image, slice_index=slice_index, axis=axis, window=window)
-    loaded = load_model(model, device=device, adapter=adapter)
-    normalization: list[dict] = []
-    if not no_normalize:
-        prompts, normalization, renamed = normalize_prompts(prompts, loaded.concepts)
-        for note in renamed:
-            _say(f"note: {note}")
-        notes += renamed
-    predictor = Sam3Predictor(loaded, score_threshold=threshold, mask_threshold=mask_threshold, nms_iou=nms)
+    _, predictor, prompts, renamed, normalization = _predictor_for(
+        model, adapter, device, threshold, mask_threshold, prompts, no_normalize, nms=nms
+    )
     result = segment_image(picture.rgb, prompts, predictor, source=str(image))
-    result.notes.extend(notes)
+    result.notes.extend(notes + renamed)
     result.normalization = normalization
     write_segmentation(result, out)
     for r in result.results:
@@ -107,19 +100,24 @@ def segment(
     typer.echo(f"wrote {out}/result.json")
 
 
-def _predictor_for(model, adapter, device, threshold, mask_threshold, prompts, no_normalize):
-    """Load the model, map phrases to its vocabulary (unless told not to), build the predictor."""
+def _predictor_for(model, adapter, device, threshold, mask_threshold, prompts, no_normalize, nms=None):
+    """Load the model, map phrases to its vocabulary (unless told not to), build the predictor.
+
+    Returns (loaded, predictor, prompts, notes, normalization records for result.json).
+    """
     from medsam3.infer.predictor import Sam3Predictor
     from medsam3.infer.segment import normalize_prompts
     from medsam3.model import load_model
 
     loaded = load_model(model, device=device, adapter=adapter)
     notes: list[str] = []
+    records: list[dict] = []
     if not no_normalize:
-        prompts, _, notes = normalize_prompts(prompts, loaded.concepts)
+        prompts, records, notes = normalize_prompts(prompts, loaded.concepts)
         for note in notes:
             _say(f"note: {note}")
-    return loaded, Sam3Predictor(loaded, score_threshold=threshold, mask_threshold=mask_threshold), prompts, notes
+    predictor = Sam3Predictor(loaded, score_threshold=threshold, mask_threshold=mask_threshold, nms_iou=nms)
+    return loaded, predictor, prompts, notes, records
 
 
 def _video_tracker(loaded, tracker: Path | None):
@@ -163,7 +161,7 @@ def segment_volume_cmd(
     if (box is None) != (box_slice is None):
         raise PromptError("--box and --box-slice go together")
     prompts, notes = build_prompts(prompt)
-    loaded, predictor, prompts, renamed = _predictor_for(
+    loaded, predictor, prompts, renamed, _ = _predictor_for(
         model, adapter, device, threshold, mask_threshold, prompts, no_normalize
     )
     seg = segment_volume_file(
@@ -209,7 +207,7 @@ def segment_video_cmd(
     from medsam3.infer.video import segment_video_file
 
     prompts, _ = build_prompts(prompt)
-    loaded, predictor, prompts, _ = _predictor_for(model, adapter, device, threshold, 0.5, prompts, no_normalize)
+    loaded, predictor, prompts, _, _ = _predictor_for(model, adapter, device, threshold, 0.5, prompts, no_normalize)
     result = segment_video_file(
         video,
         prompts,

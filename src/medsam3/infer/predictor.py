@@ -17,11 +17,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from medsam3.errors import InputFileError, PromptError
+from medsam3.infer.box_prompts import box_prompt_tensors
 from medsam3.infer.postprocess import to_prompt_result
 from medsam3.infer.types import Prompt, PromptResult
 from medsam3.model.loading import LoadedModel, load_model
-
-BOX_PAD_LABEL = -10
 
 
 def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -201,19 +200,10 @@ class Sam3Predictor:
         )
 
     def _box_tensors(self, prompts: list[Prompt]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Boxes as SAM 3 wants them: (B, N, 4) cx, cy, w, h in [0, 1]; padding labelled -10."""
-        most = max(len(p.boxes) for p in prompts)
-        if most == 0:
+        """Boxes as SAM 3 wants them (see box_prompt_tensors); None when no prompt has any."""
+        if not any(p.boxes for p in prompts):
             return None, None
-        height, width = self.original_size
-        boxes = torch.zeros(len(prompts), most, 4)
-        labels = torch.full((len(prompts), most), BOX_PAD_LABEL, dtype=torch.long)
-        for i, prompt in enumerate(prompts):
-            for j, ((x0, y0, x1, y1), label) in enumerate(zip(prompt.boxes, prompt.box_labels)):
-                x0, x1 = min(max(x0, 0.0), width), min(max(x1, 0.0), width)
-                y0, y1 = min(max(y0, 0.0), height), min(max(y1, 0.0), height)
-                boxes[i, j] = torch.tensor(
-                    [(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height]
-                )
-                labels[i, j] = label
+        boxes, labels = box_prompt_tensors(
+            [p.boxes for p in prompts], [p.box_labels for p in prompts], [self.original_size] * len(prompts)
+        )
         return boxes.to(self.device, self.dtype), labels.to(self.device)

@@ -16,6 +16,7 @@ import torch
 
 from medsam3.data.sample import Sample
 from medsam3.errors import MedSAM3Error
+from medsam3.infer.box_prompts import box_prompt_tensors
 
 PROMPT_MODES = ("text", "text+box", "mixed")
 
@@ -30,9 +31,7 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
-def jitter_boxes(
-    boxes: np.ndarray, rng: np.random.Generator, scale: float, height: int, width: int
-) -> np.ndarray:
+def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator, scale: float, height: int, width: int) -> np.ndarray:
     """Move each box edge by up to ``scale`` x its side, then clip to the image."""
     if len(boxes) == 0 or scale <= 0:
         return boxes.astype(np.float32)
@@ -68,9 +67,7 @@ def make_item(
     height, width = sample.image.shape[:2]
     use_boxes = prompt_mode == "text+box" or (prompt_mode == "mixed" and rng.random() < text_box_fraction)
     prompt_boxes = (
-        jitter_boxes(sample.boxes, rng, box_jitter, height, width)
-        if use_boxes
-        else np.zeros((0, 4), np.float32)
+        jitter_boxes(sample.boxes, rng, box_jitter, height, width) if use_boxes else np.zeros((0, 4), np.float32)
     )
     scale = np.array([width, height, width, height], dtype=np.float32)
     target = {
@@ -81,16 +78,10 @@ def make_item(
     return TrainItem(rgb=sample.image, phrase=sample.concept, prompt_boxes=prompt_boxes, target=target)
 
 
-def box_prompt_tensors(items: list[TrainItem]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, M, 4) normalised cxcywh boxes and (B, M) labels, padding labelled -10 as SAM 3 expects."""
-    most = max(1, max(len(item.prompt_boxes) for item in items))
-    boxes = torch.zeros(len(items), most, 4)
-    labels = torch.full((len(items), most), -10, dtype=torch.long)
-    for i, item in enumerate(items):
-        height, width = item.rgb.shape[:2]
-        for j, (x0, y0, x1, y1) in enumerate(item.prompt_boxes):
-            boxes[i, j] = torch.tensor(
-                [(x0 + x1) / 2 / width, (y0 + y1) / 2 / height, (x1 - x0) / width, (y1 - y0) / height]
-            )
-            labels[i, j] = 1
-    return boxes, labels
+def item_box_prompts(items: list[TrainItem]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The items' prompt boxes in SAM 3's input form (all positive exemplars)."""
+    return box_prompt_tensors(
+        [item.prompt_boxes for item in items],
+        [[1] * len(item.prompt_boxes) for item in items],
+        [item.rgb.shape[:2] for item in items],
+    )

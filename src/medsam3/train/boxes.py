@@ -57,7 +57,7 @@ def paired_box_iou_and_giou(
     inter = inter_wh[:, 0] * inter_wh[:, 1]
     union = area_a + area_b - inter
     iou = inter / (union + eps)
-    hull_wh = (torch.maximum(boxes_a[:, 2:], boxes_b[:, 2:]) - torch.minimum(boxes_a[:, :2], boxes_b[:, :2]))
+    hull_wh = torch.maximum(boxes_a[:, 2:], boxes_b[:, 2:]) - torch.minimum(boxes_a[:, :2], boxes_b[:, :2])
     hull = hull_wh[:, 0] * hull_wh[:, 1]
     giou = iou - (hull - union) / (hull + eps)
     return iou, giou
@@ -79,8 +79,12 @@ def masks_to_normalized_boxes(masks: torch.Tensor) -> torch.Tensor:
         if rows.numel() == 0:
             raise ValueError(f"mask {i} is empty, so it has no bounding box")
         boxes[i] = torch.tensor(
-            (cols[0].item() / width, rows[0].item() / height,
-             (cols[-1].item() + 1) / width, (rows[-1].item() + 1) / height),
+            (
+                cols[0].item() / width,
+                rows[0].item() / height,
+                (cols[-1].item() + 1) / width,
+                (rows[-1].item() + 1) / height,
+            ),
             dtype=torch.float32,
         )
     return boxes

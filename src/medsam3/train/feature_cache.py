@@ -105,14 +105,11 @@ class FeatureCache:
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         if self._positions is None:  # every image was cached: one encode gives the (shape-only) positions
-            self._positions = tuple(
-                p[:1].cpu() for p in self._compute(rgbs[:1], device).fpn_position_encoding
-            )
+            self._positions = tuple(p[:1].cpu() for p in self._compute(rgbs[:1], device).fpn_position_encoding)
         stored = [load_file(str(self._path(key))) for key in keys]
         dtype = next(self.model.parameters()).dtype
         levels = tuple(
-            torch.stack([s[f"level{j}"] for s in stored]).to(device, dtype)
-            for j in range(len(self._positions))
+            torch.stack([s[f"level{j}"] for s in stored]).to(device, dtype) for j in range(len(self._positions))
         )
         positions = tuple(p.to(device, dtype).expand(len(keys), *p.shape[1:]) for p in self._positions)
         return Sam3VisionEncoderOutput(

@@ -173,8 +173,7 @@ def _prepare_targets(targets: Sequence[Mapping[str, Any]], batch: int, device: t
                 masks = None
             elif masks.ndim != 3 or masks.shape[0] != boxes.shape[0]:
                 raise ValueError(
-                    f"target {i}: masks must be (N, H, W) with N = {boxes.shape[0]} boxes, "
-                    f"got {tuple(masks.shape)}"
+                    f"target {i}: masks must be (N, H, W) with N = {boxes.shape[0]} boxes, got {tuple(masks.shape)}"
                 )
         elif boxes.shape[0] > 0:
             raise ValueError(f"target {i}: {boxes.shape[0]} boxes but no masks")
@@ -246,8 +245,11 @@ class Sam3DetectionLoss(nn.Module):
             logits = pred_logits.detach().float()
             presence = _get(outputs, "presence_logits")
             o2m = self.matcher.one_to_many(
-                logits, pred_boxes.detach().float(), [t.boxes for t in prepared],
-                None if presence is None else presence.detach(), k=w.one_to_many_k,
+                logits,
+                pred_boxes.detach().float(),
+                [t.boxes for t in prepared],
+                None if presence is None else presence.detach(),
+                k=w.one_to_many_k,
             )
             self._box_terms(pred_boxes.float(), prepared, o2m, num_boxes, "_o2m", w.one_to_many, add)
             pred_masks = _get(outputs, "pred_masks")
@@ -262,7 +264,9 @@ class Sam3DetectionLoss(nn.Module):
         boxes = _get(outputs, "pred_boxes").float()
         presence = _get(outputs, "presence_logits")
         matches = self.matcher(
-            logits.detach(), boxes.detach(), [t.boxes for t in prepared],
+            logits.detach(),
+            boxes.detach(),
+            [t.boxes for t in prepared],
             None if presence is None else presence.detach(),
         )
         positive = torch.zeros_like(logits, dtype=torch.bool)
@@ -277,14 +281,23 @@ class Sam3DetectionLoss(nn.Module):
             keep = torch.tensor([t.present for t in prepared], dtype=logits.dtype, device=logits.device)
             query_weight = keep[:, None].expand_as(logits)
         cls = iou_aware_bce(
-            logits, positive, positive_iou, w.cls_pos_weight, w.cls_alpha, w.cls_gamma, query_weight,
+            logits,
+            positive,
+            positive_iou,
+            w.cls_pos_weight,
+            w.cls_alpha,
+            w.cls_gamma,
+            query_weight,
             iou_aware=w.cls_iou_aware,
         )
         add(f"loss_cls{suffix}", cls, scale * w.cls)
         if presence is not None:
             present = torch.tensor([float(t.present) for t in prepared], device=logits.device)
             presence_loss = sigmoid_focal_loss(
-                presence.float().reshape(-1), present, alpha=w.presence_alpha, gamma=w.presence_gamma,
+                presence.float().reshape(-1),
+                present,
+                alpha=w.presence_alpha,
+                gamma=w.presence_gamma,
                 reduction="mean",
             )
             add(f"loss_presence{suffix}", presence_loss, scale * w.presence)
@@ -313,9 +326,7 @@ class Sam3DetectionLoss(nn.Module):
             tgt.append(resize_masks(prepared[b].masks[target_idx], size))
         if src:
             src_all, tgt_all = torch.cat(src), torch.cat(tgt)
-            focal = sigmoid_focal_loss(
-                src_all, tgt_all, alpha=w.mask_alpha, gamma=w.mask_gamma, reduction="none"
-            )
+            focal = sigmoid_focal_loss(src_all, tgt_all, alpha=w.mask_alpha, gamma=w.mask_gamma, reduction="none")
             focal = focal.flatten(1).mean(1).sum() / num_boxes
             dice = dice_loss(src_all, tgt_all).sum() / num_boxes
         else:

@@ -57,9 +57,7 @@ def _concept(dataset, index: int) -> str:
     return dataset[index].concept
 
 
-def make_phantom_corpus(
-    root: Path, n_per_kind: int, seed: int = 0, kinds: Sequence[str] = NANO_KINDS
-) -> list[Path]:
+def make_phantom_corpus(root: Path, n_per_kind: int, seed: int = 0, kinds: Sequence[str] = NANO_KINDS) -> list[Path]:
     """Write (or reuse) one nnU-Net-layout phantom dataset per kind under ``root``."""
     folders = []
     for kind in kinds:

@@ -41,7 +41,7 @@ from medsam3.model.adapter import read_adapter_metadata, save_adapter
 from medsam3.model.components import ENCODER_COMPONENTS
 from medsam3.model.loading import LoadedModel
 from medsam3.model.policy import apply_policy, check_policy
-from medsam3.train.batches import TrainItem, box_prompt_tensors, check_prompt_mode, make_item, sample_rng
+from medsam3.train.batches import TrainItem, check_prompt_mode, item_box_prompts, make_item, sample_rng
 from medsam3.train.feature_cache import FeatureCache
 from medsam3.train.losses import LossWeights, Sam3DetectionLoss
 from medsam3.train.schedule import warmup_cosine
@@ -173,9 +173,7 @@ class Trainer:
         return self.model.get_vision_features(pixel_values=pixels)
 
     def _tokens(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.loaded.processor.tokenizer(
-            phrases, padding="max_length", max_length=32, return_tensors="pt"
-        )
+        tokens = self.loaded.processor.tokenizer(phrases, padding="max_length", max_length=32, return_tensors="pt")
         return tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
 
     def _text(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +212,7 @@ class Trainer:
             features, mask = self._text([items[i].phrase for i in group])
             boxes = labels = None
             if group is with_boxes:
-                boxes, labels = box_prompt_tensors([items[i] for i in group])
+                boxes, labels = item_box_prompts([items[i] for i in group])
                 boxes, labels = boxes.to(self.device, features.dtype), labels.to(self.device)
             result = self.model(
                 vision_embeds=sub_vision,
@@ -259,8 +257,7 @@ class Trainer:
         for indices in batches:
             items = self._items(epoch, indices)
             targets_device = [
-                {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in item.target.items()}
-                for item in items
+                {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in item.target.items()} for item in items
             ]
             for item, target in zip(items, targets_device):
                 item.target = target
@@ -434,6 +431,4 @@ class Trainer:
 
 def frozen_components_untouched(model) -> bool:
     """True when no encoder parameter requires grad (the paper's promise)."""
-    return not any(
-        p.requires_grad for n, p in model.named_parameters() if n.split(".")[0] in ENCODER_COMPONENTS
-    )
+    return not any(p.requires_grad for n, p in model.named_parameters() if n.split(".")[0] in ENCODER_COMPONENTS)
