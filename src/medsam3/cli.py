@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from medsam3.errors import MedSAM3Error, PromptError
+from medsam3.model.presets import DEFAULT_MODEL
 
 app = typer.Typer(
     name="medsam3",
@@ -60,7 +61,7 @@ def segment(
     negative_box: Annotated[
         list[str] | None, typer.Option("--negative-box", help="Negative exemplar box X0,Y0,X1,Y1.")
     ] = None,
-    model: ModelOpt = "nano",
+    model: ModelOpt = DEFAULT_MODEL,
     adapter: AdapterOpt = None,
     threshold: Annotated[float, typer.Option(help="Instance score threshold (sigmoid(logit) x presence).")] = 0.5,
     mask_threshold: Annotated[float, typer.Option(help="Mask probability threshold.")] = 0.5,
@@ -147,7 +148,7 @@ def segment_volume_cmd(
     dicom_seg: Annotated[Path | None, typer.Option("--dicom-seg", help="Also write DICOM-SEG (DICOM input).")] = None,
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series of a multi-series folder.")] = None,
     tracker: TrackerOpt = None,
-    model: ModelOpt = "nano",
+    model: ModelOpt = DEFAULT_MODEL,
     adapter: AdapterOpt = None,
     device: DeviceOpt = "auto",
     threshold: float = 0.5,
@@ -196,7 +197,7 @@ def segment_video_cmd(
     nms: Annotated[float, typer.Option(help="Duplicate-detection IoU within a frame.")] = 0.5,
     no_overlay: Annotated[bool, typer.Option("--no-overlay", help="Skip the overlay video.")] = False,
     tracker: TrackerOpt = None,
-    model: ModelOpt = "nano",
+    model: ModelOpt = DEFAULT_MODEL,
     adapter: AdapterOpt = None,
     device: DeviceOpt = "auto",
     threshold: float = 0.5,
@@ -225,7 +226,7 @@ def segment_video_cmd(
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="Preset, model folder, sam3.pt or hub id.")] = "nano",
+    model: Annotated[str, typer.Argument(help="Preset, model folder, sam3.pt or hub id.")] = DEFAULT_MODEL,
     policy: Annotated[str, typer.Option(help="Parameter policy: paper, lora-detector, lora-all, full.")] = "paper",
     adapter: AdapterOpt = None,
 ) -> None:
@@ -255,7 +256,7 @@ def info(
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for overlays, results and report.md.")],
-    model: ModelOpt = "nano",
+    model: ModelOpt = DEFAULT_MODEL,
     finetune_cases: Annotated[int, typer.Option(help="CT phantoms generated for the fine-tuning step.")] = 150,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 40,
     device: DeviceOpt = "cpu",
@@ -272,7 +273,7 @@ def demo(
 def evaluate(
     paths: Annotated[list[str], typer.Argument(help="DATA (a dataset folder), or: compare DIR1 DIR2 ...")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (evaluate) or table path (compare).")],
-    model: ModelOpt = "nano",
+    model: ModelOpt = DEFAULT_MODEL,
     adapter: AdapterOpt = None,
     prompt_mode: Annotated[str, typer.Option(help="text (T) or text+box (T+I, boxes from ground truth).")] = "text",
     split: Annotated[str, typer.Option(help="Dataset split to score: train, val, test, or all.")] = "test",
@@ -390,7 +391,7 @@ def train(
         Path,
         typer.Option("--out", "-o", help="Run folder: checkpoints best/ and last/, metrics.csv, tensorboard/."),
     ],
-    base: Annotated[str, typer.Option("--base", help="Base model spec to fine-tune.")] = "nano",
+    base: Annotated[str, typer.Option("--base", help="Base model spec to fine-tune.")] = DEFAULT_MODEL,
     policy: Annotated[str, typer.Option(help="paper (frozen encoders), lora-detector, lora-all, full.")] = "paper",
     prompt_mode: Annotated[str, typer.Option(help="text, text+box, or mixed (half and half).")] = "mixed",
     epochs: int = 10,
@@ -530,7 +531,7 @@ def agent(
     max_image_side: Annotated[
         int, typer.Option("--max-image-side", help="Longest side of images sent to the LLM.")
     ] = 1024,
-    model: ModelOpt = "nano",
+    model: ModelOpt = DEFAULT_MODEL,
     adapter: AdapterOpt = None,
     device: DeviceOpt = "auto",
     threshold: float = 0.5,

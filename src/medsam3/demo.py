@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from medsam3.model.presets import DEFAULT_MODEL
+
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ SHOWCASE_KINDS = ("ultrasound", "endoscopy", "dermoscopy", "nuclei", "ct")
 
 @dataclass
 class DemoSettings:
-    model: str = "nano"
+    model: str = DEFAULT_MODEL
     finetune_cases: int = 150
     epochs: int = 40
     batch_size: int = 8

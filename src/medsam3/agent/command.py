@@ -6,6 +6,8 @@ second instead of after a model load.
 
 from __future__ import annotations
 
+from medsam3.model.presets import DEFAULT_MODEL
+
 import os
 from pathlib import Path
 
@@ -35,7 +37,7 @@ def agent_command(
     llm: str = "openai",
     api_key_env: str = "OPENAI_API_KEY",
     max_rounds: int = 3,
-    model: str = "nano",
+    model: str = DEFAULT_MODEL,
     adapter: str | os.PathLike | None = None,
     device: str = "auto",
     threshold: float = 0.5,

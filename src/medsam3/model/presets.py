@@ -12,6 +12,8 @@ from __future__ import annotations
 from transformers import Sam3Config
 
 SAM3_HUB_ID = "facebook/sam3"
+# The model every command uses unless told otherwise.
+DEFAULT_MODEL = "nano"
 
 
 def _small_config(
