@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-from medsam3.model.presets import DEFAULT_MODEL
-
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ from medsam3.infer.predictor import Sam3Predictor
 from medsam3.infer.segment import segment_image, write_segmentation
 from medsam3.infer.types import Prompt
 from medsam3.model import load_model
+from medsam3.model.presets import DEFAULT_MODEL
 from medsam3.train.recipes import HELD_OUT_CONCEPT
 from medsam3.train.trainer import TrainConfig, Trainer
 from medsam3.utils.files import write_json_atomic, write_text_atomic

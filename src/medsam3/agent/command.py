@@ -6,8 +6,6 @@ second instead of after a model load.
 
 from __future__ import annotations
 
-from medsam3.model.presets import DEFAULT_MODEL
-
 import os
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from medsam3.agent.llm_client import ChatClient
 from medsam3.agent.loop import AgentResult, run_agent, run_offline
 from medsam3.agent.normalizer import ConceptNormalizer, default_normalizer, normalizer_for
 from medsam3.errors import PromptError
+from medsam3.model.presets import DEFAULT_MODEL
 
 
 def model_concepts(loaded) -> list[str]:
