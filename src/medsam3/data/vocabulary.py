@@ -80,6 +80,12 @@ CONCEPTS: dict[str, list[str]] = {
     "anterior hippocampus": ["hippocampus head", "hippocampal head"],
     "posterior hippocampus": ["hippocampus body and tail", "hippocampal tail"],
     "stroke lesion": ["infarct", "ischemic stroke lesion", "infarct core", "ischemic lesion"],
+    # Brain tissue and white-matter tracts (MNI152 template, JHU atlas: medsam3.data.real_sets).
+    "gray matter": ["grey matter", "cortical gray matter", "cerebral gray matter", "gray matter tissue"],
+    "white matter": ["cerebral white matter", "brain white matter", "white matter tissue"],
+    "corpus callosum": ["callosum", "callosal commissure", "callosal fibers"],
+    "internal capsule": ["capsula interna", "internal capsule fibers"],
+    "corona radiata": ["radiating crown", "corona radiata fibers"],
     # Pelvis and breast MR.
     "prostate": ["prostate gland", "prostatic gland"],
     "prostate peripheral zone": ["peripheral zone", "prostatic peripheral zone"],
@@ -117,6 +123,11 @@ DATASET_CONCEPTS: dict[str, list[str]] = {
     "msd-spleen": ["spleen"],
     "msd-colon": ["colon tumor"],
     "pyradiomics": ["brain tumor", "breast lesion", "lung tumor"],
+    # The real sets of medsam3.data.real_sets (``medsam3 data fetch-real``).
+    "mni-tissue": ["gray matter", "white matter"],
+    "mni-tracts": ["corpus callosum", "internal capsule", "corona radiata"],
+    "radiomics-tumor": ["brain tumor", "lung tumor", "breast lesion"],
+    "dsb-nuclei": ["cell nucleus"],
     # What medsam3.data.phantoms draws (its dataset.json names these labels).
     "phantoms": [
         "cell nucleus",
@@ -173,6 +184,10 @@ DATASET_ALIASES: dict[str, list[str]] = {
     "monuseg": ["monuseg"],
     "rim-one": ["rimone", "rimonedl"],
     "covid-qu-ex": ["covidquex", "covidqu"],
+    "mni-tissue": ["mnitissue", "mnitissuecoronal"],
+    "mni-tracts": ["mnitracts", "mnitractscoronal"],
+    "radiomics-tumor": ["radiomicstumor", "radiomicstumorothercase"],
+    "dsb-nuclei": ["dsbnuclei"],
 }
 
 # British and variant spellings folded onto one form before matching.
@@ -184,6 +199,7 @@ _SPELLING = {
     "haematoma": "hematoma",
     "disk": "disc",
     "peritumoural": "peritumoral",
+    "grey": "gray",
 }
 # Irregular plurals; regular ones are handled by _singular.
 _IRREGULAR = {"nuclei": "nucleus", "metastases": "metastasis", "lungs": "lung", "vertebrae": "vertebra"}
