@@ -61,15 +61,16 @@ def test_batched_prompts_equal_plain_forward(tiny_model, rgb_image, threshold):
 def test_vision_encoder_runs_once_and_text_is_cached(tiny_model, rgb_image, monkeypatch):
     predictor = Sam3Predictor(tiny_model, score_threshold=0.0)
     predictor.set_image(rgb_image)
+    tiny_model.seam.clear_text_cache()  # the cache lives on the model's seam, shared by predictors
     text_calls = []
-    real_text = tiny_model.model.get_text_features
+    real_text = tiny_model.model.text_encoder.forward
 
     def count_text(*a, **k):
         text_calls.append(1)
         return real_text(*a, **k)
 
     monkeypatch.setattr(tiny_model.model.vision_encoder, "forward", _forbid)
-    monkeypatch.setattr(tiny_model.model, "get_text_features", count_text)
+    monkeypatch.setattr(tiny_model.model.text_encoder, "forward", count_text)
     first = predictor.predict(PROMPTS)
     second = predictor.predict([Prompt("liver"), Prompt("polyp")])
     assert len(text_calls) == 1  # all four phrases in one text pass, then cached

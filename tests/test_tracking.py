@@ -159,7 +159,7 @@ def test_video_model_carries_our_detector_and_keeps_memory_bounded(tiny_model):
     )  # fmt: skip
     assert model.detector_model is tiny_model.model  # the very module: fine-tuned weights carried as is
     assert model.config.detector_config.image_size == tiny_model.image_size
-    tracker = Sam3VideoTracker(model, tiny_model.processor, memory_window=2)
+    tracker = Sam3VideoTracker(model, tiny_model.seam, memory_window=2)
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 255, (40, 52, 3), dtype=np.uint8) for _ in range(5)]
     seen = 0

@@ -100,10 +100,10 @@ def test_feature_cache_matches_encoder_and_is_reused(tmp_path):
     trainer = Trainer(loaded, data, tmp_path / "run", _config(epochs=2, cache_features=True))
     trainer.fit()
     assert trainer.cache.misses == 4 and trainer.cache.hits == 4  # epoch 2 never ran the encoder
-    cached = trainer.cache.encode([data[1].image], loaded.device)
+    cached = loaded.seam.vision_features(trainer.cache.encode([data[1].image]))
     pixels = loaded.processor.image_processor(images=[data[1].image], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        fresh = loaded.model.get_vision_features(pixel_values=pixels)
+        fresh = loaded.model.get_vision_features(pixel_values=pixels)  # the plain transformers path
     for a, b in zip(cached.fpn_hidden_states, fresh.fpn_hidden_states):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)  # fp16 storage
     for a, b in zip(cached.fpn_position_encoding, fresh.fpn_position_encoding):

@@ -248,7 +248,7 @@ def test_segment_video_with_sam3_video_model_ids(tmp_path, tiny_model):
                               new_det_thresh=0.2, hotstart_delay=0)  # fmt: skip
     images, _ = _clip(3)
     result = segment_video(_frame_folder(tmp_path / "clip", images), ["disk"], None, tmp_path / "out",
-                           video_tracker=Sam3VideoTracker(model, tiny_model.processor))  # fmt: skip
+                           video_tracker=Sam3VideoTracker(model, tiny_model.seam))  # fmt: skip
     tracks = json.loads((tmp_path / "out" / "tracks.json").read_text())
     assert tracks["tracker"] == "sam3-video" and result.frames == 3
     masks = [np.asarray(Image.open(tmp_path / "out" / "masks" / f"frame_{i:05d}.png")) for i in range(3)]

@@ -430,7 +430,7 @@ def test_track_with_sam3_video_model_streams_from_the_anchor_both_ways(tmp_path,
     volume = read_volume(_volume_file(tmp_path / "v.nii.gz", array))
     model = build_video_model(tiny_model, untrained_tracker=SMALL_TRACKER, score_threshold_detection=0.2,
                               new_det_thresh=0.2, hotstart_delay=0)  # fmt: skip
-    tracker = Sam3VideoTracker(model, tiny_model.processor)
+    tracker = Sam3VideoTracker(model, tiny_model.seam)
     streamed = []
     original = tracker.track
 

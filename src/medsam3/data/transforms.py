@@ -426,6 +426,11 @@ class Compose:
         """True when every geometric transform is a horizontal flip (features can be flipped)."""
         return all(t.hflip for t in self.transforms if t.geometric)
 
+    @property
+    def flips_only(self) -> bool:
+        """True when every transform is a flip: a finite set of exact pixel views, each cacheable once."""
+        return all(isinstance(t, (HorizontalFlip, VerticalFlip)) for t in self.transforms)
+
     def apply(
         self,
         image: np.ndarray,
@@ -467,6 +472,11 @@ def default_augmentation(size: int | None = None, ct: bool = False, seed: int | 
         steps.append(CTWindowJitter())
     steps += [Gamma(p=0.3), BrightnessContrast(p=0.3), GaussianNoise(p=0.2)]
     return Compose(steps, seed)
+
+
+def flip_augmentation(seed: int | None = None) -> Compose:
+    """Random horizontal and vertical flips only: works with the feature cache (4 views per image at most)."""
+    return Compose([HorizontalFlip(0.5), VerticalFlip(0.5)], seed)
 
 
 def jitter_box(

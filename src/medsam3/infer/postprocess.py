@@ -7,6 +7,8 @@ by score, optional non-maximum suppression, the presence score and the semantic 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,28 +35,42 @@ def resize_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def to_prompt_result(
     prompt: Prompt,
     pred_logits: torch.Tensor,  # (Q,)
-    pred_boxes: torch.Tensor,  # (Q, 4) xyxy normalised
-    pred_masks: torch.Tensor,  # (Q, h, w) logits
+    pred_boxes: torch.Tensor,  # (Q, 4) xyxy normalised to the model's input frame
+    pred_masks: torch.Tensor,  # (Q, h, w) logits over the input frame
     presence_logit: torch.Tensor | None,  # (1,)
     semantic_logits: torch.Tensor | None,  # (1, h, w)
     original_size: tuple[int, int],
     score_threshold: float,
     mask_threshold: float,
     nms_iou: float | None = None,
+    canvas_size: tuple[int, int] | None = None,
+    box_masks: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> PromptResult:
+    """Instances at the original size.
+
+    ``canvas_size`` is the original-pixel region the input frame covers (the image itself for SAM
+    3's stretch; a padded square for lite): predictions are resized to it, then cropped to the image.
+    ``box_masks(boxes_xyxy_normalised) -> (N, h', w') logits`` redraws each kept instance's mask from
+    its box (lite's pretrained box decoder) instead of using the detector's own mask.
+    """
     height, width = original_size
+    canvas_h, canvas_w = canvas_size or original_size
     scores = instance_scores(pred_logits.float(), None if presence_logit is None else presence_logit.float())
     keep = torch.nonzero(scores > score_threshold).flatten()
     keep = keep[torch.argsort(scores[keep], descending=True, stable=True)]
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=pred_boxes.device)
+    scale = torch.tensor([canvas_w, canvas_h, canvas_w, canvas_h], dtype=torch.float32, device=pred_boxes.device)
     boxes = pred_boxes[keep].float() * scale
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
     if nms_iou is not None and len(keep) > 1:
         survivors = nms(boxes, scores[keep], nms_iou)  # already sorted by score
         keep, boxes = keep[survivors], boxes[survivors]
-    probs = resize_logits(pred_masks[keep].float().sigmoid(), (height, width))
+    logits = pred_masks[keep] if box_masks is None or len(keep) == 0 else box_masks(pred_boxes[keep])
+    probs = resize_logits(logits.float().sigmoid(), (canvas_h, canvas_w))[:, :height, :width]
     semantic = None
     if semantic_logits is not None:
-        semantic = resize_logits(semantic_logits.float().sigmoid(), (height, width))[0].cpu().numpy()
+        semantic = resize_logits(semantic_logits.float().sigmoid(), (canvas_h, canvas_w))[0, :height, :width]
+        semantic = semantic.cpu().numpy()
     presence = float(presence_logit.float().sigmoid()) if presence_logit is not None else float("nan")
     return PromptResult(
         prompt=prompt,

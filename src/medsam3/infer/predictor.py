@@ -1,26 +1,27 @@
 """Encode an image once, then answer any number of concept prompts.
 
-SAM 3 spends almost all its compute in the vision encoder (51.7 s of 57 s per 1008 px image on
-2 CPU cores). The predictor runs it once per image, keeps the features, caches text features per
-phrase, and sends all prompts through the detector in batched passes: prompts without boxes in one
-batch, prompts with boxes in another (padded with SAM 3's -10 label), because a geometry prompt
-changes what the detector attends to.
+The image encoder is most of the compute (SAM 3: 51.7 s of 57 s per 1008 px image on 2 CPU
+cores). The predictor runs it once per image, keeps the features, lets the seam cache text features
+per phrase, and sends all prompts through the detector in batched passes: prompts without boxes in
+one batch, prompts with boxes in another (padded with SAM 3's -10 label), because a geometry prompt
+changes what the detector attends to. Every model call goes through ``loaded.seam``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from medsam3.errors import InputFileError, PromptError
-from medsam3.infer.box_prompts import box_prompt_tensors
 from medsam3.infer.postprocess import to_prompt_result
 from medsam3.infer.types import Prompt, PromptResult
 from medsam3.model.loading import LoadedModel, load_model
+from medsam3.model.presets import DEFAULT_MODEL
 
 
 def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
@@ -45,21 +46,25 @@ def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
     return np.array(array, order="C", copy=True) if not array.flags.writeable else np.ascontiguousarray(array)
 
 
-def _expand(vision: Sam3VisionEncoderOutput, batch: int) -> Sam3VisionEncoderOutput:
-    """View the one image's features as a batch of ``batch`` (no copy)."""
+@dataclass
+class EncodedImage:
+    """One image through the frozen image tower, ready for any number of prompts."""
 
-    def grow(t: torch.Tensor) -> torch.Tensor:
-        return t.expand(batch, *t.shape[1:])
+    embedding: tuple[torch.Tensor, ...] | None  # the frozen tower's output (None: features from elsewhere)
+    vision: Sam3VisionEncoderOutput  # the detector's FPN levels, batch of one
+    original_size: tuple[int, int]
 
-    return Sam3VisionEncoderOutput(
-        last_hidden_state=grow(vision.last_hidden_state),
-        fpn_hidden_states=tuple(grow(t) for t in vision.fpn_hidden_states),
-        fpn_position_encoding=tuple(grow(t) for t in vision.fpn_position_encoding),
-    )
+
+MASK_SOURCES = ("auto", "detector", "box-decoder")
 
 
 class Sam3Predictor:
-    """SAM 3 concept segmentation with the vision encoder run once per image."""
+    """Concept segmentation with the image encoder run once per image, through the model's seam.
+
+    ``mask_source``: ``detector`` uses the SAM 3 mask decoder's masks; ``box-decoder`` redraws each
+    detected instance from its box with the backbone's pretrained box-prompted decoder (lite);
+    ``auto`` picks the box decoder where the model has one.
+    """
 
     def __init__(
         self,
@@ -69,21 +74,24 @@ class Sam3Predictor:
         mask_threshold: float = 0.5,
         nms_iou: float | None = None,
         max_batch: int = 16,
+        mask_source: str = "auto",
     ):
+        if mask_source not in MASK_SOURCES:
+            raise PromptError(f"unknown mask source '{mask_source}': choose one of {', '.join(MASK_SOURCES)}")
         self.loaded = loaded
+        self.seam = loaded.seam
         self.model = loaded.model
-        self.processor = loaded.processor
         self.score_threshold = score_threshold
         self.mask_threshold = mask_threshold
         self.nms_iou = nms_iou
         self.max_batch = max_batch
-        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._vision: Sam3VisionEncoderOutput | None = None
-        self._original_size: tuple[int, int] | None = None
-        self.encode_count = 0  # how many times the vision encoder ran (for tests and benchmarks)
+        self.mask_source = mask_source
+        self._image: EncodedImage | None = None
+        self._warned: set[str] = set()
+        self.encode_count = 0  # how many images went through the image encoder (tests and benchmarks)
 
     @classmethod
-    def from_spec(cls, spec: str = "nano", *, device: str = "auto", adapter=None, **kwargs) -> Sam3Predictor:
+    def from_spec(cls, spec: str = DEFAULT_MODEL, *, device: str = "auto", adapter=None, **kwargs) -> Sam3Predictor:
         return cls(load_model(spec, device=device, adapter=adapter), **kwargs)
 
     @property
@@ -91,46 +99,38 @@ class Sam3Predictor:
         return self.loaded.device
 
     @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+    def uses_box_decoder(self) -> bool:
+        return self.mask_source != "detector" and self.seam.has_box_decoder
 
     # -- image -------------------------------------------------------------------------------
-    def pixel_values(self, rgb: np.ndarray) -> torch.Tensor:
-        """SAM 3's preprocessing: stretch to the model's square input, scale, normalise."""
-        batch = self.processor.image_processor(images=rgb, return_tensors="pt")
-        return batch["pixel_values"].to(self.device, self.dtype)
-
     @torch.inference_mode()
+    def encode(self, images: Sequence[np.ndarray]) -> list[EncodedImage]:
+        """Encode a batch of images in one forward (volumes, video); ``set_encoded`` each in turn."""
+        rgbs = [as_rgb_uint8(image) for image in images]
+        embedding = self.seam.embed_images(rgbs)
+        self.encode_count += len(rgbs)
+        encoded = []
+        for k, rgb in enumerate(rgbs):
+            own = self.seam.split_embedding(embedding, k)
+            encoded.append(EncodedImage(own, self.seam.vision_features(own), (int(rgb.shape[0]), int(rgb.shape[1]))))
+        return encoded
+
+    def set_encoded(self, encoded: EncodedImage) -> None:
+        self._image = encoded
+
     def set_image(self, image: np.ndarray) -> None:
-        """Run the vision encoder on ``image`` and keep its features for the prompts to come."""
-        rgb = as_rgb_uint8(image)
-        self._vision = self.model.get_vision_features(pixel_values=self.pixel_values(rgb))
-        self._original_size = (int(rgb.shape[0]), int(rgb.shape[1]))
-        self.encode_count += 1
+        """Run the image encoder on ``image`` and keep its features for the prompts to come."""
+        self.set_encoded(self.encode([image])[0])
 
     def set_features(self, vision: Sam3VisionEncoderOutput, original_size: tuple[int, int]) -> None:
-        """Use features computed elsewhere (a feature cache, a video propagator)."""
-        self._vision = vision
-        self._original_size = original_size
+        """Use detector features computed elsewhere (a feature cache, a video propagator)."""
+        self._image = EncodedImage(None, vision, original_size)
 
     @property
     def original_size(self) -> tuple[int, int]:
-        if self._original_size is None:
+        if self._image is None:
             raise RuntimeError("call set_image() before predict()")
-        return self._original_size
-
-    # -- text --------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def _text_features(self, phrases: Iterable[str]) -> None:
-        missing = sorted({p for p in phrases if p not in self._text_cache})
-        if not missing:
-            return
-        tokens = self.processor.tokenizer(missing, padding="max_length", max_length=32, return_tensors="pt")
-        ids = tokens["input_ids"].to(self.device)
-        mask = tokens["attention_mask"].to(self.device)
-        features = self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
-        for i, phrase in enumerate(missing):
-            self._text_cache[phrase] = (features[i : i + 1], mask[i : i + 1])
+        return self._image.original_size
 
     # -- prompts -----------------------------------------------------------------------------
     def predict(
@@ -142,7 +142,7 @@ class Sam3Predictor:
         nms_iou: float | None = None,
     ) -> list[PromptResult]:
         """Every instance of every prompt's concept in the current image, in prompt order."""
-        if self._vision is None:
+        if self._image is None:
             raise RuntimeError("call set_image() before predict()")
         prompts = [p if isinstance(p, Prompt) else Prompt(str(p)) for p in prompts]
         if not prompts:
@@ -150,7 +150,8 @@ class Sam3Predictor:
         height, width = self.original_size
         for prompt in prompts:
             prompt.check_inside(height, width)
-        self._text_features(p.text for p in prompts)
+            self._warn_if_truncated(prompt.text)
+        self.seam.cache_phrases([p.text for p in prompts])  # every new phrase in one text pass
         settings = dict(
             score_threshold=self.score_threshold if score_threshold is None else score_threshold,
             mask_threshold=self.mask_threshold if mask_threshold is None else mask_threshold,
@@ -168,9 +169,18 @@ class Sam3Predictor:
     def predict_one(self, prompt: Prompt | str, **kwargs) -> PromptResult:
         return self.predict([prompt], **kwargs)[0]
 
+    def _warn_if_truncated(self, text: str) -> None:
+        limit = self.seam.backbone.max_text_tokens
+        if text not in self._warned and self.seam.token_count(text) > limit:
+            self._warned.add(text)
+            warnings.warn(f"prompt '{text[:60]}' is longer than the model's {limit} tokens: the rest is cut off",
+                          stacklevel=3)  # fmt: skip
+
     @torch.inference_mode()
     def _run_batch(self, prompts: list[Prompt], settings: dict) -> list[PromptResult]:
         outputs = self.detector_forward(prompts)
+        canvas = self.seam.canvas_size(*self.original_size)
+        box_masks = self._box_masks if self.uses_box_decoder and self._image.embedding is not None else None
         return [
             to_prompt_result(
                 prompt,
@@ -180,30 +190,24 @@ class Sam3Predictor:
                 None if outputs.presence_logits is None else outputs.presence_logits[i],
                 None if outputs.semantic_seg is None else outputs.semantic_seg[i],
                 self.original_size,
+                canvas_size=canvas,
+                box_masks=box_masks,
                 **settings,
             )
             for i, prompt in enumerate(prompts)
         ]
 
+    def _box_masks(self, boxes_normalised: torch.Tensor) -> torch.Tensor:
+        return self.seam.box_masks(self._image.embedding, boxes_normalised * self.seam.input_size)
+
+    @torch.inference_mode()
     def detector_forward(self, prompts: list[Prompt]):
         """One detector pass for prompts that all have boxes or all have none (raw SAM 3 outputs)."""
-        batch = len(prompts)
-        features = torch.cat([self._text_cache[p.text][0] for p in prompts])
-        attention = torch.cat([self._text_cache[p.text][1] for p in prompts])
-        boxes, labels = self._box_tensors(prompts)
-        return self.model(
-            vision_embeds=_expand(self._vision, batch),
-            text_embeds=BaseModelOutputWithPooling(pooler_output=features),
-            attention_mask=attention,
-            input_boxes=boxes,
-            input_boxes_labels=labels,
-        )
-
-    def _box_tensors(self, prompts: list[Prompt]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Boxes as SAM 3 wants them (see box_prompt_tensors); None when no prompt has any."""
-        if not any(p.boxes for p in prompts):
-            return None, None
-        boxes, labels = box_prompt_tensors(
-            [p.boxes for p in prompts], [p.box_labels for p in prompts], [self.original_size] * len(prompts)
-        )
-        return boxes.to(self.device, self.dtype), labels.to(self.device)
+        features, mask = self.seam.encode_phrases([p.text for p in prompts])
+        boxes = labels = None
+        if any(p.boxes for p in prompts):
+            boxes, labels = self.seam.box_tensors(
+                [p.boxes for p in prompts], [p.box_labels for p in prompts], [self.original_size] * len(prompts)
+            )
+        vision = self.seam.expand(self._image.vision, len(prompts))
+        return self.seam.detect(vision, features, mask, boxes, labels)

@@ -412,6 +412,11 @@ def build_video_model(
     from transformers.models.sam3.modeling_sam3 import Sam3VisionNeck
 
     detector_config = loaded.model.config
+    if loaded.backbone.name != "sam3":
+        raise ModelSpecError(
+            f"SAM 3's video tracker reads SAM 3's own image features; '{loaded.spec}' has the "
+            f"{loaded.backbone.name} backbone: use the detector-driven tracking (no --tracker)"
+        )
     if tracker is not None:
         folder = _resolve_tracker_folder(tracker)
         try:
@@ -495,9 +500,9 @@ class Sam3VideoTracker:
     and 16 object pointers back), so memory does not grow with the clip.
     """
 
-    def __init__(self, video_model, processor, *, memory_window: int | None = None):
+    def __init__(self, video_model, seam, *, memory_window: int | None = None):
         self.model = video_model
-        self.processor = processor
+        self.seam = seam
         config = video_model.config.tracker_config
         self.memory_window = memory_window or max(config.num_maskmem, config.max_object_pointers_in_encoder) + 1
 
@@ -513,15 +518,15 @@ class Sam3VideoTracker:
         texts = [" ".join(p.split()) for p in prompts]
         for text in texts:
             pid = session.add_prompt(text)
-            tokens = self.processor.tokenizer(text, padding="max_length", max_length=32, return_tensors="pt")
-            session.prompt_input_ids[pid] = tokens["input_ids"].to(device)
-            session.prompt_attention_masks[pid] = tokens["attention_mask"].to(device)
+            ids, mask = self.seam.backbone.tokenize([text])
+            session.prompt_input_ids[pid] = ids.to(device)
+            session.prompt_attention_masks[pid] = mask.to(device)
         group_of = {pid: texts.index(text) for pid, text in session.prompts.items()}
         self.session = session  # the live session, for inspection
         for index, rgb in enumerate(frames):
-            pixels = self.processor.image_processor(images=rgb, return_tensors="pt")["pixel_values"]
+            pixels = self.seam.pixel_values([rgb])
             with torch.inference_mode():
-                out = model(inference_session=session, frame=pixels.to(device), frame_idx=index)
+                out = model(inference_session=session, frame=pixels, frame_idx=index)
             yield self._frame_objects(session, out, index, rgb.shape[:2], group_of)
             self._prune(session, index)
 

@@ -133,42 +133,22 @@ def _blank_slices(volume: Volume, axis: int) -> np.ndarray:
 def _encoded(volume: Volume, indices: Sequence[int], predictor, settings: _Settings) -> Iterator[int]:
     """Set ``predictor`` to each slice in turn (yielding its index); features of a batch are dropped after it.
 
-    With ``batch`` > 1 and a real :class:`Sam3Predictor`, ``batch`` slices go through the vision
-    encoder in one forward; otherwise each slice is encoded by ``set_image``.
+    With ``batch`` > 1 and a predictor that encodes batches (:meth:`Sam3Predictor.encode`), ``batch``
+    slices go through the image encoder in one forward; otherwise each slice is encoded by ``set_image``.
     """
     axis, window, batch = settings.axis, settings.window, settings.batch
-    if batch <= 1 or not hasattr(predictor, "model"):
+    if batch <= 1 or not hasattr(predictor, "encode"):
         for i in indices:
             predictor.set_image(slice_rgb(volume, i, axis, window))
             yield i
         return
-    import torch
-
     for start in range(0, len(indices), batch):
         chunk = list(indices[start : start + batch])
-        images = [slice_rgb(volume, i, axis, window) for i in chunk]
-        pixels = torch.cat([predictor.pixel_values(rgb) for rgb in images])
-        with torch.inference_mode():
-            vision = predictor.model.get_vision_features(pixel_values=pixels)
-        predictor.encode_count += len(chunk)
-        for k, (i, rgb) in enumerate(zip(chunk, images, strict=True)):
-            predictor.set_features(_one_of(vision, k), (int(rgb.shape[0]), int(rgb.shape[1])))
+        encoded = predictor.encode([slice_rgb(volume, i, axis, window) for i in chunk])
+        for i, image in zip(chunk, encoded, strict=True):
+            predictor.set_encoded(image)
             yield i
-        del vision, pixels
-
-
-def _one_of(vision, k: int):
-    """Image ``k`` of a batched vision-encoder output, as a batch of one (views, no copies)."""
-    from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
-
-    def pick(t):
-        return t[k : k + 1] if t.shape[0] > 1 else t
-
-    return Sam3VisionEncoderOutput(
-        last_hidden_state=pick(vision.last_hidden_state),
-        fpn_hidden_states=tuple(pick(t) for t in vision.fpn_hidden_states),
-        fpn_position_encoding=tuple(pick(t) for t in vision.fpn_position_encoding),
-    )
+        del encoded
 
 
 class _UnionFind:

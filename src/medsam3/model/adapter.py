@@ -26,10 +26,7 @@ WEIGHTS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
 
 
-def adapter_metadata(
-    loaded: LoadedModel, policy: str, concepts: list[str], extra: dict | None = None
-) -> dict:
-    processor = loaded.processor.image_processor
+def adapter_metadata(loaded: LoadedModel, policy: str, concepts: list[str], extra: dict | None = None) -> dict:
     return {
         "format": "medsam3-adapter/1",
         "medsam3_version": medsam3.__version__,
@@ -38,12 +35,7 @@ def adapter_metadata(
         "policy": policy,
         "lora": getattr(loaded.model, "medsam3_lora", None),
         "concepts": sorted(set(concepts)),
-        "preprocessing": {
-            "image_size": loaded.image_size,
-            "image_mean": list(processor.image_mean),
-            "image_std": list(processor.image_std),
-            "resize": "stretch to square, as SAM 3",
-        },
+        "preprocessing": loaded.backbone.preprocessing(),
         **(extra or {}),
     }
 
@@ -107,11 +99,11 @@ def apply_adapter(loaded: LoadedModel, adapter_dir: str | os.PathLike) -> Loaded
     for name, tensor in tensors.items():
         if own[name].shape != tensor.shape:
             raise ModelSpecError(
-                f"{adapter_dir}: parameter {name} has shape {tuple(tensor.shape)}, base has "
-                f"{tuple(own[name].shape)}"
+                f"{adapter_dir}: parameter {name} has shape {tuple(tensor.shape)}, base has {tuple(own[name].shape)}"
             )
         own[name].data.copy_(tensor.to(own[name].device, own[name].dtype))
     loaded.model.eval()
+    loaded.seam.clear_text_cache()
     loaded.adapter = meta
     loaded.concepts = list(meta.get("concepts", []))
     return loaded

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from torch import nn
 
 ENCODER_COMPONENTS = ("vision_encoder", "text_encoder", "text_projection")
+# lite only: the trainable neck inside its vision encoder, and LiteMedSAM's box-prompted mask decoder.
+LITE_COMPONENTS = ("vision_adapter", "box_decoder")
 DETECTOR_COMPONENTS = (
     "geometry_encoder",
     "detr_encoder",
@@ -17,11 +19,13 @@ DETECTOR_COMPONENTS = (
     "mask_decoder",
     "dot_product_scoring",
 )
-COMPONENTS = ENCODER_COMPONENTS + DETECTOR_COMPONENTS
+COMPONENTS = ENCODER_COMPONENTS + LITE_COMPONENTS + DETECTOR_COMPONENTS
 
 
 def component_of(parameter_name: str) -> str:
     """The top-level SAM 3 part a parameter belongs to (LoRA layers belong to their host)."""
+    if parameter_name.startswith("vision_encoder.adapter."):
+        return "vision_adapter"
     head = parameter_name.split(".", 1)[0]
     return head if head in COMPONENTS else "other"
 

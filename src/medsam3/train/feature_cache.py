@@ -1,18 +1,18 @@
 """Frozen-encoder feature cache.
 
-Under the paper's policy the vision encoder never changes, so its output for an (image,
-preprocessing) pair is a constant: compute it once, store it, and let every later epoch run only the
-detector. Entries are fp16 safetensors keyed by a hash of the exact pixels the encoder saw; the
-folder is bound to one encoder by a fingerprint of its weights and preprocessing, and a cache made
-by another encoder is refused rather than silently reused.
-
-Position encodings depend only on the feature-map shape, so they are computed once and kept in
-memory rather than stored per image.
+Under the paper's policy the frozen image tower never changes, so its output (the seam's
+``embed_images``: SAM 3's FPN levels, lite's TinyViT embedding) for an image is a constant: compute
+it once, store it, and let every later epoch run only what trains (lite's neck, the detector).
+Entries are safetensors keyed by a hash of the exact pixels the encoder saw, stored in fp16 (or in
+bf16 when the encoder runs in bf16); the folder is bound to one encoder by a fingerprint of its
+weights, dtype and preprocessing, and a cache made by another encoder is refused rather than
+silently reused.
 
 What stays valid with a cache: anything that does not change the encoder's input pixels (prompt
-box jitter, prompt-mode choice, the concept phrase). Image augmentation changes the pixels, so it is
-cached per augmented *view*: each image gets a fixed set of deterministic views, each cached once.
-Training that updates the vision encoder (policies lora-all and full) cannot use a cache.
+box jitter, prompt-mode choice, the concept phrase). Flips make a finite set of exact pixel views,
+so each flipped view is cached once like any image (``--augment-flips``); other augmentation
+changes pixels every time and is refused. Training that updates the image tower (policies lora-all
+and full) cannot use a cache.
 """
 
 from __future__ import annotations
@@ -24,26 +24,23 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from medsam3.errors import MedSAM3Error
+from medsam3.model.seam import ModelSeam
 from medsam3.utils.files import atomic_path, write_json_atomic
 
 MANIFEST = "manifest.json"
 
 
-def encoder_fingerprint(model, image_processor) -> str:
-    """Hash of the vision encoder's weights plus the preprocessing that feeds it."""
+def encoder_fingerprint(seam: ModelSeam) -> str:
+    """Hash of the frozen image tower's weights, its dtype, plus the preprocessing that feeds it."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.vision_encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    prep = {
-        "size": dict(image_processor.size),
-        "mean": list(image_processor.image_mean),
-        "std": list(image_processor.image_std),
-    }
-    digest.update(json.dumps(prep, sort_keys=True).encode())
+    for prefix, module in sorted(seam.backbone.frozen_modules(seam.model).items()):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{prefix}.{name}".encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    facts = {**seam.backbone.preprocessing(), "dtype": str(seam.dtype)}
+    digest.update(json.dumps(facts, sort_keys=True).encode())
     return digest.hexdigest()[:20]
 
 
@@ -53,20 +50,27 @@ def image_key(rgb: np.ndarray) -> str:
     return digest.hexdigest()[:32]
 
 
-class FeatureCache:
-    """Vision features on disk for one frozen encoder; ``encode(rgbs)`` returns a batch."""
+def storage_dtype(compute: torch.dtype) -> torch.dtype:
+    """What the cache keeps: the encoder's own bf16, else fp16 (half the disk of fp32)."""
+    return torch.bfloat16 if compute == torch.bfloat16 else torch.float16
 
-    def __init__(self, root: str | Path, model, processor, *, rebuild: bool = False):
+
+class FeatureCache:
+    """The frozen image tower's embeddings on disk for one encoder; ``encode(rgbs)`` returns a batch."""
+
+    def __init__(self, root: str | Path, seam: ModelSeam, *, rebuild: bool = False):
         self.root = Path(root)
-        self.model = model
-        self.processor = processor
-        self.fingerprint = encoder_fingerprint(model, processor.image_processor)
+        self.seam = seam
+        self.fingerprint = encoder_fingerprint(seam)
+        self.stored_dtype = storage_dtype(seam.dtype)
         self.hits = 0
         self.misses = 0
-        self._positions: tuple[torch.Tensor, ...] | None = None
         manifest = self.root / MANIFEST
         if manifest.is_file():
-            stored = json.loads(manifest.read_text()).get("encoder_fingerprint")
+            try:
+                stored = json.loads(manifest.read_text()).get("encoder_fingerprint")
+            except (json.JSONDecodeError, AttributeError):
+                stored = "unreadable"
             if stored != self.fingerprint:
                 if not rebuild:
                     raise MedSAM3Error(
@@ -76,42 +80,29 @@ class FeatureCache:
                 for entry in self.root.glob("*.safetensors"):
                     entry.unlink()
         self.root.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(manifest, {"encoder_fingerprint": self.fingerprint, "dtype": "float16"})
+        write_json_atomic(
+            manifest, {"encoder_fingerprint": self.fingerprint, "dtype": str(self.stored_dtype).split(".")[-1]}
+        )
 
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
 
-    @torch.no_grad()
-    def _compute(self, rgbs: list[np.ndarray], device: torch.device) -> Sam3VisionEncoderOutput:
-        pixels = self.processor.image_processor(images=rgbs, return_tensors="pt")["pixel_values"]
-        dtype = next(self.model.parameters()).dtype
-        return self.model.get_vision_features(pixel_values=pixels.to(device, dtype))
-
-    def encode(self, rgbs: list[np.ndarray], device: torch.device) -> Sam3VisionEncoderOutput:
-        """Features for a batch of images: cached ones loaded, the rest computed and stored."""
+    def encode(self, rgbs: list[np.ndarray]) -> tuple[torch.Tensor, ...]:
+        """Embeddings for a batch of images: cached ones loaded, the rest computed and stored."""
         keys = [image_key(rgb) for rgb in rgbs]
         missing = [i for i, key in enumerate(keys) if not self._path(key).is_file()]
         if missing:
-            fresh = self._compute([rgbs[i] for i in missing], device)
-            if self._positions is None:
-                self._positions = tuple(p[:1].detach().cpu() for p in fresh.fpn_position_encoding)
+            fresh = self.seam.embed_images([rgbs[i] for i in missing])
             for row, index in enumerate(missing):
-                levels = {
-                    f"level{j}": h[row].detach().to("cpu", torch.float16).contiguous()
-                    for j, h in enumerate(fresh.fpn_hidden_states)
+                parts = {
+                    f"part{j}": t[row].detach().to("cpu", self.stored_dtype).contiguous() for j, t in enumerate(fresh)
                 }
                 with atomic_path(self._path(keys[index])) as tmp:
-                    save_file(levels, str(tmp))
+                    save_file(parts, str(tmp))
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
-        if self._positions is None:  # every image was cached: one encode gives the (shape-only) positions
-            self._positions = tuple(p[:1].cpu() for p in self._compute(rgbs[:1], device).fpn_position_encoding)
         stored = [load_file(str(self._path(key))) for key in keys]
-        dtype = next(self.model.parameters()).dtype
-        levels = tuple(
-            torch.stack([s[f"level{j}"] for s in stored]).to(device, dtype) for j in range(len(self._positions))
-        )
-        positions = tuple(p.to(device, dtype).expand(len(keys), *p.shape[1:]) for p in self._positions)
-        return Sam3VisionEncoderOutput(
-            last_hidden_state=None, fpn_hidden_states=levels, fpn_position_encoding=positions
+        count = len(stored[0])
+        return tuple(
+            torch.stack([s[f"part{j}"] for s in stored]).to(self.seam.device, self.seam.dtype) for j in range(count)
         )

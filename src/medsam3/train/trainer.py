@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from medsam3.data.sample import Sample
@@ -41,7 +40,7 @@ from medsam3.model.adapter import read_adapter_metadata, save_adapter
 from medsam3.model.components import ENCODER_COMPONENTS
 from medsam3.model.loading import LoadedModel
 from medsam3.model.policy import apply_policy, check_policy
-from medsam3.train.batches import TrainItem, check_prompt_mode, item_box_prompts, make_item, sample_rng
+from medsam3.train.batches import TrainItem, check_prompt_mode, make_item, sample_rng
 from medsam3.train.feature_cache import FeatureCache
 from medsam3.train.losses import LossWeights, Sam3DetectionLoss
 from medsam3.train.schedule import warmup_cosine
@@ -124,10 +123,11 @@ class Trainer:
                 f"--cache-features needs frozen encoders, but policy '{config.policy}' trains the vision "
                 "encoder: use --policy paper or lora-detector, or drop --cache-features"
             )
-        if config.cache_features and augment is not None:
+        if config.cache_features and augment is not None and not getattr(augment, "flips_only", False):
             raise MedSAM3Error(
                 "--cache-features cannot be combined with random image augmentation: cached features are "
-                "those of the exact pixels, so augmented views would be encoded anew each step"
+                "those of the exact pixels, so augmented views would be encoded anew each step (flips are "
+                "fine: use --augment-flips, each flipped view is cached once)"
             )
         apply_policy(self.model, config.policy)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -139,8 +139,8 @@ class Trainer:
         self.cache = None
         if config.cache_features:
             cache_dir = config.cache_dir or self.out_dir / "feature_cache"
-            self.cache = FeatureCache(cache_dir, self.model, loaded.processor, rebuild=config.rebuild_cache)
-        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+            self.cache = FeatureCache(cache_dir, loaded.seam, rebuild=config.rebuild_cache)
+        self.seam = loaded.seam
         self.position = Position()
         self.concepts = sorted({s.concept for s in train_data})
         self.autocast = self.device.type == "cuda" and config.bf16
@@ -162,35 +162,13 @@ class Trainer:
 
     # -- encoders ------------------------------------------------------------------------------
     def _vision(self, items: list[TrainItem]) -> Sam3VisionEncoderOutput:
+        """Detector features: the frozen tower's embedding (cached or not), then any trainable neck."""
         rgbs = [item.rgb for item in items]
         if self.cache is not None:
-            return self.cache.encode(rgbs, self.device)
-        pixels = self.loaded.processor.image_processor(images=rgbs, return_tensors="pt")["pixel_values"]
-        pixels = pixels.to(self.device, next(self.model.parameters()).dtype)
-        if self.encoders_frozen:
-            with torch.no_grad():
-                return self.model.get_vision_features(pixel_values=pixels)
-        return self.model.get_vision_features(pixel_values=pixels)
-
-    def _tokens(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.loaded.processor.tokenizer(phrases, padding="max_length", max_length=32, return_tensors="pt")
-        return tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
-
-    def _text(self, phrases: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.encoders_frozen:
-            ids, mask = self._tokens(phrases)
-            return self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output, mask
-        missing = sorted({p for p in phrases if p not in self._text_cache})
-        if missing:
-            ids, mask = self._tokens(missing)
-            with torch.no_grad():
-                features = self.model.get_text_features(input_ids=ids, attention_mask=mask).pooler_output
-            for i, phrase in enumerate(missing):
-                self._text_cache[phrase] = (features[i : i + 1], mask[i : i + 1])
-        return (
-            torch.cat([self._text_cache[p][0] for p in phrases]),
-            torch.cat([self._text_cache[p][1] for p in phrases]),
-        )
+            embedding = self.cache.encode(rgbs)
+        else:
+            embedding = self.seam.embed_images(rgbs, grad=not self.encoders_frozen)
+        return self.seam.vision_features(embedding)
 
     # -- one step ------------------------------------------------------------------------------
     def forward_items(self, items: list[TrainItem]) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -203,24 +181,18 @@ class Trainer:
         for group in (text_only, with_boxes):
             if not group:
                 continue
-            index = torch.tensor(group, device=self.device)
-            sub_vision = Sam3VisionEncoderOutput(
-                last_hidden_state=None,
-                fpn_hidden_states=tuple(h.index_select(0, index) for h in vision.fpn_hidden_states),
-                fpn_position_encoding=tuple(p.index_select(0, index) for p in vision.fpn_position_encoding),
+            features, mask = self.seam.encode_phrases(
+                [items[i].phrase for i in group], text_tower_frozen=self.encoders_frozen
             )
-            features, mask = self._text([items[i].phrase for i in group])
             boxes = labels = None
             if group is with_boxes:
-                boxes, labels = item_box_prompts([items[i] for i in group])
-                boxes, labels = boxes.to(self.device, features.dtype), labels.to(self.device)
-            result = self.model(
-                vision_embeds=sub_vision,
-                text_embeds=BaseModelOutputWithPooling(pooler_output=features),
-                attention_mask=mask,
-                input_boxes=boxes,
-                input_boxes_labels=labels,
-            )
+                chosen = [items[i] for i in group]
+                boxes, labels = self.seam.box_tensors(
+                    [it.prompt_boxes for it in chosen],
+                    [[1] * len(it.prompt_boxes) for it in chosen],
+                    [it.rgb.shape[:2] for it in chosen],
+                )
+            result = self.seam.detect(self.seam.select(vision, group), features, mask, boxes, labels)
             for key in OUTPUT_KEYS:
                 outputs[key].append(getattr(result, key))
             targets.extend(items[i].target for i in group)
@@ -236,6 +208,7 @@ class Trainer:
                 c.text_box_fraction,
                 c.box_jitter,
                 self.augment,
+                canvas_size=self.seam.canvas_size,
             )
             for i in indices
         ]
