@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -225,10 +226,15 @@ def tissue_labels(gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
 
 
 def tract_groups(names: dict[int, str]) -> dict[str, tuple[int, ...]]:
-    """concept -> the JHU label values whose .nii.txt name contains the concept's words."""
+    """concept -> the JHU label values whose .nii.txt name contains the concept's words.
+
+    Parenthesised remarks are not names: "Superior_fronto-occipital_fasciculus_(could_be_a_part_of_
+    anterior_internal_capsule)" is not internal capsule.
+    """
     groups = {}
+    plain = {v: re.sub(r"\([^)]*\)", "", name).lower() for v, name in names.items()}
     for concept, (_, words) in TRACTS.items():
-        values = tuple(sorted(v for v, name in names.items() if words in name.lower()))
+        values = tuple(sorted(v for v, name in plain.items() if words in name))
         if not values:
             raise InputFileError(rs.JHU_NAMES, f"no label named like '{words}'")
         groups[concept] = values
