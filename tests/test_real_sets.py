@@ -222,6 +222,10 @@ def test_every_set_opens_with_disjoint_splits(built):
         assert sample.image.dtype == np.uint8 and sample.image.ndim == 3
     for name in ("mni-tissue-coronal", "mni-tracts-coronal"):
         assert not any((out / name / "imagesTr").iterdir())  # test-only: the unseen view
+    assert real_sets.load_summary(out) == summary
+    text = " ".join(real_sets.describe(summary, out).split())
+    assert "corpus callosum test 16 slices, 12 with it, 4 without, 24 instances" in text
+    assert "nuclei: 73 in train tiles, 57 in test tiles (5 cut by the midline)" in text
 
 
 @REAL
@@ -411,6 +415,7 @@ def test_second_build_uses_the_cache_and_never_touches_reserved_files(built, tmp
     monkeypatch.setattr(tarfile.TarFile, "extractfile", spy)
     again = real_sets.build_real_sets(tmp_path / "again", cache_dir=cache, count_splits=False).summary
     assert all(source["cached"] for source in again["sources"].values())
+    assert "all sources from the cache" in real_sets.describe(again)
     for name, entry in summary["datasets"].items():
         assert {k: v for k, v in entry.items() if k != "open_dataset"} == again["datasets"][name]
     assert opened and not [name for name in opened if rs.is_reserved(name)]

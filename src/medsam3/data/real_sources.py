@@ -125,8 +125,6 @@ def apt_download(package: DebPackage, cache_dir: Path) -> Path:
             network=False,
         )
     with tempfile.TemporaryDirectory(prefix=".apt-", dir=cache_dir) as tmp:
-        # apt's sandbox user cannot write into a private temporary folder; let it.
-        os.chmod(tmp, 0o777)
         try:
             done = subprocess.run([apt, "download", package.spec], cwd=tmp, capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired:
@@ -153,7 +151,8 @@ def _apt_error(package: DebPackage, output: str) -> ExampleDownloadError:
     return ExampleDownloadError(package.spec, last[:300], network=False)
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -163,7 +162,7 @@ def _sha256_file(path: Path) -> str:
 
 def check_deb(package: DebPackage, path: Path) -> None:
     """Refuse (and drop) a cached ``.deb`` whose SHA-256 is not the pinned one."""
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     if digest != package.sha256:
         path.unlink(missing_ok=True)
         raise InputFileError(
