@@ -3,8 +3,10 @@
 Test helper: the agent's real HTTP client talks to it exactly as it would to OpenAI, vLLM or Ollama.
 Each POST to ``/v1/chat/completions`` consumes one step of the script: a string (sent as the
 assistant's content), a dict (sent as its JSON), a :class:`Fail` (an HTTP error), a :class:`Slow`
-answer (for timeouts) or a :class:`Raw` body. When the script runs out the server answers HTTP 400,
-so a misbehaving client cannot loop forever.
+answer (for timeouts), a :class:`Raw` body (any status and headers, e.g. a redirect), a :class:`Hang`
+(the answer never comes) or a :class:`Trickle` (the answer one byte at a time). When the script runs
+out the server answers HTTP 400, so a misbehaving client cannot loop forever. Hangs and trickles are
+bounded in time and end as soon as the server is closed; it listens on 127.0.0.1, port 0, only.
 """
 
 from __future__ import annotations
@@ -40,13 +42,48 @@ class Raw:
     body: bytes
     status: int = 200
     content_type: str = "text/html"
+    headers: dict[str, str] | None = None
+    content_length: bool = True  # False: no Content-Length; the body ends when the connection closes
+
+
+@dataclass
+class Hang:
+    """Read the request, then send nothing for ``seconds`` (or until the server is closed)."""
+
+    seconds: float = 30.0
+
+
+@dataclass
+class Trickle:
+    """Send a normal answer one byte every ``interval`` s, status line first, for at most ``seconds``."""
+
+    interval: float
+    seconds: float = 30.0
+    content: str = '{"action": "accept"}'
+
+
+class Headers(dict):
+    """Request headers, looked up case-insensitively (HTTP clients differ in how they spell them)."""
+
+    def __init__(self, items):
+        super().__init__((k.lower(), v) for k, v in items)
+
+    def __getitem__(self, key):
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key):
+        return super().__contains__(key.lower())
+
+    def get(self, key, default=None):
+        return super().get(key.lower(), default)
 
 
 @dataclass
 class Received:
     path: str
-    headers: dict[str, str]
+    headers: Headers
     body: dict[str, Any]
+    at: float = 0.0  # time.monotonic() when the request had arrived
 
     @property
     def messages(self) -> list[dict]:
@@ -87,6 +124,7 @@ class ScriptedLLMServer:
         self.model = model
         self.received: list[Received] = []
         self._lock = threading.Lock()
+        self._closed = threading.Event()  # wakes hanging and trickling handlers at exit
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
@@ -101,6 +139,7 @@ class ScriptedLLMServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closed.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -112,6 +151,24 @@ class ScriptedLLMServer:
             if not self.script:
                 return Fail(400, "script exhausted: the client asked more often than the test allows")
             return self.script.pop(0)
+
+    def answer(self, step: Any) -> bytes:
+        """A chat-completions answer whose assistant content is ``step`` (a dict is sent as its JSON)."""
+        content = json.dumps(step) if isinstance(step, dict) else str(step)
+        answer = {
+            "id": f"chatcmpl-{len(self.received)}",
+            "object": "chat.completion",
+            "model": self.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        }
+        return json.dumps(answer).encode()
 
     def _handler(self):
         server = self
@@ -133,39 +190,57 @@ class ScriptedLLMServer:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with server._lock:
-                    server.received.append(Received(self.path, dict(self.headers), body))
+                    server.received.append(Received(self.path, Headers(self.headers.items()), body, time.monotonic()))
                 if self.path != "/v1/chat/completions":
                     self._send(404, b'{"error": {"message": "not found"}}', "application/json")
                     return
                 step = server._next(body)
+                try:
+                    self._reply(step)
+                except (BrokenPipeError, ConnectionResetError):  # the client timed out or refused to read
+                    self.close_connection = True
+
+            def _reply(self, step: Any) -> None:
                 if isinstance(step, Fail):
                     extra = {"Retry-After": str(step.retry_after)} if step.retry_after is not None else None
                     payload = json.dumps({"error": {"message": step.message, "code": step.status}}).encode()
                     self._send(step.status, payload, "application/json", extra)
                     return
                 if isinstance(step, Raw):
-                    self._send(step.status, step.body, step.content_type)
+                    if step.content_length:
+                        self._send(step.status, step.body, step.content_type, step.headers)
+                        return
+                    self.close_connection = True
+                    self.send_response(step.status)
+                    self.send_header("Content-Type", step.content_type)
+                    for key, value in (step.headers or {}).items():
+                        self.send_header(key, value)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(step.body)
+                    return
+                if isinstance(step, Hang):
+                    server._closed.wait(step.seconds)
+                    self.close_connection = True
+                    return
+                if isinstance(step, Trickle):
+                    self._trickle(step)
                     return
                 if isinstance(step, Slow):
                     time.sleep(step.seconds)
                     step = step.content
-                content = json.dumps(step) if isinstance(step, dict) else str(step)
-                answer = {
-                    "id": f"chatcmpl-{len(server.received)}",
-                    "object": "chat.completion",
-                    "model": server.model,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": content},
-                            "finish_reason": "stop",
-                        }
-                    ],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-                }
-                try:
-                    self._send(200, json.dumps(answer).encode(), "application/json")
-                except (BrokenPipeError, ConnectionResetError):  # the client timed out and left
-                    pass
+                self._send(200, server.answer(step), "application/json")
+
+            def _trickle(self, step: Trickle) -> None:
+                payload = server.answer(step.content)
+                head = f"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+                data = head.encode() + payload
+                self.close_connection = True
+                end = time.monotonic() + step.seconds
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    if server._closed.wait(step.interval) or time.monotonic() > end:
+                        return
 
         return Handler

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
+import time
 
 import numpy as np
 import pytest
 
 from medsam3.agent.llm_client import (
     ChatClient,
+    Deadline,
     LLMError,
+    LLMTimeoutError,
     encode_png,
     is_loopback_url,
     png_size,
+    retry_after,
     server_message,
     user_message,
 )
 from medsam3.errors import MedSAM3Error
-from scripted_llm_server import Fail, Raw, ScriptedLLMServer, Slow
+from scripted_llm_server import Fail, Hang, Raw, ScriptedLLMServer, Slow, Trickle
 
 SCHEMA = {"type": "object", "properties": {"action": {"type": "string"}}, "required": ["action"]}
 
@@ -181,3 +186,158 @@ def test_bad_configuration_and_helpers():
     assert server_message("<b>oops</b>") == "<b>oops</b>"
     with pytest.raises(ValueError, match="uint8"):
         encode_png(np.zeros((4, 4), dtype=np.float32))
+
+
+# -- reliability: retries, one deadline, redirects, reply size ---------------------------------------
+
+
+def test_the_openai_clients_own_retries_are_off_and_ours_cover_425():
+    with ScriptedLLMServer([Fail(500), "never sent"]) as server:
+        c = client(server.url, max_retries=0)
+        with pytest.raises(LLMError, match=r"HTTP 500 .*gave up after 1 attempts"):
+            c.chat([user_message("hi")])
+    assert len(server.received) == 1 and c.waits == []  # openai's max_retries is 0: no hidden retry
+    with ScriptedLLMServer([Fail(425, "too early"), Fail(408), Fail(409), "ok"]) as server:
+        c = client(server.url)
+        reply = c.chat([user_message("hi")])
+    assert reply.content == "ok" and reply.attempts == 4 and c.waits == [0.5, 1.0, 2.0]
+    assert retry_after({"retry-after-ms": "1500"}) == 1.5 and retry_after({"Retry-After": "soon"}) is None
+
+
+def test_retry_after_never_sleeps_past_the_deadline():
+    with ScriptedLLMServer([Fail(429, "slow down", retry_after=20), "never sent"]) as server:
+        c = client(server.url, max_backoff_s=30)
+        with pytest.raises(LLMTimeoutError, match=r"HTTP 429 .*waiting 20 s to retry would pass .*--timeout of 3 s"):
+            c.chat([user_message("hi")], deadline=Deadline.after(3))
+    assert c.waits == [] and len(server.received) == 1
+    expired = Deadline(1.0, time.monotonic() - 1)
+    with ScriptedLLMServer(["never sent"]) as server:
+        with pytest.raises(LLMTimeoutError, match="--timeout of 1 s ran out before"):
+            client(server.url).chat([user_message("hi")], deadline=expired)
+    assert server.received == []
+
+
+def test_a_server_that_never_answers_is_cut_off_at_the_deadline():
+    with ScriptedLLMServer([Hang(30)] * 3) as server:
+        c = client(server.url, timeout_s=60)  # the per-request timeout alone would wait a minute
+        start = time.monotonic()
+        with pytest.raises(LLMTimeoutError) as info:
+            c.chat([user_message("hi")], deadline=Deadline.after(1.5))
+        took = time.monotonic() - start
+    assert 1.4 < took < 3.0, took
+    assert str(info.value).startswith("no answer from http://127.0.0.1:")
+    assert "before the agent's --timeout of 1.5 s ran out" in str(info.value) and "\n" not in str(info.value)
+    assert len(server.received) == 1 and c.waits == []
+
+
+@pytest.mark.parametrize("interval", [5.0, 0.1])
+def test_a_trickling_server_is_cut_off_at_the_deadline(interval):
+    """One byte every 5 s outlasts any read timeout; one every 0.1 s never trips one at all: the
+    deadline bounds the whole request either way."""
+    with ScriptedLLMServer([Trickle(interval, seconds=20)]) as server:
+        c = client(server.url, timeout_s=60)
+        start = time.monotonic()
+        with pytest.raises(LLMTimeoutError, match="--timeout of 1.5 s ran out"):
+            c.chat([user_message("hi")], deadline=Deadline.after(1.5))
+        took = time.monotonic() - start
+    assert 1.4 < took < 3.0, took
+
+
+def test_the_request_timeout_bounds_the_whole_request_and_is_retried():
+    with ScriptedLLMServer([Trickle(0.05, seconds=20), "fast"]) as server:
+        c = client(server.url, timeout_s=0.8)
+        start = time.monotonic()
+        reply = c.chat([user_message("hi")])
+        took = time.monotonic() - start
+    assert reply.content == "fast" and reply.attempts == 2 and took < 2.5
+    assert "within 0.8 s" in reply.retried_errors[0]
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_not_followed_and_the_key_goes_nowhere_else(status):
+    with ScriptedLLMServer(["the other host answers"]) as other:
+        location = other.url + "/chat/completions"
+        redirect = Raw(b"", status=status, content_type="text/plain", headers={"Location": location})
+        with ScriptedLLMServer([redirect]) as server:
+            c = client(server.url)
+            with pytest.raises(LLMError) as info:
+                c.chat([user_message("hi")])
+    message = str(info.value)
+    assert message.startswith(f"HTTP {status} from {server.url}/chat/completions: it redirects to {location}")
+    assert "not followed" in message and "--llm-base-url" in message and "\n" not in message
+    assert server.received[0].headers["Authorization"] == "Bearer sk-test-123"
+    assert other.received == []  # nothing reached the other host: no request, no key
+
+
+def test_requests_go_to_the_base_url_origin_only():
+    import openai
+
+    c = client("http://127.0.0.1:9/v1")
+    with openai.DefaultHttpxClient() as http:
+        for url in ("http://127.0.0.2:9/v1/chat/completions", "https://127.0.0.1:9/v1", "http://127.0.0.1:10/v1"):
+            with pytest.raises(Exception, match="API key is only sent to http://127.0.0.1:9/v1"):
+                c._on_request(http.build_request("POST", url))
+        c._on_request(http.build_request("POST", "http://127.0.0.1:9/v1/chat/completions"))
+
+
+def test_no_stray_credentials_from_the_environment(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-must-not-leak")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-must-not-leak")
+    with ScriptedLLMServer(["ok", "ok"]) as server:
+        ChatClient(server.url, "m", api_key_env="MEDSAM3_NOT_SET").chat([user_message("hi")])
+        ChatClient(server.url, "m", api_key_env="MY_KEY", environ={"MY_KEY": "sk-mine"}).chat([user_message("hi")])
+    keyless, keyed = server.received
+    assert "Authorization" not in keyless.headers and "OpenAI-Organization" not in keyless.headers
+    assert keyed.headers["Authorization"] == "Bearer sk-mine" and "OpenAI-Organization" not in keyed.headers
+
+
+def _big_answer(size: int) -> bytes:
+    return json.dumps({"choices": [{"message": {"content": "x" * size}}]}).encode()
+
+
+@pytest.mark.parametrize("content_length", [True, False])
+def test_a_30_mb_reply_is_refused(content_length):
+    body = _big_answer(30 * 2**20)
+    with ScriptedLLMServer([Raw(body, content_type="application/json", content_length=content_length)]) as server:
+        c = client(server.url)
+        start = time.monotonic()
+        with pytest.raises(LLMError) as info:
+            c.chat([user_message("hi")])
+        took = time.monotonic() - start
+    message = str(info.value)
+    assert message.startswith(f"the reply from {server.url}/chat/completions is larger than 2 MiB")
+    assert "refused unread" in message and len(message) < 300 and took < 5
+    assert len(server.received) == 1  # not retried
+
+
+def test_compressed_replies_are_capped_after_decompression():
+    bomb = gzip.compress(_big_answer(30 * 2**20), compresslevel=9)
+    assert len(bomb) < 200_000
+    small = gzip.compress(Raw_answer := _big_answer(10))
+    script = [
+        Raw(bomb, content_type="application/json", headers={"Content-Encoding": "gzip"}),
+        Raw(small, content_type="application/json", headers={"Content-Encoding": "gzip"}),
+        Raw(Raw_answer, content_type="application/json", headers={"Content-Encoding": "br"}),
+    ]
+    with ScriptedLLMServer(script) as server:
+        c = client(server.url)
+        with pytest.raises(LLMError, match="larger than 2 MiB .*once decompressed"):
+            c.chat([user_message("hi")])
+        assert c.chat([user_message("hi")]).content == "x" * 10
+        with pytest.raises(LLMError, match="content encoding 'br'"):
+            c.chat([user_message("hi")])
+
+
+def test_a_reply_just_under_the_cap_is_read():
+    with ScriptedLLMServer([Raw(_big_answer(1000), content_type="application/json")]) as server:
+        assert client(server.url, max_reply_bytes=1100).chat([user_message("hi")]).content == "x" * 1000
+
+
+def test_a_deeply_nested_reply_body_is_a_clear_error():
+    nested = b"[" * 100_000 + b"]" * 100_000
+    with ScriptedLLMServer([Raw(nested, content_type="application/json"), Fail(400, "x" * 10)]) as server:
+        c = client(server.url)
+        with pytest.raises(LLMError, match="nested too deeply"):
+            c.chat([user_message("hi")])
+    assert server_message(nested.decode()).startswith("[[[")  # an error body like it is shown, short
+    assert len(server_message(nested.decode())) <= 300
