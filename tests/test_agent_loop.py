@@ -7,6 +7,7 @@ keeps the instances whose centre lies inside it, anything else finds nothing.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -20,13 +21,13 @@ from medsam3.agent.actions import (
     looks_like_refusal,
     parse_action,
 )
-from medsam3.agent.llm_client import ChatClient
-from medsam3.agent.loop import run_agent, run_offline
+from medsam3.agent.llm_client import ChatClient, LLMError, LLMTimeoutError
+from medsam3.agent.loop import AgentError, require_action, run_agent, run_offline
 from medsam3.agent.normalizer import ConceptNormalizer
 from medsam3.agent.render import colour, draw_instances, zoom_crops
 from medsam3.errors import PromptError
 from medsam3.infer.types import Prompt, PromptResult
-from scripted_llm_server import Fail, ScriptedLLMServer
+from scripted_llm_server import Fail, Hang, Raw, ScriptedLLMServer, Trickle
 
 H, W = 120, 160
 YY, XX = np.mgrid[:H, :W]
@@ -406,3 +407,151 @@ def test_agent_command_refuses_a_missing_endpoint_or_key_before_loading(tmp_path
             model="no-such-model",
         )
     assert not (tmp_path / "out").exists()
+
+
+# -- reliability: deep nesting, one deadline, huge replies, no usable action ---------------------------
+
+NESTED_LISTS = '{"action": ' + "[" * 100_000 + "]" * 100_000 + "}"  # 200 kB
+DEEP_LISTS = '{"action": ' + "[" * 5_000 + "]" * 5_000 + "}"  # short, but deeper than Python recurses
+DEEP_OBJECTS = '{"a": ' * 5_000 + "1" + "}" * 5_000  # 5000 starting points, each too deep
+
+
+def test_deeply_nested_answers_are_re_asked_then_recovered():
+    script = [NESTED_LISTS, DEEP_LISTS, DEEP_OBJECTS, SEGMENT_POLYP, ACCEPT]
+    with ScriptedLLMServer(script) as server:
+        start = time.monotonic()
+        result = run_agent(make_image(), "polyps", FakeSegmenter(), llm(server), max_reasks=3)
+    assert time.monotonic() - start < 10
+    assert (result.stop_reason, result.rounds, result.llm_calls) == ("accepted", 1, 5)
+    errors = [e["error"] for e in result.trace.of_kind("invalid_answer")]
+    assert errors[0] == "the answer is 200012 characters long; answer with one short JSON object and nothing else"
+    assert all(e.startswith("the JSON in the answer is nested too deeply to read") for e in errors[1:]), errors
+    assert server.received[2].last_user_text().startswith("Your answer could not be used: the JSON in the answer")
+    # The 200 kB answer is neither sent back whole nor kept whole in the trace.
+    assert all(len(m["content"]) < 11_000 for m in server.received[4].messages if m["role"] == "assistant")
+    assert all(len(e["text"]) < 11_000 for e in result.trace.of_kind("message"))
+
+
+def test_only_nested_answers_stop_with_a_reason_not_a_recursion_error(tmp_path):
+    with ScriptedLLMServer([DEEP_LISTS] * 3) as server:
+        result = run_agent(make_image(), "polyps", FakeSegmenter(), llm(server), max_reasks=2, out_dir=tmp_path)
+    assert (result.stop_reason, result.rounds, result.actions) == ("malformed", 0, 0)
+    assert "nested too deeply" in result.detail and "after 3 answers" in result.detail
+    with pytest.raises(AgentError, match=r"the LLM gave no usable action, so nothing was segmented \(malformed: "):
+        require_action(result, tmp_path)
+    assert (tmp_path / "trace" / "trace.json").stat().st_size < 200_000
+
+
+def test_the_deadline_covers_the_whole_run_and_the_trace_is_written(tmp_path):
+    """Round 1 answers at once; round 2's request hangs: the run ends at its 2 s deadline, not later."""
+    seg = FakeSegmenter()
+    with ScriptedLLMServer([SEGMENT_POLYP, Hang(30)]) as server:
+        start = time.monotonic()
+        with pytest.raises(LLMTimeoutError, match="--timeout of 2 s ran out"):
+            run_agent(make_image(), "polyps", seg, llm(server, timeout_s=60), timeout_s=2, out_dir=tmp_path)
+        took = time.monotonic() - start
+    assert 1.9 < took < 3.5, took
+    assert len(server.received) == 2 and len(seg.calls) == 1
+    trace = json.loads((tmp_path / "trace" / "trace.json").read_text())
+    assert trace["events"][0]["timeout_s"] == 2 and trace["events"][-1]["kind"] == "error"
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_a_30_mb_reply_inside_the_loop_is_refused_and_the_trace_stays_small(tmp_path):
+    huge = json.dumps({"choices": [{"message": {"content": "y" * (30 * 2**20)}}]}).encode()
+    with ScriptedLLMServer([SEGMENT_POLYP, Raw(huge, content_type="application/json", content_length=False)]) as s:
+        with pytest.raises(LLMError, match="larger than 2 MiB"):
+            run_agent(make_image(), "polyps", FakeSegmenter(), llm(s), out_dir=tmp_path)
+    trace = tmp_path / "trace" / "trace.json"
+    assert trace.stat().st_size < 50_000 and "larger than 2 MiB" in trace.read_text()
+    assert "yyyy" not in trace.read_text()
+
+
+# -- the command line: exit codes and one-line errors -----------------------------------------------
+
+
+@pytest.fixture()
+def cli(tmp_path, monkeypatch, capsys):
+    """``medsam3 agent`` on a PNG with the fake segmenter in place of MedSAM-3: returns run(args) ->
+    (exit code, stderr lines, seconds)."""
+    from medsam3.cli import main
+
+    monkeypatch.setattr(
+        "medsam3.agent.command.load_predictor", lambda model, **kw: (FakeSegmenter(), ["polyp", "breast tumor"])
+    )
+    path = tmp_path / "frame.png"
+    Image.fromarray(make_image()).save(path)
+
+    def run(*args: str, out: str = "out"):
+        capsys.readouterr()
+        start = time.monotonic()
+        code = main(["agent", str(path), "-i", "segment the polyps", "-o", str(tmp_path / out), *args])
+        took = time.monotonic() - start
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        return code, err, took
+
+    return run
+
+
+def endpoint(server: ScriptedLLMServer) -> list[str]:
+    return ["--llm-base-url", server.url, "--llm-model", "scripted-mllm", "--max-image-side", "96"]
+
+
+def test_cli_agent_succeeds_and_offline_still_works(cli, tmp_path):
+    with ScriptedLLMServer([SEGMENT_POLYP, ACCEPT]) as server:
+        code, err, _ = cli(*endpoint(server))
+    assert code == 0 and err == []
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["stop_reason"] == "accepted"
+    code, err, _ = cli("--llm", "none", out="offline")
+    assert code == 0 and err == []
+    summary = json.loads((tmp_path / "offline" / "result.json").read_text())
+    assert summary["stop_reason"] == "offline" and summary["concepts"] == ["polyp"]
+
+
+def test_cli_no_usable_action_exits_2_with_one_line(cli, tmp_path):
+    refusal = "I'm sorry, but I can't help with analysing medical images."
+    with ScriptedLLMServer([refusal] * 3) as server:
+        code, err, _ = cli(*endpoint(server))
+    assert code == 2 and len(err) == 1, err
+    assert "the LLM gave no usable action, so nothing was segmented (refused: " in err[0]
+    assert str(tmp_path / "out" / "trace" / "trace.json") in err[0]
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["actions"] == 0
+
+
+@pytest.mark.parametrize(
+    "step", [Hang(30), Trickle(5.0, seconds=30), Trickle(0.1, seconds=30)], ids=["hang", "trickle-5s", "trickle-0.1s"]
+)
+def test_cli_timeout_bounds_the_whole_run(cli, step):
+    with ScriptedLLMServer([SEGMENT_POLYP, step]) as server:
+        code, err, _ = cli(*endpoint(server), "--timeout", "2")
+        stopped = time.monotonic()
+    assert code == 2 and len(err) == 1, err
+    assert "--timeout of 2 s ran out" in err[0]
+    # From the first request (the deadline starts after the model is loaded) to the exit: about 2 s.
+    assert stopped - server.received[0].at < 3.5
+
+
+def test_cli_redirect_to_another_host_exits_2_and_the_key_stays_home(cli, monkeypatch):
+    monkeypatch.setenv("MEDSAM3_TEST_KEY", "sk-secret-key")
+    with ScriptedLLMServer(["never asked"]) as other:
+        location = {"Location": other.url + "/chat/completions"}
+        redirect = Raw(b"", status=302, content_type="text/plain", headers=location)
+        with ScriptedLLMServer([redirect]) as server:
+            code, err, _ = cli(*endpoint(server), "--api-key-env", "MEDSAM3_TEST_KEY")
+    assert code == 2 and len(err) == 1, err
+    assert f"HTTP 302 from {server.url}/chat/completions: it redirects to {other.url}/chat/completions" in err[0]
+    assert server.received[0].headers["Authorization"] == "Bearer sk-secret-key"
+    assert other.received == []
+
+
+def test_cli_huge_reply_exits_2_with_one_line(cli):
+    huge = json.dumps({"choices": [{"message": {"content": "z" * (30 * 2**20)}}]}).encode()
+    with ScriptedLLMServer([Raw(huge, content_type="application/json")]) as server:
+        code, err, took = cli(*endpoint(server))
+    assert code == 2 and len(err) == 1 and "is larger than 2 MiB" in err[0] and len(err[0]) < 400
+    assert took < 10
+
+
+def test_cli_rejects_a_bad_timeout(cli):
+    code, err, _ = cli("--llm-base-url", "http://127.0.0.1:9/v1", "--llm-model", "m", "--timeout", "0")
+    assert code == 2 and len(err) == 1 and "--timeout 0.0: give the agent run a positive number" in err[0]

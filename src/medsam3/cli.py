@@ -290,6 +290,9 @@ def evaluate(
     llm_model: Annotated[str | None, typer.Option("--llm-model", help="--agent openai: model name.")] = None,
     api_key_env: Annotated[str, typer.Option("--api-key-env")] = "OPENAI_API_KEY",
     max_rounds: Annotated[int, typer.Option("--max-rounds", min=1)] = 3,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="--agent openai: seconds for each case's whole agent run.")
+    ] = 300.0,
     volumes: Annotated[
         bool, typer.Option("--volumes", help="nnU-Net/MSD volumes: segment whole volumes, score in 3D (mm).")
     ] = False,
@@ -332,7 +335,7 @@ def evaluate(
     if agent is not None:
         from medsam3.agent.command import agent_segmenter_factory
 
-        wrap = agent_segmenter_factory(agent, llm_base_url, llm_model, api_key_env, max_rounds)
+        wrap = agent_segmenter_factory(agent, llm_base_url, llm_model, api_key_env, max_rounds, timeout_s=timeout)
     result = evaluate_path(
         paths[0],
         model,
@@ -543,6 +546,9 @@ def agent(
     max_image_side: Annotated[
         int, typer.Option("--max-image-side", help="Longest side of images sent to the LLM.")
     ] = 1024,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds for the whole agent run: every LLM call, retry and round.")
+    ] = 300.0,
     model: ModelOpt = DEFAULT_MODEL,
     adapter: AdapterOpt = None,
     device: DeviceOpt = "auto",
@@ -568,6 +574,7 @@ def agent(
         device=device,
         threshold=threshold,
         max_image_side=max_image_side,
+        timeout_s=timeout,
         slice_index=slice_index,
         axis=axis,
         window=window,

@@ -4,6 +4,8 @@ One answer = one action: ``segment`` (concept phrases of at most three words, op
 (a subset of the numbered instances), ``accept`` or ``absent``. Parsing forgives the usual wrapping
 (```json fences, prose around the object, a single concept given as a string) but refuses anything the
 segmenter could not use; the :class:`ActionError` message is sent back to the LLM so it can fix it.
+Hostile or broken answers cost little: a very long answer, or JSON nested deeper than Python can
+read, is an :class:`ActionError` too (never a RecursionError), and error messages quote values short.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from medsam3.agent.llm_client import short_repr
+
 MAX_CONCEPT_WORDS = 3
 MAX_CONCEPTS = 3
+MAX_ANSWER_CHARS = 100_000  # an action is well under 1 kB; prose around it is allowed, a book is not
+MAX_JSON_STARTS = 100  # "{" positions tried as the start of the object
 
 ACTION_SCHEMA: dict = {
     "type": "object",
@@ -115,18 +121,32 @@ def extract_json_object(text: str) -> dict:
     text = text.strip()
     if not text:
         raise ActionError("the answer was empty")
+    if len(text) > MAX_ANSWER_CHARS:
+        raise ActionError(
+            f"the answer is {len(text)} characters long; answer with one short JSON object and nothing else"
+        )
     candidates = [m.group(1).strip() for m in _FENCE.finditer(text)] + [text]
     decoder = json.JSONDecoder()
     last_error = None
+    tried = 0
     for candidate in candidates:
-        for start in [i for i, ch in enumerate(candidate) if ch == "{"]:
+        start = candidate.find("{")
+        while start >= 0 and tried < MAX_JSON_STARTS:
+            tried += 1
             try:
                 value, _ = decoder.raw_decode(candidate, start)
             except json.JSONDecodeError as exc:
                 last_error = exc
+                start = candidate.find("{", start + 1)
                 continue
+            except RecursionError:
+                raise ActionError(
+                    "the JSON in the answer is nested too deeply to read; answer with one flat JSON object "
+                    "with the keys action, concepts, box, instance_ids and reason"
+                ) from None
             if isinstance(value, dict):
                 return value
+            start = candidate.find("{", start + 1)
     if last_error is None:
         raise ActionError("no JSON object found in the answer", refusal=looks_like_refusal(text))
     raise ActionError(f"the JSON in the answer does not parse ({last_error.msg} at char {last_error.pos})")
@@ -151,7 +171,7 @@ def parse_action(
         raise ActionError('the object has no "action" (one of segment, select, accept, absent)')
     action = action.strip().lower()
     reason = data.get("reason")
-    reason = str(reason).strip() if reason not in (None, "") else None
+    reason = (reason.strip()[:2000] or None) if isinstance(reason, str) else None
     if action == "segment":
         return SegmentAction(_concepts(data), _box(data.get("box"), image_size), reason)
     if action == "select":
@@ -162,7 +182,7 @@ def parse_action(
         return AcceptAction(reason)
     if action == "absent":
         return AbsentAction(reason or "the target is not in the image")
-    raise ActionError(f'unknown action "{action}": use one of segment, select, accept, absent')
+    raise ActionError(f'unknown action "{action[:60]}": use one of segment, select, accept, absent')
 
 
 def _concepts(data: dict) -> tuple[str, ...]:
@@ -176,12 +196,12 @@ def _concepts(data: dict) -> tuple[str, ...]:
     concepts: list[str] = []
     for item in raw:
         if not isinstance(item, str) or not item.strip():
-            raise ActionError(f"concept {item!r} is not a phrase")
+            raise ActionError(f"concept {short_repr(item, 80)} is not a phrase")
         phrase = " ".join(item.split()).lower()
         words = len(phrase.split())
         if words > MAX_CONCEPT_WORDS:
             raise ActionError(
-                f'concept "{phrase}" has {words} words; MedSAM-3 takes phrases of at most '
+                f'concept "{phrase[:80]}" has {words} words; MedSAM-3 takes phrases of at most '
                 f'{MAX_CONCEPT_WORDS} words (e.g. "breast tumor")'
             )
         if phrase not in concepts:
@@ -197,19 +217,19 @@ def _box(raw, image_size: tuple[int, int] | None) -> tuple[float, float, float, 
     if isinstance(raw, dict):
         raw = [raw.get(k) for k in ("x0", "y0", "x1", "y1")]
     if not isinstance(raw, list) or len(raw) != 4:
-        raise ActionError(f"box {raw!r} must be [x0, y0, x1, y1] or null")
+        raise ActionError(f"box {short_repr(raw, 80)} must be [x0, y0, x1, y1] or null")
     try:
         x0, y0, x1, y1 = (float(v) for v in raw)
     except (TypeError, ValueError):
-        raise ActionError(f"box {raw!r} must hold four numbers") from None
+        raise ActionError(f"box {short_repr(raw, 80)} must hold four numbers") from None
     if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        raise ActionError(f"box {raw!r} must hold finite numbers")
+        raise ActionError(f"box {short_repr(raw, 80)} must hold finite numbers")
     if x1 <= x0 or y1 <= y0:
-        raise ActionError(f"box {raw!r} needs x1 > x0 and y1 > y0 (x0, y0 is the top-left corner)")
+        raise ActionError(f"box {short_repr(raw, 80)} needs x1 > x0 and y1 > y0 (x0, y0 is the top-left corner)")
     if image_size is not None:
         width, height = image_size
         if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
-            raise ActionError(f"box {raw!r} lies outside the {width}x{height} image")
+            raise ActionError(f"box {short_repr(raw, 80)} lies outside the {width}x{height} image")
         x0, y0, x1, y1 = max(0.0, x0), max(0.0, y0), min(float(width), x1), min(float(height), y1)
     return (x0, y0, x1, y1)
 
@@ -229,7 +249,7 @@ def _instance_ids(raw, shown: Collection[int]) -> tuple[int, ...]:
             if isinstance(item, float) and value != item:
                 raise ValueError
         except (TypeError, ValueError):
-            raise ActionError(f"instance id {item!r} is not a whole number") from None
+            raise ActionError(f"instance id {short_repr(item, 40)} is not a whole number") from None
         if value not in ids:
             ids.append(value)
     unknown = [i for i in ids if i not in shown]

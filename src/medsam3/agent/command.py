@@ -1,7 +1,9 @@
 """The library behind ``medsam3 agent``: read the image, load MedSAM-3, run the agent or the offline path.
 
 The LLM client is made before the model is loaded, so a missing API key or a bad URL fails in a
-second instead of after a model load.
+second instead of after a model load. ``timeout_s`` is one deadline for the agent loop (every LLM
+call, retry and round; loading the model is not counted). A run in which the LLM never gave a usable
+action raises :class:`~medsam3.agent.loop.AgentError` (exit code 2) after writing its outputs.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ import os
 from pathlib import Path
 
 from medsam3.agent.llm_client import ChatClient
-from medsam3.agent.loop import AgentResult, run_agent, run_offline
+from medsam3.agent.loop import AgentResult, require_action, run_agent, run_offline
 from medsam3.agent.normalizer import ConceptNormalizer, default_normalizer, normalizer_for
 from medsam3.errors import PromptError
 from medsam3.model.presets import DEFAULT_MODEL
+
+DEFAULT_TIMEOUT_S = 300.0  # the whole agent run (--timeout)
+REQUEST_TIMEOUT_S = 120.0  # one LLM request, at most (also cut to the time left)
 
 
 def model_concepts(loaded) -> list[str]:
@@ -41,7 +46,8 @@ def agent_command(
     device: str = "auto",
     threshold: float = 0.5,
     max_image_side: int = 1024,
-    timeout_s: float = 120.0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
     slice_index: int | None = None,
     axis: int = 0,
     window: str | None = None,
@@ -53,13 +59,12 @@ def agent_command(
     chat-completions endpoint that takes images.
     """
     from medsam3.data.image_io import read_image
-    from medsam3.infer.predictor import Sam3Predictor
-    from medsam3.model import load_model
 
     if not instruction or not instruction.strip():
         raise PromptError("empty --instruction: say what to segment, e.g. 'segment the tumor in the breast'")
     if llm not in ("openai", "none"):
         raise PromptError(f"--llm {llm!r}: use 'openai' (any OpenAI-compatible endpoint) or 'none' (offline)")
+    check_timeout(timeout_s)
     client = None
     if llm == "openai":
         if not llm_base_url or not llm_model:
@@ -72,17 +77,15 @@ def agent_command(
             llm_model,
             api_key_env=api_key_env,
             max_image_side=max_image_side,
-            timeout_s=timeout_s,
+            timeout_s=min(request_timeout_s, timeout_s),
         )
     picture = read_image(image, slice_index=slice_index, axis=axis, window=window)
-    loaded = load_model(model, device=device, adapter=adapter)
-    predictor = Sam3Predictor(loaded, score_threshold=threshold)
-    concepts = model_concepts(loaded)
+    predictor, concepts = load_predictor(model, device=device, adapter=adapter, threshold=threshold)
     if client is None:
         normalizer = normalizer_for(concepts) if concepts else default_normalizer()
         return run_offline(picture.rgb, instruction, predictor, normalizer, out_dir=Path(out))
     normalizer: ConceptNormalizer | None = normalizer_for(concepts) if concepts else None
-    return run_agent(
+    result = run_agent(
         picture.rgb,
         instruction,
         predictor,
@@ -90,26 +93,56 @@ def agent_command(
         max_rounds=max_rounds,
         out_dir=Path(out),
         normalizer=normalizer,
+        timeout_s=timeout_s,
     )
+    return require_action(result, out)
+
+
+def load_predictor(model: str, *, device: str, adapter, threshold: float):
+    """MedSAM-3's predictor for ``model`` and the concepts it was tuned on."""
+    from medsam3.infer.predictor import Sam3Predictor
+    from medsam3.model import load_model
+
+    loaded = load_model(model, device=device, adapter=adapter)
+    return Sam3Predictor(loaded, score_threshold=threshold), model_concepts(loaded)
+
+
+def check_timeout(timeout_s: float) -> float:
+    if not (isinstance(timeout_s, (int, float)) and 0 < timeout_s < float("inf")):
+        raise PromptError(f"--timeout {timeout_s}: give the agent run a positive number of seconds (e.g. 300)")
+    return float(timeout_s)
 
 
 def agent_segmenter_factory(
-    llm: str, llm_base_url: str | None, llm_model: str | None, api_key_env: str = "OPENAI_API_KEY", max_rounds: int = 3
+    llm: str,
+    llm_base_url: str | None,
+    llm_model: str | None,
+    api_key_env: str = "OPENAI_API_KEY",
+    max_rounds: int = 3,
+    *,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    request_timeout_s: float = REQUEST_TIMEOUT_S,
 ):
-    """For ``evaluate --agent``: a function wrapping the loaded predictor in the agent."""
+    """For ``evaluate --agent``: a function wrapping the loaded predictor in the agent.
+
+    ``timeout_s`` is the deadline of each case's agent run.
+    """
     from medsam3.agent.segmenter import AgentSegmenter
 
     if llm not in ("openai", "none"):
         raise PromptError(f"--agent {llm!r}: use 'openai' (any OpenAI-compatible endpoint) or 'none' (offline)")
+    check_timeout(timeout_s)
     client = None
     if llm == "openai":
         if not llm_base_url or not llm_model:
             raise PromptError("--agent openai needs --llm-base-url and --llm-model")
-        client = ChatClient(llm_base_url, llm_model, api_key_env=api_key_env)
+        client = ChatClient(
+            llm_base_url, llm_model, api_key_env=api_key_env, timeout_s=min(request_timeout_s, timeout_s)
+        )
 
     def wrap(predictor):
         concepts = model_concepts(getattr(predictor, "loaded", None))
         normalizer = normalizer_for(concepts) if concepts else default_normalizer()
-        return AgentSegmenter(predictor, normalizer, client, max_rounds=max_rounds)
+        return AgentSegmenter(predictor, normalizer, client, max_rounds=max_rounds, timeout_s=timeout_s)
 
     return wrap

@@ -4,8 +4,10 @@ Round 1 sends the instruction and the image; the LLM answers with one action (se
 ``segment`` or ``select`` action changes the mask and counts as a round: MedSAM-3 runs, the instances
 are drawn numbered (plus zoomed crops of small ones) and sent back. The loop stops on ``accept``,
 ``absent``, after ``max_rounds`` rounds, when a round reproduces the previous mask (no progress), or
-when the LLM fails to give a usable action after a bounded number of re-asks. ``run_offline`` is the
-no-LLM path: the concept normaliser picks the phrase and MedSAM-3 runs once.
+when the LLM fails to give a usable action after a bounded number of re-asks. One deadline
+(``timeout_s``) bounds the whole run: every LLM call, retry and wait; an LLM error or a run past it
+raises (after writing the trace, when there is an output folder). ``run_offline`` is the no-LLM
+path: the concept normaliser picks the phrase and MedSAM-3 runs once.
 """
 
 from __future__ import annotations
@@ -28,15 +30,20 @@ from medsam3.agent.actions import (
     SelectAction,
     parse_action,
 )
-from medsam3.agent.llm_client import ChatReply, encode_png, png_size, user_message
+from medsam3.agent.llm_client import ChatReply, Deadline, encode_png, png_size, user_message
 from medsam3.agent.normalizer import ConceptNormalizer
 from medsam3.agent.render import draw_instances, draw_mask, to_display_rgb, zoom_crops
 from medsam3.agent.trace import Trace
-from medsam3.errors import PromptError
+from medsam3.errors import MedSAM3Error, PromptError
 from medsam3.infer.types import Prompt, PromptResult
 from medsam3.utils.files import atomic_path, write_json_atomic
 
 STOP_REASONS = ("accepted", "absent", "max_rounds", "no_progress", "malformed", "refused", "offline")
+MAX_KEPT_ANSWER_CHARS = 10_000  # of an answer, in the conversation sent back and in the trace
+
+
+class AgentError(MedSAM3Error):
+    """The agent ran but the LLM never gave a usable action, so there is no result to speak of."""
 
 
 class Segmenter(Protocol):
@@ -57,7 +64,12 @@ class ChatModel(Protocol):
     def prepare_image(self, image: np.ndarray) -> bytes: ...
 
     def chat(
-        self, messages: list[dict], *, json_schema: dict | None = None, schema_name: str = ...
+        self,
+        messages: list[dict],
+        *,
+        json_schema: dict | None = None,
+        schema_name: str = ...,
+        deadline: Deadline | None = None,
     ) -> ChatReply: ...
 
 
@@ -94,6 +106,12 @@ class AgentResult:
     instances: list[Instance] = field(default_factory=list)
     llm_calls: int = 0
     seconds: float = 0.0
+    actions: int = 0  # usable actions the LLM gave (the offline path counts its one pass)
+
+    @property
+    def got_action(self) -> bool:
+        """Whether the LLM gave at least one usable action (otherwise the empty mask means nothing)."""
+        return self.actions > 0
 
     def to_json(self) -> dict:
         return {
@@ -101,6 +119,7 @@ class AgentResult:
             "detail": self.detail,
             "rounds": self.rounds,
             "llm_calls": self.llm_calls,
+            "actions": self.actions,
             "concepts": list(self.concepts),
             "instances": [i.to_json() for i in self.instances],
             "mask_area": int(self.mask.sum()),
@@ -131,11 +150,13 @@ in the image. Example: {"action": "segment", "concepts": ["polyp"], "box": null,
 class _Session:
     """One run's mutable state: the conversation, the shown instances, the current mask."""
 
-    def __init__(self, image: np.ndarray, llm: ChatModel, trace: Trace):
+    def __init__(self, image: np.ndarray, llm: ChatModel, trace: Trace, deadline: Deadline | None = None):
         self.image = image
         self.display = to_display_rgb(image)
         self.llm = llm
         self.trace = trace
+        self.deadline = deadline
+        self.actions = 0
         self.messages: list[dict] = []
         self.instances: list[Instance] = []
         self.mask: np.ndarray | None = None
@@ -160,12 +181,17 @@ class _Session:
     def ask(self, max_reasks: int) -> tuple[Action | None, str]:
         """The next usable action, re-asking with the error up to ``max_reasks`` times."""
         for attempt in range(max_reasks + 1):
-            reply = self.llm.chat(self.messages, json_schema=ACTION_SCHEMA, schema_name="medsam3_action")
+            reply = self.llm.chat(
+                self.messages, json_schema=ACTION_SCHEMA, schema_name="medsam3_action", deadline=self.deadline
+            )
             self.llm_calls += 1
             self.trace.log("llm_call", **reply.trace_json())
             text = reply.content
-            self.messages.append({"role": "assistant", "content": text})
-            self.trace.log("message", role="assistant", text=text, images=[])
+            kept = text
+            if len(text) > MAX_KEPT_ANSWER_CHARS:
+                kept = text[:MAX_KEPT_ANSWER_CHARS] + f" [... {len(text) - MAX_KEPT_ANSWER_CHARS} characters cut]"
+            self.messages.append({"role": "assistant", "content": kept})
+            self.trace.log("message", role="assistant", text=kept, images=[])
             try:
                 if reply.refusal and not text.strip():
                     raise ActionError(f"refused: {reply.refusal}", refusal=True)
@@ -186,6 +212,7 @@ class _Session:
                     "with the keys action, concepts, box, instance_ids and reason.",
                 )
                 continue
+            self.actions += 1
             self.trace.log("action", **{**action.to_json(), "reason": action.reason})
             return action, ""
         raise AssertionError("unreachable")
@@ -272,19 +299,60 @@ def run_agent(
     score_threshold: float | None = None,
     max_reasks: int = 2,
     normalizer: ConceptNormalizer | None = None,
+    timeout_s: float | None = None,
 ) -> AgentResult:
     """Segment what ``instruction`` asks for, with ``llm`` planning and judging MedSAM-3's results.
 
     ``segmenter`` gets the original image once; the LLM gets downscaled copies. With a ``normalizer``,
     the model's vocabulary is listed to the LLM and phrases outside it are mapped onto it. Writes
-    ``out_dir`` (see :func:`write_outputs`) when given.
+    ``out_dir`` (see :func:`write_outputs`) when given. ``timeout_s`` is one deadline for the whole
+    run (every LLM request is cut to the time left); an LLM error, or the deadline, raises
+    :class:`~medsam3.agent.llm_client.LLMError` after writing ``out_dir``/trace.
     """
     if not instruction or not instruction.strip():
         raise PromptError("empty instruction: say what to segment, e.g. 'segment the tumor in the breast'")
     if max_rounds < 1:
         raise PromptError(f"max rounds must be at least 1, got {max_rounds}")
+    if timeout_s is not None and not (0 < timeout_s < float("inf")):
+        raise PromptError(f"--timeout must be a positive number of seconds, got {timeout_s}")
+    deadline = Deadline.after(timeout_s) if timeout_s is not None else None
     trace = Trace()
-    session = _Session(image_rgb, llm, trace)
+    try:
+        return _run_agent(
+            image_rgb,
+            instruction,
+            segmenter,
+            llm,
+            trace,
+            deadline,
+            max_rounds=max_rounds,
+            out_dir=out_dir,
+            score_threshold=score_threshold,
+            max_reasks=max_reasks,
+            normalizer=normalizer,
+        )
+    except MedSAM3Error as exc:
+        trace.log("error", error=str(exc), kind_of_error=type(exc).__name__)
+        if out_dir is not None:
+            trace.write(Path(out_dir) / "trace")  # what led to the error, for a look
+        raise
+
+
+def _run_agent(
+    image_rgb: np.ndarray,
+    instruction: str,
+    segmenter: Segmenter,
+    llm: ChatModel,
+    trace: Trace,
+    deadline: Deadline | None,
+    *,
+    max_rounds: int,
+    out_dir: str | Path | None,
+    score_threshold: float | None,
+    max_reasks: int,
+    normalizer: ConceptNormalizer | None,
+) -> AgentResult:
+    session = _Session(image_rgb, llm, trace, deadline)
     height, width = session.display.shape[:2]
     trace.log(
         "start",
@@ -293,6 +361,7 @@ def run_agent(
         sent_size=[session.sent_size[1], session.sent_size[0]],
         model=getattr(llm, "model", None),
         max_rounds=max_rounds,
+        timeout_s=None if deadline is None else deadline.seconds,
     )
     t0 = time.monotonic()
     segmenter.set_image(image_rgb)
@@ -373,6 +442,7 @@ def run_agent(
         instances=session.instances,
         llm_calls=session.llm_calls,
         seconds=trace.elapsed(),
+        actions=session.actions,
     )
     trace.log("stop", stop_reason=stop, detail=detail, rounds=rounds, mask_area=int(mask.sum()))
     if out_dir is not None:
@@ -415,11 +485,21 @@ def run_offline(
         concepts=(concept,),
         instances=instances,
         seconds=trace.elapsed(),
+        actions=1,
     )
     trace.log("stop", stop_reason="offline", detail=result.detail, rounds=1, mask_area=int(mask.sum()))
     if out_dir is not None:
         write_outputs(out_dir, image_rgb, result, instruction=instruction, llm=None, candidates=candidates)
     return result
+
+
+def require_action(result: AgentResult, out_dir: str | Path | None = None) -> AgentResult:
+    """``result``, or :class:`AgentError` when the LLM never gave a usable action (nothing was segmented
+    on its word: the empty mask is not an answer)."""
+    if result.got_action:
+        return result
+    where = f"; see {Path(out_dir) / 'trace' / 'trace.json'}" if out_dir is not None else ""
+    raise AgentError(f"the LLM gave no usable action, so nothing was segmented ({result.detail}){where}")
 
 
 def write_outputs(

@@ -2,8 +2,10 @@
 
 Each evaluated sample becomes the instruction "segment the <concept>"; the agent (an MLLM loop, or
 the offline normaliser with ``llm=None``) returns one final mask, split into connected components
-as instances. The paper's comparison (MedSAM-3 T+I vs MedSAM-3 Agent on BUSI) is then one pair of
-``evaluate`` runs and a ``compare``.
+as instances. Each case's run has its own deadline (``timeout_s``); a case where the LLM gave no
+usable action, or an LLM error, raises (``evaluate --skip-bad`` skips and lists it). The paper's
+comparison (MedSAM-3 T+I vs MedSAM-3 Agent on BUSI) is then one pair of ``evaluate`` runs and a
+``compare``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from medsam3.agent.loop import run_agent, run_offline
+from medsam3.agent.loop import require_action, run_agent, run_offline
 from medsam3.agent.normalizer import ConceptNormalizer
 from medsam3.data.sample import masks_to_boxes
 from medsam3.infer.types import Prompt, PromptResult
@@ -20,11 +22,14 @@ from medsam3.infer.types import Prompt, PromptResult
 class AgentSegmenter:
     """``set_image`` / ``predict`` over the agent loop; boxes in prompts are ignored (the agent plans)."""
 
-    def __init__(self, predictor, normalizer: ConceptNormalizer, llm=None, *, max_rounds: int = 3):
+    def __init__(
+        self, predictor, normalizer: ConceptNormalizer, llm=None, *, max_rounds: int = 3, timeout_s: float | None = None
+    ):
         self.predictor = predictor
         self.normalizer = normalizer
         self.llm = llm
         self.max_rounds = max_rounds
+        self.timeout_s = timeout_s
         self.loaded = getattr(predictor, "loaded", None)
         self._image: np.ndarray | None = None
 
@@ -41,13 +46,16 @@ class AgentSegmenter:
             if self.llm is None:
                 outcome = run_offline(self._image, instruction, self.predictor, self.normalizer)
             else:
-                outcome = run_agent(
-                    self._image,
-                    instruction,
-                    self.predictor,
-                    self.llm,
-                    max_rounds=self.max_rounds,
-                    normalizer=self.normalizer,
+                outcome = require_action(
+                    run_agent(
+                        self._image,
+                        instruction,
+                        self.predictor,
+                        self.llm,
+                        max_rounds=self.max_rounds,
+                        normalizer=self.normalizer,
+                        timeout_s=self.timeout_s,
+                    )
                 )
             results.append(_as_result(prompt, outcome.mask))
         return results
