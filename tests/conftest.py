@@ -41,3 +41,11 @@ def rgb_image():
     image = rng.integers(20, 60, (90, 130, 3)).astype(np.uint8)
     image[(yy - 45) ** 2 + (xx - 60) ** 2 < 15**2] = 220
     return image
+
+
+@pytest.fixture(scope="session")
+def lite_init():
+    """lite with its real pretrained towers (LiteMedSAM TinyViT, MiniLM) and an untrained detector."""
+    from medsam3.model import load_model
+
+    return load_model("lite-init", device="cpu")

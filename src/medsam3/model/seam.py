@@ -1,0 +1,173 @@
+"""The one place that talks to the model: images in, phrases in, detector outputs out.
+
+Predictor, trainer, feature cache, volumes, video and evaluation all go through a
+:class:`ModelSeam`; none of them preprocesses, tokenises or slices features itself. The backbone
+(:mod:`medsam3.model.backbones`) decides how; the seam adds what every caller needs on top: device
+and dtype, batching, a per-phrase cache of the frozen text tower's output, box normalisation in the
+model's input frame, and feature selection for sub-batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
+
+from medsam3.model.backbones.base import Backbone
+from medsam3.model.box_prompts import box_prompt_tensors
+
+
+class ModelSeam:
+    """A model, its backbone and its device: every model call in the project goes through here."""
+
+    def __init__(self, model: nn.Module, backbone: Backbone, device: torch.device):
+        self.model = model
+        self.backbone = backbone
+        self.device = device
+        self._text_states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.image_encodes = 0  # images through the frozen image tower (tests and benchmarks count it)
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def input_size(self) -> int:
+        return self.backbone.input_size
+
+    def canvas_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.backbone.canvas_size(height, width)
+
+    @property
+    def has_box_decoder(self) -> bool:
+        return hasattr(self.model, "box_decoder")
+
+    # -- images --------------------------------------------------------------------------------
+    def pixel_values(self, rgbs: Sequence[np.ndarray]) -> torch.Tensor:
+        return self.backbone.pixel_values(rgbs).to(self.device, self.dtype)
+
+    def embed_images(self, rgbs: Sequence[np.ndarray], *, grad: bool = False) -> tuple[torch.Tensor, ...]:
+        """The frozen image tower's output for a batch (what a feature cache stores)."""
+        pixels = self.pixel_values(rgbs)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            embedding = self.backbone.image_embedding(self.model, pixels)
+        self.image_encodes += len(rgbs)
+        return embedding
+
+    def vision_features(self, embedding: tuple[torch.Tensor, ...]) -> Sam3VisionEncoderOutput:
+        """The detector's FPN levels from an embedding (runs a trainable neck when the backbone has one)."""
+        return self.backbone.vision_features(self.model, embedding)
+
+    def encode_images(self, rgbs: Sequence[np.ndarray], *, grad: bool = False) -> Sam3VisionEncoderOutput:
+        return self.vision_features(self.embed_images(rgbs, grad=grad))
+
+    @staticmethod
+    def select(vision: Sam3VisionEncoderOutput, index: torch.Tensor | Sequence[int]) -> Sam3VisionEncoderOutput:
+        """Rows ``index`` of a batched vision output."""
+        if not torch.is_tensor(index):
+            index = torch.as_tensor(list(index), device=vision.fpn_hidden_states[0].device)
+        return Sam3VisionEncoderOutput(
+            last_hidden_state=None,
+            fpn_hidden_states=tuple(h.index_select(0, index) for h in vision.fpn_hidden_states),
+            fpn_position_encoding=tuple(p.index_select(0, index) for p in vision.fpn_position_encoding),
+        )
+
+    @staticmethod
+    def expand(vision: Sam3VisionEncoderOutput, batch: int) -> Sam3VisionEncoderOutput:
+        """One image's features viewed as a batch of ``batch`` (no copy)."""
+
+        def grow(t: torch.Tensor) -> torch.Tensor:
+            return t.expand(batch, *t.shape[1:])
+
+        return Sam3VisionEncoderOutput(
+            last_hidden_state=None,
+            fpn_hidden_states=tuple(grow(t) for t in vision.fpn_hidden_states),
+            fpn_position_encoding=tuple(grow(t) for t in vision.fpn_position_encoding),
+        )
+
+    @staticmethod
+    def split_embedding(embedding: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, ...]:
+        """Image ``k`` of a batched embedding, as a batch of one (views)."""
+        return tuple(t[k : k + 1] for t in embedding)
+
+    # -- text ----------------------------------------------------------------------------------
+    def token_count(self, phrase: str) -> int:
+        return self.backbone.token_count(phrase)
+
+    def clear_text_cache(self) -> None:
+        """Forget cached text-tower outputs (after the tower's weights changed, e.g. an adapter)."""
+        self._text_states.clear()
+
+    def cache_phrases(self, phrases: Sequence[str]) -> None:
+        """Run the frozen text tower once for all new phrases (one batched pass)."""
+        self._frozen_text(list(phrases))
+
+    def _frozen_text(self, phrases: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = sorted({p for p in phrases if p not in self._text_states})
+        if missing:
+            # Outside inference mode: cached states must stay usable by a training step later.
+            with torch.inference_mode(False), torch.no_grad():
+                ids, mask = self.backbone.tokenize(missing)
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                states = self.backbone.text_states(self.model, ids, mask)
+            for i, phrase in enumerate(missing):
+                self._text_states[phrase] = (states[i : i + 1], mask[i : i + 1])
+        return (
+            torch.cat([self._text_states[p][0] for p in phrases]),
+            torch.cat([self._text_states[p][1] for p in phrases]),
+        )
+
+    def encode_phrases(
+        self, phrases: Sequence[str], *, text_tower_frozen: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (B, L, D), attention mask (B, L)) for the detector.
+
+        With a frozen text tower its output is cached per phrase and only the projection runs (with
+        gradients when it trains); otherwise the whole tower runs.
+        """
+        if text_tower_frozen:
+            states, mask = self._frozen_text(phrases)
+        else:
+            ids, mask = self.backbone.tokenize(list(phrases))
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            states = self.backbone.text_states(self.model, ids, mask)
+        return self.backbone.text_features(self.model, states), mask
+
+    # -- boxes and the detector ----------------------------------------------------------------
+    def box_tensors(
+        self,
+        box_sets: Sequence[Sequence[Sequence[float]]],
+        label_sets: Sequence[Sequence[int]],
+        sizes: Sequence[tuple[int, int]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """xyxy pixel boxes of images of ``sizes`` -> SAM 3's (B, N, 4) cxcywh in the input frame + labels."""
+        clip = list(sizes)
+        canvases = [self.canvas_size(h, w) for h, w in sizes]
+        boxes, labels = box_prompt_tensors(box_sets, label_sets, canvases, clip_sizes=clip)
+        return boxes.to(self.device, self.dtype), labels.to(self.device)
+
+    def detect(
+        self,
+        vision: Sam3VisionEncoderOutput,
+        features: torch.Tensor,
+        mask: torch.Tensor,
+        boxes: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ):
+        """One detector pass (raw SAM 3 outputs); ``vision`` has one row per prompt."""
+        return self.model(
+            vision_embeds=vision,
+            text_embeds=BaseModelOutputWithPooling(pooler_output=features),
+            attention_mask=mask,
+            input_boxes=boxes,
+            input_boxes_labels=labels,
+        )
+
+    def box_masks(self, embedding: tuple[torch.Tensor, ...], boxes_input_px: torch.Tensor) -> torch.Tensor:
+        """Mask logits (N, S, S) drawn by the backbone's box decoder for boxes in input pixels."""
+        return self.model.box_decoder(embedding[0].to(self.dtype), boxes_input_px.to(self.device, self.dtype))
