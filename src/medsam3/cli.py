@@ -586,6 +586,35 @@ def agent(
     typer.echo(f"wrote {out}/result.json")
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    model: ModelOpt = DEFAULT_MODEL,
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = "auto",
+    token_env: Annotated[
+        str | None, typer.Option("--token-env", help="Environment variable holding a bearer token clients must send.")
+    ] = None,
+    max_upload_mb: Annotated[int, typer.Option(help="Largest upload accepted, in MB.")] = 256,
+    max_sessions: Annotated[int, typer.Option(help="Uploads kept (least recently used evicted).")] = 32,
+    request_timeout: Annotated[float, typer.Option(help="Per-request time limit in seconds.")] = 60.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """REST API and web viewer on one shared model (page at /, API docs at /docs)."""
+    from medsam3.serve import ServeSettings, run_server
+
+    settings = ServeSettings(
+        model=model,
+        adapter=None if adapter is None else str(adapter),
+        device=device,
+        max_upload_bytes=max_upload_mb * 1024 * 1024,
+        max_sessions=max_sessions,
+        request_timeout_s=request_timeout,
+    )
+    run_server(settings, host=host, port=port, log_level=log_level, token_env=token_env)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2 (``--debug`` for a traceback).
 
