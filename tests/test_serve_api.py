@@ -463,6 +463,23 @@ def test_feature_cache_is_bounded_in_bytes(tiny_model, no_tracebacks):
 # ----------------------------------------------------------------------------- bad input: 4xx, one line, no traceback
 
 
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares a huge grid (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
 def truncated_png() -> bytes:
     data = png(picture())
     return data[: len(data) // 2]
@@ -473,6 +490,8 @@ BAD_UPLOADS = [
     ("truncated.png", truncated_png(), 422, "truncated.png"),
     ("text.png", b"hello, I am not a picture\n" * 10, 422, "not a readable image"),
     ("notes.txt", b"just some text", 415, "unsupported file type"),
+    ("bomb.png", png_declaring(30000, 30000), 413, "pixels than the server's limit"),
+    ("large.png", png_declaring(9000, 9000), 413, "81,000,000 pixels"),
     ("all_nan.tif", tiff(np.full((8, 8), np.nan, np.float32)), 422, "NaN"),
     ("broken.nii.gz", gzip.compress(b"\x00" * 100), 422, "broken.nii.gz"),
     ("garbage.nii.gz", b"\x1f\x8b not gzip at all", 422, "garbage.nii.gz"),

@@ -152,9 +152,13 @@ def _header_size(path: Path, fmt: str) -> tuple[int, int] | None:
         if fmt in ("png", "jpeg", "bmp"):
             from PIL import Image
 
-            Image.MAX_IMAGE_PIXELS = None  # the server's own limit replaces PIL's warning
-            with Image.open(path) as image:
-                return image.width * image.height, 1
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    with Image.open(path) as image:
+                        return image.width * image.height, 1
+            except Image.DecompressionBombError:
+                return -1, 1  # more than PIL itself would decode
         if fmt == "tiff":
             import tifffile
 
@@ -188,8 +192,10 @@ def _check_header_size(path: Path, kind: str, fmt: str, name: str, settings: Ser
     per_frame, frames = found
     volume = kind == "volume" or frames > 1
     count, limit = per_frame * frames, settings.max_voxels if volume else settings.max_pixels
+    what = "voxels" if volume else "pixels"
+    if count < 0:
+        raise UploadError(413, f"{name}: more {what} than the server's limit of {limit:,}")
     if count > limit:
-        what = "voxels" if volume else "pixels"
         raise UploadError(413, f"{name}: {count:,} {what} is more than the server's limit of {limit:,}")
     return frames > 1
 
