@@ -35,3 +35,8 @@ class ModelSpecError(MedSAM3Error):
 
 class DatasetError(MedSAM3Error):
     """A dataset folder whose layout or contents are wrong."""
+
+
+class OutputError(MedSAM3Error):
+    """An output path that cannot be used: it is, or would overwrite, an input; a file where a
+    folder is needed or the reverse; or a place that cannot be written."""

@@ -74,12 +74,85 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns those created, deepest first."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    for made in reversed(missing):
+        made.mkdir(exist_ok=True)
+    return missing
+
+
+class FileGroup:
+    """Files written together: see :func:`atomic_files`."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Path, Path]] = []
+        self._made: list[Path] = []
+
+    def path(self, destination: str | Path) -> Path:
+        """A temporary file next to ``destination`` to write it into (its name ends like it)."""
+        destination = Path(destination)
+        self._made[:0] = _make_parents(destination.parent)
+        fd, tmp = tempfile.mkstemp(prefix=".medsam3-", suffix=f"-{destination.name}", dir=destination.parent)
+        os.close(fd)
+        self._pending.append((Path(tmp), destination))
+        return Path(tmp)
+
+    def _commit(self) -> list[Path]:
+        for tmp, _ in self._pending:
+            if tmp.exists():
+                _public(tmp)
+        moved = []
+        for tmp, destination in self._pending:
+            os.replace(tmp, destination)
+            moved.append(destination)
+        self._pending = []
+        return moved
+
+    def _abort(self) -> None:
+        for tmp, _ in self._pending:
+            tmp.unlink(missing_ok=True)
+        self._pending = []
+        for folder in self._made:  # deepest first; only folders this group created, and only if empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+@contextlib.contextmanager
+def atomic_files() -> Iterator[FileGroup]:
+    """Write several files as one: every file goes to a temporary next to its destination, and all
+    are moved into place (in the order they were asked for) only when the block succeeds.
+
+    On any failure (a full disk, an exception) the temporaries and the folders this group created
+    are removed, so earlier files at the destinations stay byte for byte as they were::
+
+        with atomic_files() as files:
+            save_png(files.path(out / "mask.png"), mask)
+            write_json_atomic(files.path(out / "result.json"), result)   # moved last
+    """
+    group = FileGroup()
+    try:
+        yield group
+        group._commit()
+    except BaseException:
+        group._abort()
+        raise
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Write a text file atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write pretty JSON atomically (sorted keys off: the caller's order reads better)."""
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+def write_json_atomic(path: str | Path, data: Any, *, allow_nan: bool = True) -> None:
+    """Write pretty JSON atomically (sorted keys off: the caller's order reads better).
+
+    ``allow_nan=False`` refuses NaN and infinity (bare ``NaN``/``Infinity`` are not valid JSON).
+    """
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=allow_nan) + "\n")
