@@ -40,6 +40,7 @@ from medsam3.data.windowing import (
 )
 from medsam3.errors import InputFileError
 from medsam3.utils.files import atomic_path
+from medsam3.utils.terminal import quiet_native_stderr
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -241,7 +242,7 @@ def _decode_with_gdcm(path: Path) -> np.ndarray | None:
     import SimpleITK as sitk
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_native_stderr():
             warnings.simplefilter("ignore")
             image = sitk.ReadImage(str(path), imageIO="GDCMImageIO")
     except RuntimeError:
@@ -275,13 +276,20 @@ def _read_dicom(path: Path, window: str | Window | None) -> MedicalImage:
     try:
         pixels = ds.pixel_array
     except Exception as error:
-        pixels = _decode_with_gdcm(path)
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
+        # GDCM is the second decoder for compressed pixel data only: native (uncompressed) data that
+        # pydicom refuses is wrong in the file (e.g. Rows x Columns larger than the data), and GDCM
+        # would zero-pad it into a picture that is not there.
+        try:
+            native = syntax is not None and not syntax.is_compressed
+        except (AttributeError, ValueError):  # not a known transfer syntax: let GDCM try
+            native = False
+        pixels = None if native else _decode_with_gdcm(path)
         if pixels is None:
-            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-            name = getattr(syntax, "name", syntax) or "unknown transfer syntax"
-            raise InputFileError(
-                path, f"cannot decode DICOM pixel data ({name}: {' '.join(str(error).split())[:160]})"
-            ) from None
+            reason = " ".join(str(error).split(" - the dataset may be")[0].split())[:200]
+            declared = f", Rows x Columns {ds.get('Rows')}x{ds.get('Columns')}" if native else ""
+            raise InputFileError(path, f"cannot decode DICOM pixel data ({name}{declared}: {reason})") from None
         rescaled = True  # GDCM has already applied RescaleSlope/Intercept
     _check_size(pixels, path)
     modality = str(getattr(ds, "Modality", "") or "").strip() or None

@@ -43,6 +43,7 @@ from medsam3.data.windowing import (
     to_uint8,
 )
 from medsam3.errors import InputFileError, MedSAM3Error
+from medsam3.utils.terminal import quiet_native_stderr
 
 #: File name endings read as volumes (a folder is read as a DICOM series).
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -173,9 +174,23 @@ def _geometry_3d(path: Path, dim: int, size: tuple[int, ...], spacing, origin, d
 def finite_float32(array: np.ndarray, path: Path, unit: str = "voxel", whole: str = "volume") -> np.ndarray:
     """A fresh, writable float32 copy with non-finite values set to the minimum (warned).
 
-    Shared by the 2D and 3D readers: an all-NaN/inf input is an error naming the file.
+    Shared by the 2D and 3D readers: an all-NaN/inf input is an error naming the file, and so are
+    finite values beyond float32's range (float64 near 1e308), which would otherwise turn infinite.
     """
-    array = np.array(array, dtype=np.float32, order="C")
+    source = np.asarray(array)
+    if source.dtype.kind == "f" and source.dtype.itemsize > 4 and source.size:
+        finite = np.isfinite(source)
+        top = float(np.max(source, where=finite, initial=-np.inf))
+        bottom = float(np.min(source, where=finite, initial=np.inf))
+        limit = float(np.finfo(np.float32).max)
+        if top > limit or bottom < -limit:
+            extreme = top if top > limit else bottom
+            raise InputFileError(
+                path,
+                f"{unit} values reach {extreme:.3g}, beyond the float32 range (±{limit:.2g}) medsam3 works in; "
+                f"rescale the {whole}",
+            )
+    array = np.array(source, dtype=np.float32, order="C")
     bad = ~np.isfinite(array)
     if bad.any():
         if bad.all():
@@ -232,7 +247,8 @@ def _read_nifti(path: Path) -> Volume:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with quiet_native_stderr():  # the NIfTI C library prints "** ERROR" lines itself
+            reader.ReadImageInformation()
     except RuntimeError as error:
         raise InputFileError(path, f"not a readable NIfTI file ({_itk_reason(error)})") from None
     _check_scalar(path, reader.GetNumberOfComponents())
@@ -290,7 +306,8 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
     if suffix in (".nii", ".nii.gz"):
         return _read_nifti(path)
     try:
-        image = sitk.ReadImage(str(path))
+        with quiet_native_stderr():
+            image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise InputFileError(path, f"unreadable or corrupt volume ({_itk_reason(error)})") from None
     modality = None
@@ -318,7 +335,8 @@ class SeriesInfo:
 
 def list_dicom_series(folder: str | Path) -> list[str]:
     """The DICOM series instance UIDs found directly in ``folder`` (GDCM's scan; sub-folders not searched)."""
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    with quiet_native_stderr():  # ITK prints "No Series were found" itself; callers say it in one line
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
 
 
 def describe_dicom_series(folder: str | Path) -> list[SeriesInfo]:
@@ -327,7 +345,8 @@ def describe_dicom_series(folder: str | Path) -> list[SeriesInfo]:
 
     infos = []
     for uid in list_dicom_series(folder):
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+        with quiet_native_stderr():
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
         description, modality = "", None
         if files:
             try:
@@ -391,17 +410,56 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
     elif series_uid not in uids:
         listing = "; ".join(str(info) for info in describe_dicom_series(folder))
         raise MedSAM3Error(f"{folder}: no DICOM series with UID {series_uid}; found: {listing}")
-    files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
+    with quiet_native_stderr():
+        files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
     modality = _check_slice_positions(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        image = reader.Execute()
+        with quiet_native_stderr():
+            image = reader.Execute()
     except RuntimeError as error:
         raise InputFileError(folder, f"unreadable DICOM series {series_uid} ({_itk_reason(error)})") from None
     volume = _from_sitk(image, folder, modality)
     volume.source_files = tuple(files)
     return volume
+
+
+# ----------------------------------------------------------------------------- same grid
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{float(v):.6g}" for v in values) + ")"
+
+
+def grid_difference(image: tuple, label: tuple) -> str | None:
+    """How two grids ``(shape, spacing, origin, direction)`` differ (in :class:`Volume` conventions), or None.
+
+    Tolerances allow float32 header rounding, nothing more: spacing 0.1 %, origin 1 % of a voxel,
+    direction 1e-3. A label on another grid would be scored against the wrong voxels.
+    """
+    shape_a, spacing_a, origin_a, direction_a = image
+    shape_b, spacing_b, origin_b, direction_b = label
+    if tuple(shape_a) != tuple(shape_b):
+        return f"size {tuple(shape_b)} (z, y, x) differs from its image's {tuple(shape_a)}"
+    spacing_a, spacing_b = np.asarray(spacing_a, float), np.asarray(spacing_b, float)
+    if not np.allclose(spacing_a, spacing_b, rtol=1e-3, atol=1e-6):
+        return f"spacing {_fmt(spacing_b)} mm (z, y, x) differs from its image's {_fmt(spacing_a)}"
+    if not np.allclose(origin_a, origin_b, rtol=0.0, atol=0.01 * float(spacing_a.min())):
+        return f"origin {_fmt(origin_b)} mm differs from its image's {_fmt(origin_a)}"
+    if not np.allclose(direction_a, direction_b, rtol=0.0, atol=1e-3):
+        return f"direction {_fmt(direction_b)} differs from its image's {_fmt(direction_a)}"
+    return None
+
+
+def check_same_grid(image: Volume, label: Volume) -> None:
+    """Refuse a label volume that is not on its image's voxel grid (size, spacing, origin, direction)."""
+    problem = grid_difference(
+        (image.shape, image.spacing, image.origin, image.direction),
+        (label.shape, label.spacing, label.origin, label.direction),
+    )
+    if problem:
+        raise InputFileError(label.path, f"label volume is not on the grid of {image.path.name}: {problem}")
 
 
 # ----------------------------------------------------------------------------- masks out

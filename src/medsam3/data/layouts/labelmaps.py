@@ -25,10 +25,12 @@ from medsam3.data.layouts.readers import (
     is_volume_file,
     read_label_volume,
     read_mask_2d,
+    volume_grid,
     volume_size,
 )
 from medsam3.data.layouts.refs import ImageSource, LabelMapTarget, SampleRef
 from medsam3.data.splits import stable_seed
+from medsam3.data.volume_io import grid_difference
 from medsam3.errors import DatasetError, InputFileError
 
 
@@ -130,12 +132,16 @@ def _index_volume(
 ) -> list[SampleRef]:
     if not is_volume_file(image):
         raise DatasetError(f"{label}: a 3D label volume for the 2D image {image}")
-    size = volume_size(image)
+    grid = volume_grid(image)
+    size = grid[0]
     labels = read_label_volume(label)
     if labels.shape != size:
         raise InputFileError(
             label, f"label volume is {labels.shape} (z, y, x) but its image {image.name} is {size}"
         )
+    problem = grid_difference(grid, volume_grid(label))
+    if problem:
+        raise InputFileError(label, f"label volume is not on the grid of {image.name}: {problem}")
     if instance_path is not None and volume_size(instance_path) != size:
         raise InputFileError(
             instance_path, f"instance volume size differs from its image {image.name} {size}"

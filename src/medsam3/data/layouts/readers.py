@@ -95,9 +95,13 @@ def image_size_2d(path: Path) -> tuple[int, int]:
         ) from None
 
 
-def volume_size(path: Path) -> tuple[int, int, int]:
-    """(Z, Y, X) size of a volume from its header only (ITK), the array order ``read_volume`` gives."""
+def volume_grid(path: Path) -> tuple[tuple[int, int, int], tuple, tuple, tuple]:
+    """(shape (Z, Y, X), spacing (z, y, x), origin, direction) of a volume from its header only (ITK),
+    in the conventions of ``read_volume``'s :class:`~medsam3.data.volume_io.Volume`."""
     import SimpleITK as sitk
+
+    from medsam3.data.volume_io import _geometry_3d
+    from medsam3.utils.terminal import quiet_native_stderr
 
     path = Path(path)
     if not path.is_file():
@@ -107,7 +111,8 @@ def volume_size(path: Path) -> tuple[int, int, int]:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with quiet_native_stderr():
+            reader.ReadImageInformation()
     except RuntimeError as error:
         reason = " ".join(str(error).split())[-160:]
         raise InputFileError(path, f"unreadable or corrupt volume header ({reason})") from None
@@ -118,7 +123,17 @@ def volume_size(path: Path) -> tuple[int, int, int]:
         size = size[:3]
     if len(size) != 3:
         raise InputFileError(path, f"is a {len(size)}D image of size {tuple(size)}; expected a 3D volume")
-    return int(size[2]), int(size[1]), int(size[0])
+    spacing, origin, direction = _geometry_3d(
+        path, reader.GetDimension(), tuple(reader.GetSize()), reader.GetSpacing(), reader.GetOrigin(),
+        reader.GetDirection(),
+    )  # fmt: skip
+    shape = (int(size[2]), int(size[1]), int(size[0]))
+    return shape, tuple(reversed(spacing)), tuple(origin), tuple(direction)
+
+
+def volume_size(path: Path) -> tuple[int, int, int]:
+    """(Z, Y, X) size of a volume from its header only (ITK), the array order ``read_volume`` gives."""
+    return volume_grid(path)[0]
 
 
 def _to_labels(array: np.ndarray, path: Path, binary: bool) -> np.ndarray:
