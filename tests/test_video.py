@@ -197,8 +197,12 @@ def test_ids_stay_stable_and_files_agree(tmp_path):
     # an earlier output folder may be replaced; any other non-empty folder is refused
     segment_video(source, ["disk"], ThresholdSegmenter(), tmp_path / "out", write_overlay=False)
     assert not (tmp_path / "out" / "overlay.mp4").exists()
-    with pytest.raises(MedSAM3Error, match="is not an earlier segment-video output"):
+    with pytest.raises(MedSAM3Error, match="is the input .*clip; it would be overwritten"):
         segment_video(source, ["disk"], ThresholdSegmenter(), tmp_path / "clip")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a segment-video output")
+    with pytest.raises(MedSAM3Error, match="is not an earlier segment-video output"):
+        segment_video(source, ["disk"], ThresholdSegmenter(), tmp_path / "other")
 
 
 def test_a_clip_that_breaks_half_way_leaves_no_output(tmp_path):

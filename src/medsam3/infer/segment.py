@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import numpy as np
 
 from medsam3.infer.predictor import Sam3Predictor, as_rgb_uint8
 from medsam3.infer.types import Box, Prompt, PromptResult
-from medsam3.utils.files import write_json_atomic
+from medsam3.utils.files import atomic_files, write_json_atomic
+from medsam3.utils.outputs import check_output_folder, unique_stems
 
 MAX_PROMPT_WORDS = 3
 
@@ -106,43 +108,68 @@ def instance_label_map(result: PromptResult) -> np.ndarray:
     return labels
 
 
-def write_segmentation(seg: Segmentation, out_dir: str | Path) -> Path:
-    """Write a mask PNG per prompt, an instance map, an overlay and ``result.json`` (last)."""
+#: The fixed files of a segmentation folder; per prompt: ``STEM.png`` and ``STEM_instances.png``.
+FIXED_OUTPUTS = ("overlay.png", "result.json")
+MASK_PATTERNS = ("{}.png", "{}_instances.png")
+
+
+def output_stems(texts: Sequence[str]) -> list[str]:
+    """Collision-free file stems for prompt phrases: ``slug`` made unique (``x``, ``x_2``), never
+    producing a fixed output's name (a prompt called 'overlay' gets ``overlay_2.png``)."""
+    return unique_stems([slug(t) for t in texts], patterns=MASK_PATTERNS, reserved=FIXED_OUTPUTS)
+
+
+def check_segmentation_output(
+    out_dir: str | Path, texts: Sequence[str], inputs: Sequence[str | Path | None] = ()
+) -> list[str]:
+    """Refuse an output folder before any work (see :mod:`medsam3.utils.outputs`); returns the stems."""
+    stems = output_stems(texts)
+    files = [*FIXED_OUTPUTS, *(p.format(stem) for stem in stems for p in MASK_PATTERNS)]
+    check_output_folder(out_dir, inputs=inputs, files=files)
+    return stems
+
+
+def write_segmentation(seg: Segmentation, out_dir: str | Path, inputs: Sequence[str | Path | None] = ()) -> Path:
+    """Write a mask PNG per prompt, an instance map, an overlay and ``result.json``, all or nothing.
+
+    The folder is checked first (``inputs``, default the segmentation's source image, are never
+    overwritten); the files are written to temporaries and moved into place together at the end,
+    ``result.json`` last, so a failure (a full disk) leaves earlier files untouched.
+    """
     from medsam3.data.image_io import save_png
     from medsam3.visualize import overlay
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    used: dict[str, int] = {}
-    entries = []
-    for result in seg.results:
-        name = slug(result.prompt.text)
-        used[name] = used.get(name, 0) + 1
-        if used[name] > 1:
-            name = f"{name}_{used[name]}"
-        save_png(out_dir / f"{name}.png", result.union)
-        save_png(out_dir / f"{name}_instances.png", instance_label_map(result))
-        entry = result.to_json(mask_file=f"{name}.png")
-        entry["instance_map"] = f"{name}_instances.png"
-        entries.append(entry)
+    sources = list(inputs) or ([seg.source] if Path(seg.source).exists() else [])
+    stems = check_segmentation_output(out_dir, [r.prompt.text for r in seg.results], sources)
     masks = [r.union for r in seg.results]
     labels = [f"{r.prompt.text} ({len(r)})" for r in seg.results]
     boxes = [b for r in seg.results for b in r.boxes.tolist()]
     box_owner = [i for i, r in enumerate(seg.results) for _ in range(len(r))]
     picture = overlay(seg.image, masks, labels=labels, boxes=boxes or None, box_masks=box_owner or None, legend=True)
-    save_png(out_dir / "overlay.png", picture)
-    write_json_atomic(
-        out_dir / "result.json",
-        {
-            "image": seg.source,
-            "model": seg.model,
-            "adapter": seg.adapter,
-            "image_size": list(seg.image.shape[:2]),
-            "notes": seg.notes,
-            "normalization": seg.normalization,
-            "prompts": entries,
-        },
-    )
+    entries = []
+    with atomic_files() as files:
+        for result, name in zip(seg.results, stems, strict=True):
+            save_png(files.path(out_dir / f"{name}.png"), result.union)
+            save_png(files.path(out_dir / f"{name}_instances.png"), instance_label_map(result))
+            entry = result.to_json(mask_file=f"{name}.png")
+            entry["instance_map"] = f"{name}_instances.png"
+            entries.append(entry)
+        save_png(files.path(out_dir / "overlay.png"), picture)
+        write_json_atomic(
+            files.path(out_dir / "result.json"),
+            {
+                "image": seg.source,
+                "model": seg.model,
+                "adapter": seg.adapter,
+                "image_size": list(seg.image.shape[:2]),
+                "overlay": "overlay.png",
+                "notes": seg.notes,
+                "normalization": seg.normalization,
+                "prompts": entries,
+            },
+            allow_nan=False,
+        )
     return out_dir
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,8 @@ class Prompt:
             if len(box) != 4:
                 raise PromptError(f"prompt '{self.text}': a box needs 4 numbers X0,Y0,X1,Y1, got {box}")
             x0, y0, x1, y1 = box
+            if not all(math.isfinite(v) for v in box):
+                raise PromptError(f"prompt '{self.text}': box {box} needs finite numbers (no inf or nan)")
             if not (x1 > x0 and y1 > y0):
                 raise PromptError(f"prompt '{self.text}': box {box} needs x1 > x0 and y1 > y0")
         for label in labels:

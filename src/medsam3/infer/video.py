@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from medsam3.data.video_io import Video, read_video, write_video
-from medsam3.errors import MedSAM3Error, PromptError
+from medsam3.errors import MedSAM3Error, OutputError, PromptError
 from medsam3.infer.tracking import IoUTracker, Track, drop_duplicates
 from medsam3.infer.types import Prompt
+from medsam3.utils.outputs import check_output_folder
 
 MASK_PATTERN = "masks/frame_{:05d}.png"
 
@@ -66,14 +67,16 @@ def _overlay_frame(rgb: np.ndarray, labels: np.ndarray, names: dict[int, str]) -
     )
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse to replace a folder that holds something other than an earlier segment-video output."""
-    if out_dir.exists() and (
-        not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "tracks.json").exists())
-    ):
-        raise MedSAM3Error(
+def check_video_output(out_dir: str | Path, source: str | Path | None = None) -> Path:
+    """Refuse an output folder before any work: a file, unwritable, holding the input, or a folder
+    that holds something other than an earlier segment-video output (it is replaced as a whole)."""
+    frames = source is not None and Path(source).is_dir()  # a frame folder is read whole
+    out_dir = check_output_folder(out_dir, inputs=[source], sealed=[source] if frames else [], replaces=True)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "tracks.json").is_file():
+        raise OutputError(
             f"{out_dir}: exists and is not an earlier segment-video output; choose a new or empty folder"
         )
+    return out_dir
 
 
 def _detections(predictor, rgb: np.ndarray, prompts: list[Prompt], nms_iou: float | None):
@@ -116,8 +119,7 @@ def segment_video(
     prompts = [p if isinstance(p, Prompt) else Prompt(str(p)) for p in prompts]
     if not prompts:
         raise PromptError("no prompt given: name at least one concept")
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir)
+    out_dir = check_video_output(out_dir, source.path if isinstance(source, Video) else source)
     video = source if isinstance(source, Video) else read_video(source)
     texts = [p.text for p in prompts]
     tracks: dict[int, Track] = {}
@@ -203,4 +205,5 @@ def segment_video_file(
     **options,
 ) -> VideoSegmentation:
     """The CLI's entry point: read ``video`` (file, frame folder or DICOM cine) and :func:`segment_video` it."""
+    check_video_output(out_dir, video)
     return segment_video(read_video(video), prompts, predictor, out_dir, **options)

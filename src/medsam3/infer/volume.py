@@ -492,6 +492,24 @@ def legend_path(mask_path: str | Path) -> Path:
     return mask_path.with_suffix(".json")
 
 
+def check_volume_outputs(volume_path: str | Path, out: str | Path, dicom_seg: str | Path | None = None) -> Path:
+    """Refuse unusable output paths of :func:`segment_volume_file` before any work; returns ``out``."""
+    from medsam3.data.volume_io import MASK_SUFFIXES
+    from medsam3.utils.outputs import check_distinct, check_output_file
+
+    out = Path(out)
+    if not out.name.lower().endswith(MASK_SUFFIXES):
+        raise MedSAM3Error(f"{out}: the mask is written as {', '.join(MASK_SUFFIXES)}")
+    outputs = [("--out", out), ("its legend", legend_path(out))]
+    if dicom_seg is not None:
+        outputs.append(("--dicom-seg", Path(dicom_seg)))
+    series = Path(volume_path).is_dir()  # a DICOM series folder is read whole: nothing may be added to it
+    for option, path in outputs:
+        check_output_file(path, inputs=[volume_path], sealed=[volume_path] if series else [], option=option)
+    check_distinct(outputs)
+    return out
+
+
 def segment_volume_file(
     volume_path: str | Path,
     prompts: Sequence[Prompt | str],
@@ -505,40 +523,43 @@ def segment_volume_file(
 ) -> VolumeSegmentation:
     """Read a volume, segment it, write the label map (input geometry), its JSON legend, and DICOM-SEG.
 
-    The library behind ``medsam3 segment-volume``. Output names and the DICOM-SEG request are
-    checked before any model work; the mask and (optional) DICOM-SEG are written atomically, the
-    legend last. An empty result writes an empty mask and legend, and skips the DICOM-SEG (the
-    standard cannot hold an empty segmentation) with a note.
+    The library behind ``medsam3 segment-volume``. Every output path is checked before any work
+    (none may be, or lie inside, the input; none may be a folder; they must differ from each other),
+    and the DICOM-SEG request too. The mask, DICOM-SEG and legend are written to temporaries and
+    moved into place together (legend last): a failure leaves earlier files untouched. An empty
+    result writes an empty mask and legend, and skips the DICOM-SEG (the standard cannot hold an
+    empty segmentation) with a note.
     """
-    from medsam3.data.volume_io import MASK_SUFFIXES, read_volume, write_dicom_seg, write_mask
-    from medsam3.utils.files import write_json_atomic
+    from medsam3.data.volume_io import read_volume, write_dicom_seg, write_mask
+    from medsam3.utils.files import atomic_files, write_json_atomic
 
-    out = Path(out)
-    if not out.name.lower().endswith(MASK_SUFFIXES):
-        raise MedSAM3Error(f"{out}: the mask is written as {', '.join(MASK_SUFFIXES)}")
+    out = check_volume_outputs(volume_path, out, dicom_seg)
     volume = read_volume(volume_path, series_uid=series_uid)
     if dicom_seg is not None and not volume.source_files:
         raise MedSAM3Error(f"{dicom_seg}: DICOM-SEG needs a DICOM series folder as input, not {volume.path}")
     seg = segment_volume(volume, prompts, predictor, **options)
     seg.notes[:0] = list(notes)
-    write_mask(out, seg.label_map, volume)
-    written_seg = None
-    if dicom_seg is not None:
-        if seg.label_map.any():
-            written_seg = str(write_dicom_seg(dicom_seg, seg.label_map, volume, dict(seg.legend)))
-        else:
-            seg.notes.append(f"{dicom_seg} not written: nothing was found, and DICOM-SEG cannot be empty")
-    legend = seg.to_json(volume)
-    model = getattr(getattr(predictor, "loaded", None), "spec", None)
-    write_json_atomic(
-        legend_path(out),
-        {
-            "volume": str(volume.path),
-            "mask": out.name,
-            "dicom_seg": written_seg,
-            "model": model,
-            "spacing": list(volume.spacing),
-            **legend,
-        },
-    )
+    with atomic_files() as files:
+        write_mask(files.path(out), seg.label_map, volume)
+        written_seg = None
+        if dicom_seg is not None:
+            if seg.label_map.any():
+                write_dicom_seg(files.path(dicom_seg), seg.label_map, volume, dict(seg.legend))
+                written_seg = str(dicom_seg)
+            else:
+                seg.notes.append(f"{dicom_seg} not written: nothing was found, and DICOM-SEG cannot be empty")
+        legend = seg.to_json(volume)
+        model = getattr(getattr(predictor, "loaded", None), "spec", None)
+        write_json_atomic(
+            files.path(legend_path(out)),
+            {
+                "volume": str(volume.path),
+                "mask": out.name,
+                "dicom_seg": written_seg,
+                "model": model,
+                "spacing": list(volume.spacing),
+                **legend,
+            },
+            allow_nan=False,
+        )
     return seg
