@@ -180,8 +180,10 @@ def _markdown(settings: DemoSettings, report: DemoReport) -> str:
 
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None) -> DemoReport:
     """Run the whole tour into ``out_dir`` (a few minutes on 2 CPU cores with ``nano``)."""
+    from medsam3.utils.outputs import check_output_folder
+
     settings = settings or DemoSettings()
-    out = Path(out_dir)
+    out = check_output_folder(out_dir, files=("report.md", "demo.json"))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     report = DemoReport(out_dir=out)

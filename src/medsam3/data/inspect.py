@@ -19,6 +19,7 @@ from medsam3.data.dataset import ConceptDataset, open_dataset
 from medsam3.data.layouts.base import SkippedFile
 from medsam3.data.splits import SPLITS, stable_seed
 from medsam3.errors import DatasetError, MedSAM3Error
+from medsam3.utils.outputs import check_output_file
 
 
 @dataclass
@@ -222,6 +223,11 @@ def inspect_dataset(
     decoded once to find corrupt ones unless ``verify_images=False``) or an already opened
     :class:`ConceptDataset`.
     """
+    if out_png is not None:
+        source = path.info.root if isinstance(path, ConceptDataset) else path
+        check_output_file(out_png, inputs=[source])
+        if grid_size < 1:
+            raise DatasetError(f"grid size must be >= 1, got {grid_size}")
     if isinstance(path, ConceptDataset):
         dataset = path
     else:
@@ -229,8 +235,6 @@ def inspect_dataset(
         dataset = open_dataset(path, layout=layout, **open_kwargs)
     summary = count_dataset(dataset, count_instances=count_instances)
     if out_png is not None:
-        if grid_size < 1:
-            raise DatasetError(f"grid size must be >= 1, got {grid_size}")
         from medsam3.data.image_io import save_png
 
         picture = render_grid(dataset, pick_grid_samples(dataset, grid_size, seed))

@@ -29,17 +29,22 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceFocalLoss
 from monai.networks.nets import UNet
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from medsam3.errors import DatasetError, MedSAM3Error, ModelSpecError, PromptError
 from medsam3.evaluate.metrics import components
 from medsam3.infer.types import Prompt, PromptResult
-from medsam3.utils.files import atomic_path, write_json_atomic, write_text_atomic
+from medsam3.utils.files import atomic_files, write_json_atomic, write_text_atomic
+from medsam3.utils.outputs import check_output_folder
+from medsam3.utils.terminal import one_line as _one_line
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 LOG_NAME = "train_log.csv"
+RUN_FILES = (WEIGHTS_NAME, LOG_NAME, CONFIG_NAME)
+MIN_SIZE, MAX_SIZE = 16, 4096  # training resolution in pixels
 KIND = "medsam3-unet-baseline"
 LOSSES = ("dicece", "dicefocal")
 
@@ -126,7 +131,7 @@ def _load_training_set(
     images = torch.empty((len(dataset), 3, size, size), dtype=torch.uint8)
     masks = torch.empty((len(dataset), size, size), dtype=torch.bool)
     index = torch.empty(len(dataset), dtype=torch.long)
-    for i in tqdm(range(len(dataset)), desc="load train split", unit="sample", disable=not progress):
+    for i in tqdm(range(len(dataset)), desc="load train split", unit="sample", disable=None if progress else True):
         s = dataset[i]
         union = s.masks.any(axis=0) if len(s.masks) else np.zeros(s.image.shape[:2], dtype=bool)
         images[i] = ((image_tensor(s.image, size) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
@@ -146,9 +151,10 @@ def _loss_fn(name: str) -> torch.nn.Module:
 
 
 def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """auto, cpu or cuda[:N]; CUDA asked for on a machine without it is a one-line error."""
+    from medsam3.model.loading import resolve_device
+
+    return resolve_device(device)
 
 
 @dataclass
@@ -191,6 +197,10 @@ def train_unet_baseline(
         raise MedSAM3Error(
             f"U-Net training needs epochs >= 0, batch size >= 1, lr > 0 (got {epochs}, {batch_size}, {lr})"
         )
+    if not MIN_SIZE <= size <= MAX_SIZE:
+        raise MedSAM3Error(f"U-Net size must be {MIN_SIZE}..{MAX_SIZE} pixels, got {size}")
+    check_output_folder(out_dir, inputs=[dataset_path], files=RUN_FILES)
+    dev = _device(device)
     if dataset is None:
         if dataset_path is None:
             raise MedSAM3Error("train_unet_baseline needs a dataset path or an opened dataset")
@@ -230,7 +240,6 @@ def train_unet_baseline(
     )
     criterion = _loss_fn(loss)
     model = build_unet(config)
-    dev = _device(device)
     model.to(dev)
     images, masks, index = _load_training_set(dataset, concept_list, size, progress)
     config.n_train_samples = len(images)
@@ -238,7 +247,7 @@ def train_unet_baseline(
     history: list[float] = []
     started = time.perf_counter()
     model.train()
-    for _ in tqdm(range(epochs), desc="train U-Net", unit="epoch", disable=not progress):
+    for _ in tqdm(range(epochs), desc="train U-Net", unit="epoch", disable=None if progress else True):
         order = torch.randperm(len(images), generator=generator)
         total, count = 0.0, 0
         for start in range(0, len(order), batch_size):
@@ -265,18 +274,17 @@ def train_unet_baseline(
 def save_unet(
     model: torch.nn.Module, config: UNetConfig, out_dir: str | Path, history: Sequence[float]
 ) -> None:
-    """Weights (safetensors), the loss log, then the config last: a folder with a config is complete."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Weights (safetensors), the loss log and the config, all three or none (the config moved last)."""
+    out_dir = check_output_folder(out_dir, files=RUN_FILES)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(out_dir / WEIGHTS_NAME) as tmp:
-        save_file(state, str(tmp), metadata={"kind": KIND})
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["epoch", "loss"])
     writer.writerows([i + 1, f"{v:.6f}"] for i, v in enumerate(history))
-    write_text_atomic(out_dir / LOG_NAME, buf.getvalue())
-    write_json_atomic(out_dir / CONFIG_NAME, config.to_json())
+    with atomic_files() as files:
+        save_file(state, str(files.path(out_dir / WEIGHTS_NAME)), metadata={"kind": KIND})
+        write_text_atomic(files.path(out_dir / LOG_NAME), buf.getvalue())
+        write_json_atomic(files.path(out_dir / CONFIG_NAME), config.to_json())
 
 
 def is_unet_run(path: str | Path) -> bool:
@@ -322,13 +330,20 @@ class UNetSegmenter:
             raise ModelSpecError(f"{path}: not a U-Net baseline folder (no {CONFIG_NAME} of kind {KIND})")
         if not (path / WEIGHTS_NAME).is_file():
             raise ModelSpecError(f"{path}: {WEIGHTS_NAME} is missing")
-        config = UNetConfig.from_json(json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")))
+        try:
+            config = UNetConfig.from_json(json.loads((path / CONFIG_NAME).read_text(encoding="utf-8")))
+        except (TypeError, ValueError, AttributeError) as exc:  # wrong keys or types in the JSON
+            raise ModelSpecError(f"{path / CONFIG_NAME}: not a valid U-Net config ({_one_line(exc)})") from None
         model = build_unet(config)
         try:
-            model.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
-        except (RuntimeError, OSError) as exc:
+            weights = load_file(str(path / WEIGHTS_NAME))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelSpecError(f"{path / WEIGHTS_NAME}: corrupt or unreadable weights ({_one_line(exc)})") from None
+        try:
+            model.load_state_dict(weights)
+        except (RuntimeError, ValueError) as exc:
             raise ModelSpecError(
-                f"{path / WEIGHTS_NAME}: does not fit the U-Net in {CONFIG_NAME} ({exc})"
+                f"{path / WEIGHTS_NAME}: does not fit the U-Net in {CONFIG_NAME} ({_one_line(exc)[:200]})"
             ) from None
         return cls(model, config, device=device, mask_threshold=mask_threshold)
 

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 from scipy.stats import wilcoxon
 
-from medsam3.errors import InputFileError, MedSAM3Error
+from medsam3.errors import InputFileError, MedSAM3Error, OutputError
 from medsam3.evaluate.paper import published_markdown
 from medsam3.evaluate.report import CSV_NAME, SUMMARY_NAME, CaseRecord, read_case_csv
-from medsam3.utils.files import write_json_atomic, write_text_atomic
+from medsam3.utils.files import atomic_files, write_json_atomic, write_text_atomic
+from medsam3.utils.outputs import check_output_file
 
 METRICS = ("dice", "iou", "nsd")
 OVERALL = "overall"
@@ -200,11 +201,14 @@ class Comparison:
         return "\n".join(blocks)
 
     def save(self, path: str | Path) -> tuple[Path, Path]:
-        """Write the Markdown table to ``path`` (.md) and the numbers next to it (.json), atomically."""
-        md = Path(path).with_suffix(".md")
-        js = md.with_suffix(".json")
-        write_text_atomic(md, self.markdown())
-        write_json_atomic(js, self.to_json())
+        """Write the Markdown table to ``path`` (.md) and the numbers next to it (.json), both or neither.
+
+        Refused (before writing) inside a compared run's folder: it would overwrite its report.
+        """
+        md, js = check_comparison_output(path, [run.path for run in self.runs])
+        with atomic_files() as files:
+            write_text_atomic(files.path(md), self.markdown())
+            write_json_atomic(files.path(js), self.to_json())
         return md, js
 
     def to_json(self) -> dict[str, Any]:
@@ -226,16 +230,35 @@ def _fmt_diff(diff: float | None, p: float | None, n: int) -> str:
     return f"{diff:+.4f} ({p_text}, n={n})"
 
 
+def check_comparison_output(path: str | Path, dirs: Sequence[str | Path]) -> tuple[Path, Path]:
+    """The two files a comparison writes (``path`` as .md and .json), refused when either is an input,
+    lies inside a compared run's folder (it would overwrite that run's report), or cannot be written."""
+    path = Path(path)
+    if path.is_dir() or path.name in ("", ".", ".."):
+        raise OutputError(f"{path}: is a folder; compare --out needs a file name such as cmp.md")
+    md = path.with_suffix(".md")
+    js = md.with_suffix(".json")
+    for option, target in (("--out", md), ("--out (its .json)", js)):
+        check_output_file(target, sealed=dirs, option=option)
+    return md, js
+
+
 def compare_runs(
     dirs: Sequence[str | Path],
     *,
     labels: Sequence[str] | None = None,
     metric: str = "dice",
     min_pairs: int = 6,
+    out: str | Path | None = None,
 ) -> Comparison:
-    """Compare evaluation folders: per-concept means, paired differences vs the first, Wilcoxon p."""
+    """Compare evaluation folders: per-concept means, paired differences vs the first, Wilcoxon p.
+
+    ``out``, the path :meth:`Comparison.save` will get, is checked first, before anything is read.
+    """
     if len(dirs) < 1:
         raise MedSAM3Error("compare needs at least one evaluation folder")
+    if out is not None:
+        check_comparison_output(out, dirs)
     if metric not in METRICS:
         raise MedSAM3Error(f"compare: metric must be one of {', '.join(METRICS)}, got '{metric}'")
     if labels is not None and len(labels) != len(dirs):

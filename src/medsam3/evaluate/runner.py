@@ -41,7 +41,8 @@ from medsam3.evaluate.report import (
     write_case_csv,
 )
 from medsam3.infer.types import Prompt, PromptResult
-from medsam3.utils.files import write_json_atomic, write_text_atomic
+from medsam3.utils.files import atomic_files, write_json_atomic, write_text_atomic
+from medsam3.utils.outputs import check_output_folder
 
 PromptMode = Literal["text", "text+box"]
 PROMPT_MODES: tuple[str, ...] = ("text", "text+box")
@@ -109,6 +110,24 @@ def _iterate(dataset: Any) -> Iterator[tuple[int, Any]]:
                 yield i, exc
     else:
         yield from enumerate(dataset)
+
+
+#: What ``evaluate_dataset`` writes into its folder.
+REPORT_FILES = (CSV_NAME, SUMMARY_NAME, MARKDOWN_NAME, DISTRIBUTION_NAME, WORST_GRID_NAME)
+
+
+def check_report_folder(out_dir: str | Path, inputs: Sequence[str | Path | None] = ()) -> Path:
+    """Refuse a report folder before any work: a file, unwritable, the dataset itself or inside it,
+    or holding a folder under a report file's name (see :mod:`medsam3.utils.outputs`)."""
+    return check_output_folder(out_dir, inputs=inputs, files=REPORT_FILES)
+
+
+def _dataset_root(dataset: Any) -> Path | None:
+    """The folder a dataset was read from, when it says."""
+    for value in (getattr(getattr(dataset, "info", None), "root", None), getattr(dataset, "root", None)):
+        if isinstance(value, (str, Path)) and str(value):
+            return Path(value)
+    return None
 
 
 def _dataset_name(dataset: Any) -> str:
@@ -272,6 +291,7 @@ def evaluate_dataset(
     """
     if prompt_mode not in PROMPT_MODES:
         raise MedSAM3Error(f"prompt mode must be one of {', '.join(PROMPT_MODES)}, got '{prompt_mode}'")
+    out_dir = check_report_folder(out_dir, inputs=[_dataset_root(dataset)])
     if split is not None and callable(getattr(dataset, "split", None)):
         dataset = dataset.split(split)  # type: ignore[union-attr]
     name = dataset_name or _dataset_name(dataset)
@@ -280,14 +300,13 @@ def evaluate_dataset(
         where = f" split '{split}'" if split else ""
         raise DatasetError(f"{name}{where}: no samples to evaluate")
 
-    out_dir = Path(out_dir)
     records: list[CaseRecord] = []
     skipped: list[dict[str, Any]] = []
     worst = _WorstCases(worst_k)
     units: set[str] = set()
     runner = _CaseRunner(segmenter, prompt_mode=prompt_mode, threshold=threshold, nsd_tolerance=nsd_tolerance)
     started = time.perf_counter()
-    progress_bar = tqdm(total=total, desc=f"evaluate {name}", unit="case", disable=not progress)
+    progress_bar = tqdm(total=total, desc=f"evaluate {name}", unit="case", disable=None if progress else True)
     with progress_bar as bar:
         for index, item in _iterate(dataset):
             try:
@@ -328,14 +347,18 @@ def evaluate_dataset(
         seconds_total=round(time.perf_counter() - started, 3),
     )
     files = {
-        "csv": write_case_csv(records, out_dir / CSV_NAME),
+        "csv": out_dir / CSV_NAME,
         "summary": out_dir / SUMMARY_NAME,
         "markdown": out_dir / MARKDOWN_NAME,
-        "distribution": plot_dice_distribution(records, out_dir / DISTRIBUTION_NAME, title=f"Dice: {name}"),
-        "worst": render_worst_cases(worst.views, out_dir / WORST_GRID_NAME),
+        "distribution": out_dir / DISTRIBUTION_NAME,
+        "worst": out_dir / WORST_GRID_NAME,
     }
-    write_json_atomic(files["summary"], summary)
-    write_text_atomic(files["markdown"], markdown_report(summary))
+    with atomic_files() as group:  # all five files or none; the earlier report survives a failure
+        write_case_csv(records, group.path(files["csv"]))
+        plot_dice_distribution(records, group.path(files["distribution"]), title=f"Dice: {name}")
+        render_worst_cases(worst.views, group.path(files["worst"]))
+        write_json_atomic(group.path(files["summary"]), summary)
+        write_text_atomic(group.path(files["markdown"]), markdown_report(summary))
     return EvaluationResult(records=records, summary=summary, out_dir=out_dir, files=files, skipped=skipped)
 
 
@@ -364,6 +387,7 @@ def evaluate_path(
 
     if prompt_mode not in PROMPT_MODES:
         raise MedSAM3Error(f"prompt mode must be one of {', '.join(PROMPT_MODES)}, got '{prompt_mode}'")
+    check_report_folder(out_dir, inputs=[data])
     dataset = open_dataset(data, layout=layout, skip_bad=skip_bad)
     segmenter = load_segmenter(model, adapter=adapter, device=device)
     label = f"{model} + adapter {Path(adapter).name}" if adapter else model

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from medsam3.data.splits import split_cases
-from medsam3.data.volume_io import read_volume
+from medsam3.data.volume_io import check_same_grid, read_volume
 from medsam3.errors import DatasetError
 from medsam3.evaluate.runner import evaluate_volume_labels
 from medsam3.infer.volume import segment_volume
-from medsam3.utils.files import write_json_atomic, write_text_atomic
+from medsam3.utils.files import atomic_files, write_json_atomic, write_text_atomic
+from medsam3.utils.outputs import check_output_folder
 
 FIELDS = ("case", "concept", "split", "dice", "iou", "nsd", "hd95", "gt_voxels", "pred_voxels", "seconds")
 
@@ -73,6 +74,14 @@ def volume_cases(root: str | Path, split: str | None = "test", seed: int = 0) ->
     return cases, _labels(meta, root)
 
 
+REPORT_FILES = ("per_case.csv", "summary.json", "report.md")
+
+
+def check_volume_report(out_dir: str | Path, root: str | Path) -> Path:
+    """Refuse a report folder before any work (a file, unwritable, the dataset itself, ...)."""
+    return check_output_folder(out_dir, inputs=[root], files=REPORT_FILES)
+
+
 def evaluate_volume_dataset(
     root: str | Path,
     predictor,
@@ -86,13 +95,14 @@ def evaluate_volume_dataset(
     """Segment and score every volume of ``split``; writes per_case.csv, summary.json, report.md."""
     from tqdm.auto import tqdm
 
+    out = check_volume_report(out_dir, root)
     cases, labels = volume_cases(root, split)
     rows = []
-    for case in tqdm(cases, desc="volumes", disable=not progress):
+    for case in tqdm(cases, desc="volumes", disable=None if progress else True):
         volume = read_volume(case.image)
-        truth = np.rint(read_volume(case.label).array).astype(np.int32)
-        if truth.shape != volume.shape:
-            raise DatasetError(f"{case.label}: label shape {truth.shape} differs from image {volume.shape}")
+        label_volume = read_volume(case.label)
+        check_same_grid(volume, label_volume)  # a label on another grid would be scored on the wrong voxels
+        truth = np.rint(label_volume.array).astype(np.int32)
         started = time.perf_counter()
         seg = segment_volume(volume, list(labels), predictor, method=method)
         seconds = time.perf_counter() - started
@@ -115,14 +125,14 @@ def evaluate_volume_dataset(
                 }
             )
     summary = _summarise(rows, root, method, split)
-    out = Path(out_dir)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FIELDS)
     writer.writeheader()
     writer.writerows(rows)
-    write_text_atomic(out / "per_case.csv", buffer.getvalue())
-    write_json_atomic(out / "summary.json", summary)
-    write_text_atomic(out / "report.md", markdown(summary))
+    with atomic_files() as files:  # all three or none
+        write_text_atomic(files.path(out / "per_case.csv"), buffer.getvalue())
+        write_json_atomic(files.path(out / "summary.json"), summary)
+        write_text_atomic(files.path(out / "report.md"), markdown(summary))
     return summary
 
 

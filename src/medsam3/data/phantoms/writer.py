@@ -35,9 +35,10 @@ from PIL import Image
 from skimage.measure import label as connected_components
 
 from medsam3.data.phantoms.common import PhantomCase, PhantomKind
-from medsam3.data.phantoms.registry import KINDS, check_size, generate, get_kind
+from medsam3.data.phantoms.registry import KINDS, check_settings, generate, get_kind
 from medsam3.errors import DatasetError
 from medsam3.utils.files import atomic_dir, write_json_atomic, write_text_atomic
+from medsam3.utils.outputs import check_output_folder
 
 GENERATOR_VERSION = 1
 
@@ -50,12 +51,22 @@ def write_phantoms(
     size: int | None = None,
     test_fraction: float = 0.2,
 ) -> list[Path]:
-    """Write one kind into ``out_dir``, or with ``kind="all"`` every kind into ``out_dir/<kind>``."""
+    """Write one kind into ``out_dir``, or with ``kind="all"`` every kind into ``out_dir/<kind>``.
+
+    Every folder is checked before the first case is generated, so a bad one costs nothing.
+    """
+    names = list(KINDS) if kind == "all" else [kind]
+    folders = [Path(out_dir) / name for name in names] if kind == "all" else [Path(out_dir)]
     if kind == "all":
-        return [
-            write_phantom_dataset(Path(out_dir) / name, name, n, seed, size, test_fraction) for name in KINDS
-        ]
-    return [write_phantom_dataset(out_dir, kind, n, seed, size, test_fraction)]
+        check_output_folder(out_dir)
+    for name, folder in zip(names, folders, strict=True):
+        check_settings(get_kind(name), n, seed, size)
+        check_output_folder(folder, replaces=True)
+        _refuse_foreign_folder(folder)
+    return [
+        write_phantom_dataset(folder, name, n, seed, size, test_fraction)
+        for name, folder in zip(names, folders, strict=True)
+    ]
 
 
 def write_phantom_dataset(
@@ -69,9 +80,10 @@ def write_phantom_dataset(
     """Generate ``n`` cases of ``kind`` and write them as one dataset folder; returns the folder."""
     out_dir = Path(out_dir)
     spec = get_kind(kind)
-    size = check_size(spec, size)
+    size = check_settings(spec, n, seed, size)
     if not 0.0 <= test_fraction < 1.0:
         raise DatasetError(f"test fraction must be in [0, 1), got {test_fraction}")
+    check_output_folder(out_dir, replaces=True)
     _refuse_foreign_folder(out_dir)
     cases = generate(kind, n, seed, size)
     n_test = int(round(n * test_fraction)) if n > 1 else 0
