@@ -9,10 +9,12 @@ read with safetensors only: nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -71,9 +73,60 @@ def read_adapter_metadata(adapter_dir: str | os.PathLike) -> dict:
     if not meta_file.is_file():
         raise ModelSpecError(f"{adapter_dir}: not an adapter folder (no {META_FILE})")
     try:
-        return json.loads(meta_file.read_text())
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ModelSpecError(f"{meta_file}: corrupt adapter metadata ({exc.msg})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelSpecError(f"{meta_file}: unreadable adapter metadata ({exc})") from exc
+    return check_adapter_metadata(meta, meta_file)
+
+
+def check_adapter_metadata(meta: object, meta_file: str | os.PathLike = META_FILE) -> dict:
+    """Refuse ``adapter.json`` content of the wrong shape, naming the file and the field; returns it.
+
+    Required: ``base_model``, ``base_fingerprint`` (strings) and ``policy`` (a known one). Optional:
+    ``lora`` (null or {rank: int >= 1, alpha: number > 0, dropout: 0 <= number < 1}, no other key),
+    ``concepts`` (a list of non-empty strings), ``preprocessing`` (an object), ``format``.
+    """
+    from medsam3.model.policy import POLICIES
+
+    def bad(problem: str) -> ModelSpecError:
+        return ModelSpecError(f"{meta_file}: not valid adapter metadata: {problem}")
+
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if not isinstance(meta, dict):
+        raise bad(f"expected a JSON object, got {type(meta).__name__}")
+    for key in ("base_model", "base_fingerprint", "policy"):
+        if key not in meta:
+            raise bad(f"'{key}' is missing")
+        if not isinstance(meta[key], str) or not meta[key]:
+            raise bad(f"'{key}' must be a non-empty string, got {json.dumps(meta[key])[:60]}")
+    if meta["policy"] not in POLICIES:
+        raise bad(f"unknown policy '{meta['policy']}' (known: {', '.join(POLICIES)})")
+    if "format" in meta and not (isinstance(meta["format"], str) and meta["format"].startswith("medsam3-adapter/")):
+        raise bad(f"'format' must be 'medsam3-adapter/N', got {json.dumps(meta['format'])[:60]}")
+    lora = meta.get("lora")
+    if lora is not None:
+        if not isinstance(lora, dict):
+            raise bad(f"'lora' must be null or an object, got {json.dumps(lora)[:60]}")
+        unknown = sorted(set(lora) - set(LoraSettings.__dataclass_fields__))
+        if unknown:
+            raise bad(f"unknown 'lora' key(s) {', '.join(unknown)} (known: rank, alpha, dropout)")
+        rank, alpha, dropout = lora.get("rank", 16), lora.get("alpha", 32), lora.get("dropout", 0.1)
+        if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+            raise bad(f"'lora.rank' must be an integer >= 1, got {json.dumps(rank)[:60]}")
+        if not (number(alpha) and alpha > 0):
+            raise bad(f"'lora.alpha' must be a number > 0, got {json.dumps(alpha)[:60]}")
+        if not (number(dropout) and 0 <= dropout < 1):
+            raise bad(f"'lora.dropout' must be a number in [0, 1), got {json.dumps(dropout)[:60]}")
+    concepts = meta.get("concepts", [])
+    if not isinstance(concepts, list) or not all(isinstance(c, str) and c.strip() for c in concepts):
+        raise bad(f"'concepts' must be a list of concept phrases, got {json.dumps(concepts)[:60]}")
+    if "preprocessing" in meta and not isinstance(meta["preprocessing"], (dict, type(None))):
+        raise bad(f"'preprocessing' must be an object, got {json.dumps(meta['preprocessing'])[:60]}")
+    return meta
 
 
 def apply_adapter(loaded: LoadedModel, adapter_dir: str | os.PathLike) -> LoadedModel:
@@ -90,6 +143,12 @@ def apply_adapter(loaded: LoadedModel, adapter_dir: str | os.PathLike) -> Loaded
         tensors = load_file(str(adapter_dir / WEIGHTS_FILE))
     except (OSError, SafetensorError) as exc:
         raise ModelSpecError(f"{adapter_dir / WEIGHTS_FILE}: cannot read adapter weights ({exc})") from exc
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelSpecError(
+                f"{adapter_dir / WEIGHTS_FILE}: parameter {name} holds NaN or infinite values "
+                "(a diverged training run?); refusing the adapter"
+            )
     lora = LoraSettings(**meta["lora"]) if meta.get("lora") else None
     apply_policy(loaded.model, meta["policy"], lora)
     own = dict(loaded.model.named_parameters())

@@ -306,19 +306,30 @@ class Trainer:
                 f"{folder}: cannot resume: checkpoint policy is '{meta.get('policy')}', "
                 f"this run's is '{self.config.policy}'"
             )
+        import pickle
+
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        tensors = load_file(str(folder / "adapter.safetensors"))
         own = dict(self.model.named_parameters())
-        for name, tensor in tensors.items():
-            own[name].data.copy_(tensor.to(own[name].device, own[name].dtype))
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        try:  # a corrupt or foreign checkpoint is one line naming the file (torch.load never runs pickled code here)
+            source = folder / "adapter.safetensors"
+            tensors = load_file(str(source))
+            for name, tensor in tensors.items():
+                own[name].data.copy_(tensor.to(own[name].device, own[name].dtype))
+            source = folder / STATE_FILE
+            state = torch.load(source, map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            position = Position(**state["position"])
+        except (OSError, EOFError, RuntimeError, ValueError, TypeError, KeyError, SafetensorError,
+                pickle.UnpicklingError) as exc:  # fmt: skip
+            reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+            raise MedSAM3Error(f"{source}: corrupt or incompatible checkpoint, cannot resume ({reason})") from None
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.position = Position(**state["position"])
+        self.position = position
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self) -> dict:
