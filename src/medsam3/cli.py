@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +13,7 @@ import typer
 
 from medsam3.errors import MedSAM3Error, PromptError
 from medsam3.model.presets import DEFAULT_MODEL
+from medsam3.utils.terminal import one_line, printable
 
 app = typer.Typer(
     name="medsam3",
@@ -21,7 +25,46 @@ app = typer.Typer(
 
 
 def _say(message: str) -> None:
-    typer.echo(message, err=True)
+    """A line on stderr; control characters from user text (prompts, paths) are shown, not obeyed."""
+    typer.echo(printable(message), err=True)
+
+
+def _echo(message: str) -> None:
+    """A line (or table) on stdout, control characters escaped."""
+    typer.echo(printable(message))
+
+
+def _in_range(low: float | None = None, high: float | None = None, *, above: bool = False, below: bool = False):
+    """An option callback refusing NaN, infinity and numbers outside [low, high] (``above``/``below``:
+    the bound itself is excluded) with one line naming the option (click adds "Invalid value for ...")."""
+
+    def shown(v) -> str:
+        return str(v) if isinstance(v, int) else f"{v:g}"
+
+    if low is not None and high is not None:
+        wanted = f"in {'(' if above else '['}{shown(low)}, {shown(high)}{')' if below else ']'}"
+    elif low is not None:
+        wanted = f"{'>' if above else '>='} {shown(low)}"
+    else:
+        wanted = f"{'<' if below else '<='} {shown(high)}"
+
+    def check(value):
+        if value is None:
+            return value
+        if isinstance(value, float) and not math.isfinite(value):
+            raise typer.BadParameter(f"must be a finite number {wanted}, got {value}")
+        too_low = low is not None and (value < low or (above and value == low))
+        too_high = high is not None and (value > high or (below and value == high))
+        if too_low or too_high:
+            raise typer.BadParameter(f"must be {wanted}, got {shown(value)}")
+        return value
+
+    return check
+
+
+PROBABILITY = _in_range(0.0, 1.0)
+AXIS = _in_range(0, 2)
+SEED = _in_range(0, 2**32 - 1)
 
 
 def parse_box(text: str) -> tuple[float, float, float, float]:
@@ -31,6 +74,8 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
         values = tuple(float(p) for p in parts)
     except ValueError:
         raise PromptError(f"--box '{text}': expected four numbers X0,Y0,X1,Y1") from None
+    if not all(math.isfinite(v) for v in values):
+        raise PromptError(f"--box '{text}': the numbers must be finite (no inf or nan)")
     if len(values) != 4:
         raise PromptError(f"--box '{text}': expected four numbers X0,Y0,X1,Y1, got {len(values)}")
     if not (values[2] > values[0] and values[3] > values[1]):
@@ -43,6 +88,10 @@ ModelOpt = Annotated[
 ]
 AdapterOpt = Annotated[Path | None, typer.Option("--adapter", help="Adapter folder written by `medsam3 train`.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
+ThresholdOpt = Annotated[
+    float, typer.Option(help="Instance score threshold (sigmoid(logit) x presence), 0..1.", callback=PROBABILITY)
+]
+MaskThresholdOpt = Annotated[float, typer.Option(help="Mask probability threshold, 0..1.", callback=PROBABILITY)]
 
 
 @app.command()
@@ -63,13 +112,16 @@ def segment(
     ] = None,
     model: ModelOpt = DEFAULT_MODEL,
     adapter: AdapterOpt = None,
-    threshold: Annotated[float, typer.Option(help="Instance score threshold (sigmoid(logit) x presence).")] = 0.5,
-    mask_threshold: Annotated[float, typer.Option(help="Mask probability threshold.")] = 0.5,
+    threshold: ThresholdOpt = 0.5,
+    mask_threshold: MaskThresholdOpt = 0.5,
     nms: Annotated[
-        float | None, typer.Option(help="Box IoU for non-maximum suppression (off by default, as SAM 3).")
+        float | None,
+        typer.Option(help="Box IoU for non-maximum suppression (off by default, as SAM 3).", callback=PROBABILITY),
     ] = None,
-    slice_index: Annotated[int | None, typer.Option("--slice", help="Slice index for a 3D volume.")] = None,
-    axis: Annotated[int, typer.Option(help="Slicing axis of the volume's (Z, Y, X) array.")] = 0,
+    slice_index: Annotated[
+        int | None, typer.Option("--slice", help="Slice index for a 3D volume.", callback=_in_range(0))
+    ] = None,
+    axis: Annotated[int, typer.Option(help="Slicing axis of the volume's (Z, Y, X) array.", callback=AXIS)] = 0,
     window: Annotated[
         str | None, typer.Option(help="CT window: preset (abdomen, lung, bone, brain, ...) or CENTER,WIDTH.")
     ] = None,
@@ -81,24 +133,26 @@ def segment(
 ) -> None:
     """Segment every instance of each named concept in one image."""
     from medsam3.data.image_io import read_image
-    from medsam3.infer.segment import build_prompts, segment_image, write_segmentation
+    from medsam3.infer.segment import build_prompts, check_segmentation_output, segment_image, write_segmentation
 
     prompts, notes = build_prompts(
         prompt, [parse_box(b) for b in box or []], [parse_box(b) for b in negative_box or []]
     )
+    check_segmentation_output(out, [p.text for p in prompts], [image])
     for note in notes:
         _say(f"warning: {note}")
     picture = read_image(image, slice_index=slice_index, axis=axis, window=window)
     _, predictor, prompts, renamed, normalization = _predictor_for(
         model, adapter, device, threshold, mask_threshold, prompts, no_normalize, nms=nms
     )
+    check_segmentation_output(out, [p.text for p in prompts], [image])  # the phrases the model will answer
     result = segment_image(picture.rgb, prompts, predictor, source=str(image))
     result.notes.extend(notes + renamed)
     result.normalization = normalization
-    write_segmentation(result, out)
+    write_segmentation(result, out, inputs=[image])
     for r in result.results:
-        typer.echo(f"{r.prompt.text}: {len(r)} instance(s), presence {r.presence:.3f}")
-    typer.echo(f"wrote {out}/result.json")
+        _echo(f"{r.prompt.text}: {len(r)} instance(s), presence {r.presence:.3f}")
+    _echo(f"wrote {out}/result.json")
 
 
 def _predictor_for(model, adapter, device, threshold, mask_threshold, prompts, no_normalize, nms=None):
@@ -140,9 +194,11 @@ def segment_volume_cmd(
     volume: Annotated[Path, typer.Argument(help="NIfTI, NRRD, MHA, or a DICOM series folder.")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Concept phrase. Repeatable.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Label map: .nii.gz, .nii, .nrrd, .seg.nrrd or .mha.")],
-    box_slice: Annotated[int | None, typer.Option("--box-slice", help="Slice of the --box.")] = None,
+    box_slice: Annotated[
+        int | None, typer.Option("--box-slice", help="Slice of the --box.", callback=_in_range(0))
+    ] = None,
     box: Annotated[str | None, typer.Option("--box", help="X0,Y0,X1,Y1 on --box-slice (pixels).")] = None,
-    axis: Annotated[int, typer.Option(help="Slicing axis of the (Z, Y, X) array.")] = 0,
+    axis: Annotated[int, typer.Option(help="Slicing axis of the (Z, Y, X) array.", callback=AXIS)] = 0,
     method: Annotated[str, typer.Option(help="slices (detector per slice + 3D consistency) or track.")] = "slices",
     window: Annotated[str | None, typer.Option(help="CT window preset or CENTER,WIDTH.")] = None,
     dicom_seg: Annotated[Path | None, typer.Option("--dicom-seg", help="Also write DICOM-SEG (DICOM input).")] = None,
@@ -151,16 +207,17 @@ def segment_volume_cmd(
     model: ModelOpt = DEFAULT_MODEL,
     adapter: AdapterOpt = None,
     device: DeviceOpt = "auto",
-    threshold: float = 0.5,
-    mask_threshold: float = 0.5,
+    threshold: ThresholdOpt = 0.5,
+    mask_threshold: MaskThresholdOpt = 0.5,
     no_normalize: NoNormalizeOpt = False,
 ) -> None:
     """Segment a 3D volume by naming concepts; the label map keeps the input's geometry."""
     from medsam3.infer.segment import build_prompts
-    from medsam3.infer.volume import legend_path, segment_volume_file
+    from medsam3.infer.volume import check_volume_outputs, legend_path, segment_volume_file
 
     if (box is None) != (box_slice is None):
         raise PromptError("--box and --box-slice go together")
+    check_volume_outputs(volume, out, dicom_seg)
     prompts, notes = build_prompts(prompt)
     loaded, predictor, prompts, renamed, _ = _predictor_for(
         model, adapter, device, threshold, mask_threshold, prompts, no_normalize
@@ -183,8 +240,8 @@ def segment_volume_cmd(
     import json
 
     for entry in json.loads(legend_path(out).read_text()).get("prompts", seg.to_json()["prompts"]):
-        typer.echo(f"{entry['prompt']}: {entry['voxels']} voxels, {entry['volume_ml']} mL")
-    typer.echo(f"wrote {out} and {legend_path(out)}")
+        _echo(f"{entry['prompt']}: {entry['voxels']} voxels, {entry['volume_ml']} mL")
+    _echo(f"wrote {out} and {legend_path(out)}")
 
 
 @app.command("segment-video")
@@ -192,21 +249,26 @@ def segment_video_cmd(
     video: Annotated[Path, typer.Argument(help="MP4/AVI, a folder of frames, or a multi-frame DICOM cine.")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Concept phrase. Repeatable.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    iou: Annotated[float, typer.Option(help="Mask IoU that continues an object between frames.")] = 0.1,
-    max_gap: Annotated[int, typer.Option(help="Frames an object may vanish and keep its id.")] = 2,
-    nms: Annotated[float, typer.Option(help="Duplicate-detection IoU within a frame.")] = 0.5,
+    iou: Annotated[
+        float, typer.Option(help="Mask IoU that continues an object between frames.", callback=PROBABILITY)
+    ] = 0.1,
+    max_gap: Annotated[
+        int, typer.Option(help="Frames an object may vanish and keep its id.", callback=_in_range(0))
+    ] = 2,
+    nms: Annotated[float, typer.Option(help="Duplicate-detection IoU within a frame.", callback=PROBABILITY)] = 0.5,
     no_overlay: Annotated[bool, typer.Option("--no-overlay", help="Skip the overlay video.")] = False,
     tracker: TrackerOpt = None,
     model: ModelOpt = DEFAULT_MODEL,
     adapter: AdapterOpt = None,
     device: DeviceOpt = "auto",
-    threshold: float = 0.5,
+    threshold: ThresholdOpt = 0.5,
     no_normalize: NoNormalizeOpt = False,
 ) -> None:
     """Segment and track named concepts through a video: per-frame id masks, overlay video, tracks.json."""
     from medsam3.infer.segment import build_prompts
-    from medsam3.infer.video import segment_video_file
+    from medsam3.infer.video import check_video_output, segment_video_file
 
+    check_video_output(out, video)
     prompts, _ = build_prompts(prompt)
     loaded, predictor, prompts, _, _ = _predictor_for(model, adapter, device, threshold, 0.5, prompts, no_normalize)
     result = segment_video_file(
@@ -220,8 +282,8 @@ def segment_video_cmd(
         write_overlay=not no_overlay,
         video_tracker=_video_tracker(loaded, tracker),
     )
-    typer.echo(f"{result.frames} frames, {len(result.tracks)} object(s) tracked")
-    typer.echo(f"wrote {out}/tracks.json")
+    _echo(f"{result.frames} frames, {len(result.tracks)} object(s) tracked")
+    _echo(f"wrote {out}/tracks.json")
 
 
 @app.command()
@@ -257,8 +319,10 @@ def info(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for overlays, results and report.md.")],
     model: ModelOpt = DEFAULT_MODEL,
-    finetune_cases: Annotated[int, typer.Option(help="CT phantoms generated for the fine-tuning step.")] = 150,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.")] = 40,
+    finetune_cases: Annotated[
+        int, typer.Option(help="CT phantoms generated for the fine-tuning step.", callback=_in_range(10, 100_000))
+    ] = 150,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.", callback=_in_range(1))] = 40,
     device: DeviceOpt = "cpu",
 ) -> None:
     """A few-minute tour: segment phantoms by text and text+box, then teach the model a new concept."""
@@ -266,7 +330,7 @@ def demo(
 
     settings = DemoSettings(model=model, finetune_cases=finetune_cases, epochs=epochs, device=device)
     for line in summary_lines(run_demo(out, settings)):
-        typer.echo(line)
+        _echo(line)
 
 
 @app.command()
@@ -278,8 +342,8 @@ def evaluate(
     prompt_mode: Annotated[str, typer.Option(help="text (T) or text+box (T+I, boxes from ground truth).")] = "text",
     split: Annotated[str, typer.Option(help="Dataset split to score: train, val, test, or all.")] = "test",
     layout: str = "auto",
-    threshold: float = 0.5,
-    nsd_tolerance: Annotated[float, typer.Option(help="NSD tolerance in mm.")] = 2.0,
+    threshold: ThresholdOpt = 0.5,
+    nsd_tolerance: Annotated[float, typer.Option(help="NSD tolerance in mm.", callback=_in_range(0.0))] = 2.0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip and count bad cases instead of failing.")] = False,
     label: Annotated[list[str] | None, typer.Option("--label", help="compare: a label per folder.")] = None,
     metric: Annotated[str, typer.Option(help="compare: dice, iou, nsd or hd95.")] = "dice",
@@ -306,17 +370,18 @@ def evaluate(
     if paths[0] == "compare":
         from medsam3.evaluate.compare import compare_runs
 
-        comparison = compare_runs(paths[1:], labels=label, metric=metric)
+        comparison = compare_runs(paths[1:], labels=label, metric=metric, out=out)
         markdown, numbers = comparison.save(out)
-        typer.echo(comparison.markdown())
-        typer.echo(f"wrote {markdown} and {numbers}")
+        _echo(comparison.markdown())
+        _echo(f"wrote {markdown} and {numbers}")
         return
     if len(paths) != 1:
         raise PromptError("evaluate takes one dataset folder (or: evaluate compare DIR1 DIR2 ...)")
     if volumes:
-        from medsam3.evaluate.volumes import evaluate_volume_dataset, markdown
+        from medsam3.evaluate.volumes import check_volume_report, evaluate_volume_dataset, markdown
         from medsam3.infer.predictor import Sam3Predictor
 
+        check_volume_report(out, paths[0])
         predictor = Sam3Predictor.from_spec(model, device=device, adapter=adapter, score_threshold=threshold)
         summary = evaluate_volume_dataset(
             paths[0],
@@ -326,8 +391,8 @@ def evaluate(
             method=method,
             nsd_tolerance=nsd_tolerance,
         )
-        typer.echo(markdown(summary))
-        typer.echo(f"wrote {out}/report.md")
+        _echo(markdown(summary))
+        _echo(f"wrote {out}/report.md")
         return
     from medsam3.evaluate.runner import evaluate_path
 
@@ -350,8 +415,8 @@ def evaluate(
         nsd_tolerance=nsd_tolerance,
         wrap=wrap,
     )
-    typer.echo(result.markdown)
-    typer.echo(f"wrote {out}/report.md")
+    _echo(result.markdown)
+    _echo(f"wrote {out}/report.md")
 
 
 baseline_app = typer.Typer(help="Specialist baselines scored the same way as MedSAM-3.", no_args_is_help=True)
@@ -362,11 +427,13 @@ app.add_typer(baseline_app, name="baseline")
 def baseline_unet(
     data: Annotated[Path, typer.Argument(help="Dataset folder (any layout).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (weights, config).")],
-    epochs: int = 50,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    size: Annotated[int, typer.Option(help="Training resolution in pixels.")] = 128,
-    seed: int = 0,
+    epochs: Annotated[int, typer.Option(callback=_in_range(0))] = 50,
+    batch_size: Annotated[int, typer.Option(callback=_in_range(1))] = 8,
+    lr: Annotated[float, typer.Option(callback=_in_range(0.0, above=True))] = 1e-3,
+    size: Annotated[
+        int, typer.Option(help="Training resolution in pixels (a multiple of 8).", callback=_in_range(16, 4096))
+    ] = 128,
+    seed: Annotated[int, typer.Option(callback=SEED)] = 0,
     layout: str = "auto",
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -376,9 +443,7 @@ def baseline_unet(
     run = train_unet_baseline(
         data, out, epochs=epochs, batch_size=batch_size, lr=lr, size=size, seed=seed, layout=layout, device=device
     )
-    typer.echo(
-        f"wrote {run.out_dir} (final epoch loss {run.history[-1]:.4f})" if run.history else f"wrote {run.out_dir}"
-    )
+    _echo(f"wrote {run.out_dir} (final epoch loss {run.history[-1]:.4f})" if run.history else f"wrote {run.out_dir}")
 
 
 data_app = typer.Typer(help="Datasets: inspect layouts, fetch the real offline example cases.", no_args_is_help=True)
@@ -397,15 +462,15 @@ def train(
     base: Annotated[str, typer.Option("--base", help="Base model spec to fine-tune.")] = DEFAULT_MODEL,
     policy: Annotated[str, typer.Option(help="paper (frozen encoders), lora-detector, lora-all, full.")] = "paper",
     prompt_mode: Annotated[str, typer.Option(help="text, text+box, or mixed (half and half).")] = "mixed",
-    epochs: int = 10,
-    batch_size: int = 4,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
-    lr: float = 1e-4,
-    weight_decay: float = 0.1,
-    grad_clip: float = 0.1,
-    seed: int = 0,
+    epochs: Annotated[int, typer.Option(callback=_in_range(1))] = 10,
+    batch_size: Annotated[int, typer.Option(callback=_in_range(1))] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.", callback=_in_range(1))] = 1,
+    lr: Annotated[float, typer.Option(callback=_in_range(0.0, above=True))] = 1e-4,
+    weight_decay: Annotated[float, typer.Option(callback=_in_range(0.0))] = 0.1,
+    grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).", callback=_in_range(0.0))] = 0.1,
+    seed: Annotated[int, typer.Option(callback=SEED)] = 0,
     layout: Annotated[str, typer.Option(help="Dataset layout, or auto.")] = "auto",
-    axis: Annotated[int, typer.Option(help="Slice axis for 3D volumes.")] = 0,
+    axis: Annotated[int, typer.Option(help="Slice axis for 3D volumes.", callback=AXIS)] = 0,
     cache_features: Annotated[
         bool,
         typer.Option("--cache-features", help="Store frozen vision features; later epochs run only the detector."),
@@ -418,7 +483,9 @@ def train(
     augment: Annotated[
         bool, typer.Option("--augment", help="Random flips, zoom, rotation, intensity (not with --cache-features).")
     ] = False,
-    checkpoint_every: Annotated[int, typer.Option(help="Also checkpoint every N optimizer steps (0: per epoch).")] = 0,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Also checkpoint every N optimizer steps (0: per epoch).", callback=_in_range(0))
+    ] = 0,
     allow_long_phrases: Annotated[
         bool, typer.Option("--allow-long-phrases", help="Train on phrases of more than three words.")
     ] = False,
@@ -472,9 +539,12 @@ def phantoms(
     kind: Annotated[
         str, typer.Option(help="nuclei, ultrasound, ct, endoscopy, dermoscopy, ct3d, video, or all.")
     ] = "all",
-    n: Annotated[int, typer.Option(help="Cases per kind.")] = 20,
-    seed: int = 0,
-    size: Annotated[int | None, typer.Option(help="Image side in pixels (default per kind).")] = None,
+    n: Annotated[int, typer.Option(help="Cases per kind.", callback=_in_range(1, 100_000))] = 20,
+    seed: Annotated[int, typer.Option(callback=SEED)] = 0,
+    size: Annotated[
+        int | None,
+        typer.Option(help="Image side in pixels, 32..1024 (default per kind).", callback=_in_range(32, 1024)),
+    ] = None,
 ) -> None:
     """Write synthetic, labelled, medical-looking images (deterministic by seed)."""
     from medsam3.data.phantoms import KINDS, write_phantoms
@@ -482,7 +552,7 @@ def phantoms(
     if kind != "all" and kind not in KINDS:
         raise PromptError(f"unknown phantom kind '{kind}': choose one of {', '.join(KINDS)}, or all")
     for folder in write_phantoms(out, kind, n=n, seed=seed, size=size):
-        typer.echo(f"wrote {folder}")
+        _echo(f"wrote {folder}")
 
 
 @data_app.command("inspect")
@@ -490,14 +560,14 @@ def data_inspect(
     folder: Annotated[Path, typer.Argument(help="Dataset folder.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG grid of samples with mask overlays.")] = None,
     layout: str = "auto",
-    axis: int = 0,
+    axis: Annotated[int, typer.Option(callback=AXIS)] = 0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad")] = False,
 ) -> None:
     """Counts per concept and split (images, instances, negatives) and a grid of samples."""
     from medsam3.data.inspect import inspect_dataset
 
     summary = inspect_dataset(folder, out, layout=layout, axis=axis, skip_bad=skip_bad)
-    typer.echo(str(summary))
+    _echo(str(summary))
 
 
 @data_app.command("fetch-examples")
@@ -616,10 +686,12 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one line on stderr and exit code 2 (``--debug`` for a traceback).
+    """Entry point: every failure is one line on stderr, never a traceback (``--debug`` shows it).
 
-    Usage errors are reported by click itself (exit code 2); everything else that is not a
-    MedSAM3Error is a bug and keeps its traceback.
+    User errors (a :class:`MedSAM3Error`, a bad option value, an ``OSError`` such as a permission
+    problem or a full disk) exit with code 2; anything else is a bug: one line naming the exception,
+    a hint to rerun with ``--debug``, exit code 1. Library noise (NumPy's RuntimeWarnings, other
+    packages' warnings, transformers' log lines) is kept off the terminal unless ``--debug``.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     from transformers.utils import logging as hf_logging
@@ -628,16 +700,83 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
+    verbosity = hf_logging.get_verbosity()
+    if not debug:
+        hf_logging.set_verbosity_error()
     try:
-        app(args=args, prog_name="medsam3")
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = _show_warning
+            return _run(args, debug)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_QUIET = (RuntimeWarning, DeprecationWarning, PendingDeprecationWarning, FutureWarning, ImportWarning, ResourceWarning)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as one line each; other packages' (and NumPy's floating-point) warnings not at all."""
+    if issubclass(category, _QUIET) or not os.path.abspath(str(filename)).startswith(_PACKAGE + os.sep):
+        return
+    _say(f"medsam3: warning: {one_line(message)}")
+
+
+def _error(message: object) -> None:
+    _say(f"medsam3: error: {one_line(message)}")
+
+
+def _os_error(exc: OSError) -> str:
+    """'PATH: reason' for an OSError (a permission problem, a full disk), temporary names made readable."""
+    import re
+
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    names = [n for n in (exc.filename, getattr(exc, "filename2", None)) if n is not None]
+    shown = [re.sub(r"\.medsam3-\w+?-(?=[^/\\]+$)", "", os.fsdecode(n)) for n in names]
+    return f"{' -> '.join(shown)}: {reason}" if shown else reason
+
+
+def _run(args: list[str], debug: bool) -> int:
+    try:
+        code = app(args=args, prog_name="medsam3", standalone_mode=False)
+    except typer.TyperException as exc:  # click's usage errors (bad option values) and Abort
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            exc.show()
+            return 2
+        if hasattr(exc, "format_message"):
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            _error(exc.format_message() + hint)
+            return int(getattr(exc, "exit_code", 2) or 2)
+        _error("aborted")
+        return 1
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except MedSAM3Error as exc:
         if debug:
             raise
-        _say(f"medsam3: error: {exc}")
+        _error(exc)
         return exc.exit_code
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return 0
+    except OSError as exc:  # permissions, a full disk, a vanished file: the user's environment, not a bug
+        if debug:
+            raise
+        _error(_os_error(exc))
+        return 2
+    except MemoryError:
+        if debug:
+            raise
+        _error("out of memory: try a smaller input, batch or model")
+        return 2
+    except Exception as exc:  # a bug: keep it visible, in one line
+        if debug:
+            raise
+        _error(f"internal error: {type(exc).__name__}: {exc} (this is a bug; run again with --debug for the traceback)")
+        return 1
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
