@@ -9,10 +9,12 @@ from medsam3.model.loading import load_model
 from medsam3.model.policy import apply_policy, check_policy
 
 
-def describe_model(spec: str, policy: str = "paper", adapter: str | os.PathLike | None = None) -> str:
+def describe_model(
+    spec: str, policy: str = "paper", adapter: str | os.PathLike | None = None, towers: str = "auto"
+) -> str:
     """A printable report: the component table (total / trainable / frozen), preprocessing, provenance."""
     check_policy(policy)
-    loaded = load_model(spec, device="cpu", adapter=adapter)
+    loaded = load_model(spec, device="cpu", adapter=adapter, towers=towers)
     if adapter is None:
         apply_policy(loaded.model, policy)
     used = loaded.adapter["policy"] if loaded.adapter else policy
@@ -26,7 +28,9 @@ def describe_model(spec: str, policy: str = "paper", adapter: str | os.PathLike 
             lines.append("  ".join("-" * w for w in widths))
     facts = loaded.backbone.preprocessing()
     lines.append(f"input {facts['image_size']} px; resize: {facts['resize']}; normalisation: {facts['normalisation']}")
-    lines.append(f"dtype {str(loaded.seam.dtype).split('.')[-1]}, config fingerprint {loaded.fingerprint}")
+    p = loaded.precision
+    lines.append(f"towers {p.dtype} ({p.reason}), detector {str(loaded.seam.dtype).split('.')[-1]}; "
+                 f"config fingerprint {loaded.fingerprint}")  # fmt: skip
     for source in loaded.backbone.provenance(loaded.model):
         state = "frozen, pretrained" if source.get("frozen") else "trained"
         lines.append(f"weights {source['part']}: {source['source']}" + (f" [{state}]" if "frozen" in source else ""))

@@ -25,6 +25,7 @@ from medsam3.errors import ModelSpecError
 from medsam3.model import presets
 from medsam3.model.backbones import backbone_for
 from medsam3.model.backbones.lite import LiteSam3Model, is_lite_config, load_lite_folder, quiet_placeholder_config
+from medsam3.model.precision import Precision, choose_precision
 from medsam3.model.seam import ModelSeam
 from medsam3.model.tokenizer import build_clip_tokenizer
 
@@ -54,6 +55,7 @@ class LoadedModel:
     device: torch.device
     adapter: dict | None = None  # the adapter's metadata, when one is applied
     concepts: list[str] = field(default_factory=list)  # vocabulary the weights were tuned on
+    precision: Precision = field(default_factory=lambda: Precision("fp32", "fp32", "default"))
     seam: ModelSeam = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -217,8 +219,13 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
     adapter: str | os.PathLike | None = None,
+    towers: str = "fp32",
 ) -> LoadedModel:
-    """Load a model from a spec (see module docstring) in eval mode on ``device``."""
+    """Load a model from a spec (see module docstring) in eval mode on ``device``.
+
+    ``dtype`` is the detector's (what trains); ``towers`` the frozen pretrained encoders' (``auto``
+    picks bf16 where it was measured faster on this machine, see :mod:`medsam3.model.precision`).
+    """
     spec = str(spec)
     if not spec.strip():
         raise ModelSpecError(
@@ -258,12 +265,17 @@ def load_model(
             "save_pretrained, a sam3.pt checkpoint, or a hub id like facebook/sam3"
         )
     target = resolve_device(device)
+    precision = choose_precision(towers, target)
     model = model.to(device=target, dtype=dtype).eval()
-    loaded = LoadedModel(model=model, processor=processor, spec=spec, device=target, concepts=concepts)
+    loaded = LoadedModel(
+        model=model, processor=processor, spec=spec, device=target, concepts=concepts, precision=precision
+    )
     if adapter is not None:
         from medsam3.model.adapter import apply_adapter
 
         apply_adapter(loaded, adapter)
+    if precision.torch_dtype != dtype:
+        loaded.seam.set_tower_dtype(precision.torch_dtype)
     return loaded
 
 

@@ -34,7 +34,19 @@ class ModelSeam:
     # -- facts ---------------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The detector's dtype: what trains, and what every tower output is cast to."""
+        return next(self.model.detr_encoder.parameters()).dtype
+
+    @property
+    def tower_dtype(self) -> torch.dtype:
+        """The frozen image tower's dtype (bf16 on machines where it was measured faster)."""
+        return next(iter(self.backbone.frozen_modules(self.model).values())).parameters().__next__().dtype
+
+    def set_tower_dtype(self, dtype: torch.dtype) -> None:
+        """Run the pretrained towers in ``dtype``; trainable parts keep theirs (fp32 master weights)."""
+        for module in self.backbone.tower_modules(self.model):
+            module.to(dtype)
+        self.clear_text_cache()
 
     @property
     def input_size(self) -> int:
@@ -49,7 +61,7 @@ class ModelSeam:
 
     # -- images --------------------------------------------------------------------------------
     def pixel_values(self, rgbs: Sequence[np.ndarray]) -> torch.Tensor:
-        return self.backbone.pixel_values(rgbs).to(self.device, self.dtype)
+        return self.backbone.pixel_values(rgbs).to(self.device, self.tower_dtype)
 
     def embed_images(self, rgbs: Sequence[np.ndarray], *, grad: bool = False) -> tuple[torch.Tensor, ...]:
         """The frozen image tower's output for a batch (what a feature cache stores)."""
@@ -61,7 +73,7 @@ class ModelSeam:
 
     def vision_features(self, embedding: tuple[torch.Tensor, ...]) -> Sam3VisionEncoderOutput:
         """The detector's FPN levels from an embedding (runs a trainable neck when the backbone has one)."""
-        return self.backbone.vision_features(self.model, embedding)
+        return self.backbone.vision_features(self.model, tuple(t.to(self.dtype) for t in embedding))
 
     def encode_images(self, rgbs: Sequence[np.ndarray], *, grad: bool = False) -> Sam3VisionEncoderOutput:
         return self.vision_features(self.embed_images(rgbs, grad=grad))
@@ -114,7 +126,7 @@ class ModelSeam:
             with torch.inference_mode(False), torch.no_grad():
                 ids, mask = self.backbone.tokenize(missing)
                 ids, mask = ids.to(self.device), mask.to(self.device)
-                states = self.backbone.text_states(self.model, ids, mask)
+                states = self.backbone.text_states(self.model, ids, mask).to(self.dtype)
             for i, phrase in enumerate(missing):
                 self._text_states[phrase] = (states[i : i + 1], mask[i : i + 1])
         return (
@@ -135,7 +147,7 @@ class ModelSeam:
         else:
             ids, mask = self.backbone.tokenize(list(phrases))
             ids, mask = ids.to(self.device), mask.to(self.device)
-            states = self.backbone.text_states(self.model, ids, mask)
+            states = self.backbone.text_states(self.model, ids, mask).to(self.dtype)
         return self.backbone.text_features(self.model, states), mask
 
     # -- boxes and the detector ----------------------------------------------------------------
@@ -170,4 +182,5 @@ class ModelSeam:
 
     def box_masks(self, embedding: tuple[torch.Tensor, ...], boxes_input_px: torch.Tensor) -> torch.Tensor:
         """Mask logits (N, S, S) drawn by the backbone's box decoder for boxes in input pixels."""
-        return self.model.box_decoder(embedding[0].to(self.dtype), boxes_input_px.to(self.device, self.dtype))
+        dtype = next(self.model.box_decoder.parameters()).dtype
+        return self.model.box_decoder(embedding[0].to(dtype), boxes_input_px.to(self.device, dtype)).float()

@@ -39,7 +39,7 @@ def encoder_fingerprint(seam: ModelSeam) -> str:
         for name, tensor in sorted(module.state_dict().items()):
             digest.update(f"{prefix}.{name}".encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    facts = {**seam.backbone.preprocessing(), "dtype": str(seam.dtype)}
+    facts = {**seam.backbone.preprocessing(), "dtype": str(seam.tower_dtype)}
     digest.update(json.dumps(facts, sort_keys=True).encode())
     return digest.hexdigest()[:20]
 
@@ -62,7 +62,7 @@ class FeatureCache:
         self.root = Path(root)
         self.seam = seam
         self.fingerprint = encoder_fingerprint(seam)
-        self.stored_dtype = storage_dtype(seam.dtype)
+        self.stored_dtype = storage_dtype(seam.tower_dtype)
         self.hits = 0
         self.misses = 0
         manifest = self.root / MANIFEST

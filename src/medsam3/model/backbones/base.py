@@ -88,6 +88,11 @@ class Backbone(ABC):
         """The pretrained towers whose weights define the cached embedding (for fingerprints)."""
         ...
 
+    @abstractmethod
+    def tower_modules(self, model) -> list[torch.nn.Module]:
+        """Every pretrained frozen tower (image, text, ...): what runs in a reduced dtype when chosen."""
+        ...
+
     def provenance(self, model) -> list[dict]:
         """Where each group of weights came from, for `medsam3 info`."""
         return []

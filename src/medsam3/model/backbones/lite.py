@@ -357,6 +357,9 @@ class LiteBackbone(Backbone):
     def frozen_modules(self, model) -> dict[str, nn.Module]:
         return {"vision_encoder.trunk": model.vision_encoder.trunk}
 
+    def tower_modules(self, model) -> list[nn.Module]:
+        return [model.vision_encoder.trunk, model.text_encoder, model.box_decoder]
+
     def provenance(self, model) -> list[dict]:
         rows = [{"part": prefix, "source": source, "frozen": True} for prefix, source in PRETRAINED.items()]
         rows.append(

@@ -63,6 +63,9 @@ class Sam3Backbone(Backbone):
     def frozen_modules(self, model) -> dict[str, torch.nn.Module]:
         return {"vision_encoder": model.vision_encoder}
 
+    def tower_modules(self, model) -> list[torch.nn.Module]:
+        return [model.vision_encoder, model.text_encoder]
+
     def provenance(self, model) -> list[dict]:
         return [
             {
