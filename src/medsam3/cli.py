@@ -733,7 +733,8 @@ def _os_error(exc: OSError) -> str:
 
     reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
     names = [n for n in (exc.filename, getattr(exc, "filename2", None)) if n is not None]
-    shown = [re.sub(r"\.medsam3-\w+?-(?=[^/\\]+$)", "", os.fsdecode(n)) for n in names]
+    temporary = re.compile(r"\.{1,2}medsam3-\w+?-(?P<name>[^/\\]+?)(?:\.\w{8}\.\w+)?$")  # FileGroup's names
+    shown = [temporary.sub(r"\g<name>", os.fsdecode(n)) for n in names]
     return f"{' -> '.join(shown)}: {reason}" if shown else reason
 
 
