@@ -5,10 +5,25 @@ the feature cache when the vision encoder is frozen and caching is on), splits s
 text-only and text+box prompts (a geometry prompt changes what the detector attends to, so each
 kind gets its own detector pass, exactly as at inference), and applies the matched SAM 3 losses.
 
-Reproducibility: the sample order of an epoch is a permutation seeded by (seed, epoch); every
-per-sample random choice draws from a generator seeded by (seed, epoch, index); the torch RNG
-(dropout) is saved in each checkpoint. A run stopped after any checkpoint and resumed therefore
-ends with the same weights as one that never stopped.
+Reproducibility: the torch and numpy RNGs are seeded from ``seed`` before the policy is applied
+(LoRA initialisation, dropout), so two runs with one seed end with the same weights; the sample
+order of an epoch is a permutation seeded by (seed, epoch) (for volume datasets a
+``volume_blocked_order``: slices of one volume stay together, so each volume is decoded once per
+epoch); every per-sample random choice draws from a generator seeded by (seed, epoch, index); the
+torch RNG is saved in each checkpoint. A run stopped after any checkpoint and resumed therefore
+ends with the same weights as one that never stopped. Resuming refuses another training set (a
+fingerprint of its samples is in every checkpoint) and another batch size, accumulation, seed or
+process count (the saved position would point into another order).
+
+Losses: the last decoder layer's outputs get every term; the earlier decoder layers' logits, boxes
+and presence (recorded with hooks around the seam's detector call) get the classification,
+presence and box terms scaled by ``LossWeights.aux`` (0 turns them off).
+
+Stopping: after ``epochs``; after ``max_steps`` optimizer steps (as if interrupted: only the last
+periodic checkpoint counts); or after the step that crosses ``max_minutes`` of wall-clock time,
+which validates, writes ``last/`` (and ``best/`` when better) and records the stop in
+``metrics.csv`` (a fractional epoch) and ``summary.json``. Without validation samples ``best/``
+is the latest ``last/``.
 
 Multi-process (``torchrun`` / ``accelerate launch``): each rank takes every ``world``-th sample of
 the epoch's order and gradients of the trainable parameters are averaged with all_reduce before the
@@ -18,8 +33,10 @@ optimizer step (gloo on CPU, NCCL on GPU). Only rank 0 validates and writes.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,6 +49,7 @@ from tqdm.auto import tqdm
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from medsam3.data.sample import Sample
+from medsam3.data.splits import stable_seed
 from medsam3.errors import MedSAM3Error
 from medsam3.evaluate.metrics import dice
 from medsam3.infer.predictor import Sam3Predictor
@@ -42,10 +60,13 @@ from medsam3.model.loading import LoadedModel
 from medsam3.model.policy import apply_policy, check_policy
 from medsam3.train.batches import TrainItem, check_prompt_mode, make_item, sample_rng
 from medsam3.train.feature_cache import FeatureCache
-from medsam3.train.losses import LossWeights, Sam3DetectionLoss
+from medsam3.train.losses import DecoderLayerRecorder, LossWeights, Sam3DetectionLoss
 from medsam3.train.schedule import warmup_cosine
 
 STATE_FILE = "trainer_state.pt"
+SUMMARY_FILE = "summary.json"
+# Settings that fix where a saved position points in the data order: a resumed run must keep them.
+RESUME_INVARIANTS = (("batch_size", "--batch-size"), ("grad_accum", "--grad-accum"), ("seed", "--seed"))
 OUTPUT_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits", "semantic_seg")
 
 
@@ -69,6 +90,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = end of each epoch only
     val_limit: int = 200  # validation samples per epoch (first N of the split)
     max_steps: int | None = None  # stop after this many optimizer steps (as if interrupted)
+    max_minutes: float | None = None  # stop cleanly after the step that crosses this wall-clock budget
     bf16: bool = True  # bf16 autocast on GPU only; CPU always trains in fp32
     progress: bool = True
     loss_weights: dict = field(default_factory=dict)
@@ -80,6 +102,8 @@ class Position:
     batch: int = 0  # micro-batches of this epoch already consumed
     step: int = 0  # optimizer steps done overall
     best_dice: float = -1.0
+    last_loss: float | None = None  # the latest step's loss and learning rate (an epoch ending on resume)
+    last_lr: float | None = None
 
 
 def distributed_context() -> tuple[int, int]:
@@ -90,6 +114,59 @@ def distributed_context() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _sample_keys(data, indices=None):
+    """Identities of the training samples, without decoding lazily indexed ones."""
+    refs = getattr(data, "refs", None)
+    if isinstance(refs, list) and (not refs or hasattr(refs[0], "image")):
+        for i in range(len(refs)) if indices is None else indices:
+            ref = refs[i]
+            yield (ref.case_id, ref.concept, ref.image.path.name, ref.image.slice_index, ref.image.axis)
+        return
+    parts = getattr(data, "parts", None)  # recipes.ConcatSamples
+    if isinstance(parts, list):
+        for dataset, part_indices in parts:
+            yield from _sample_keys(dataset, part_indices)
+        return
+    if isinstance(data, (list, tuple)):  # samples already in memory
+        for i in range(len(data)) if indices is None else indices:
+            sample = data[i]
+            image = np.ascontiguousarray(sample.image)
+            digest = hashlib.sha256(str(image.shape).encode() + image.tobytes()).hexdigest()[:16]
+            yield (sample.case_id, sample.concept, digest, int(np.asarray(sample.masks).sum()))
+        return
+    yield (type(data).__name__, len(data) if indices is None else len(indices))
+
+
+def training_set_fingerprint(data: Sequence[Sample]) -> dict:
+    """{"fingerprint", "samples", "concepts"} of a training set: case, concept and image file (or
+    pixels) of each sample, read from the index where there is one (nothing is decoded)."""
+    digest = hashlib.sha256()
+    concepts: set[str] = set()
+    for key in _sample_keys(data):
+        digest.update(repr(key).encode("utf-8", "backslashreplace"))
+        digest.update(b"\x1e")
+        if len(key) > 2:
+            concepts.add(key[1])
+        else:  # an unknown lazy sequence: its concepts need its samples
+            concepts.update(sample.concept for sample in data)
+    return {"fingerprint": digest.hexdigest()[:20], "samples": len(data), "concepts": sorted(concepts)}
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs (CUDA too) from one number."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _records_decoder_layers(model) -> bool:
+    try:
+        DecoderLayerRecorder(model).remove()
+    except ValueError:
+        return False
+    return True
 
 
 class Trainer:
@@ -108,6 +185,15 @@ class Trainer:
         check_prompt_mode(config.prompt_mode)
         if len(train_data) == 0:
             raise MedSAM3Error("the training split is empty: nothing to train on")
+        if config.epochs < 1:
+            raise MedSAM3Error(f"epochs must be at least 1, got {config.epochs}: nothing would be trained")
+        if config.batch_size < 1 or config.grad_accum < 1:
+            raise MedSAM3Error(
+                f"batch size and gradient accumulation must be at least 1, got {config.batch_size} "
+                f"and {config.grad_accum}"
+            )
+        if config.max_minutes is not None and not (math.isfinite(config.max_minutes) and config.max_minutes > 0):
+            raise MedSAM3Error(f"max_minutes must be a positive number of minutes, got {config.max_minutes}")
         self.loaded = loaded
         self.model = loaded.model
         self.config = config
@@ -129,6 +215,7 @@ class Trainer:
                 "those of the exact pixels, so augmented views would be encoded anew each step (flips are "
                 "fine: use --augment-flips, each flipped view is cached once)"
             )
+        seed_everything(config.seed)  # before the policy: LoRA's initial weights come from torch's RNG
         apply_policy(self.model, config.policy)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
@@ -136,13 +223,19 @@ class Trainer:
         total = self.steps_per_epoch * config.epochs
         self.scheduler = warmup_cosine(self.optimizer, total, int(config.warmup_fraction * total))
         self.loss = Sam3DetectionLoss(LossWeights(**config.loss_weights))
+        self.aux_losses = self.loss.weights.aux != 0 and _records_decoder_layers(self.model)
         self.cache = None
         if config.cache_features:
             cache_dir = config.cache_dir or self.out_dir / "feature_cache"
             self.cache = FeatureCache(cache_dir, loaded.seam, rebuild=config.rebuild_cache)
         self.seam = loaded.seam
         self.position = Position()
-        self.concepts = sorted({s.concept for s in train_data})
+        self.train_set = training_set_fingerprint(train_data)
+        self.concepts = self.train_set.pop("concepts")
+        refs = getattr(train_data, "refs", None) or ()
+        self.volume_blocks = callable(getattr(train_data, "volume_blocked_order", None)) and any(
+            getattr(getattr(ref, "image", None), "slice_index", None) is not None for ref in refs
+        )
         self.autocast = self.device.type == "cuda" and config.bf16
 
     # -- data order ----------------------------------------------------------------------------
@@ -150,7 +243,11 @@ class Trainer:
         return len(self.train_data) // self.world if self.world > 1 else len(self.train_data)
 
     def epoch_indices(self, epoch: int) -> list[int]:
-        order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.train_data))
+        if self.volume_blocks:  # volumes are decoded whole: keep each one's slices together
+            seed = stable_seed("epoch", self.config.seed, epoch)
+            order = np.asarray(self.train_data.volume_blocked_order(seed=seed), dtype=np.int64)
+        else:
+            order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.train_data))
         if self.world > 1:
             order = order[self.rank :: self.world][: self._shard_size()]
         return order.tolist()
@@ -171,11 +268,15 @@ class Trainer:
         return self.seam.vision_features(embedding)
 
     # -- one step ------------------------------------------------------------------------------
-    def forward_items(self, items: list[TrainItem]) -> tuple[dict[str, torch.Tensor], list[dict]]:
-        """Detector outputs for every item (text-only and text+box passes joined) and their targets."""
+    def forward_items(
+        self, items: list[TrainItem]
+    ) -> tuple[dict[str, torch.Tensor], list[dict], list[dict[str, torch.Tensor]]]:
+        """Detector outputs for every item (text-only and text+box passes joined), their targets, and
+        the earlier decoder layers' outputs for the auxiliary losses (empty when those are off)."""
         vision = self._vision(items)
         outputs: dict[str, list[torch.Tensor]] = {k: [] for k in OUTPUT_KEYS}
         targets: list[dict] = []
+        layers: list[list[dict[str, torch.Tensor]]] = []
         text_only = [i for i, item in enumerate(items) if len(item.prompt_boxes) == 0]
         with_boxes = [i for i, item in enumerate(items) if len(item.prompt_boxes) > 0]
         for group in (text_only, with_boxes):
@@ -192,11 +293,21 @@ class Trainer:
                     [[1] * len(it.prompt_boxes) for it in chosen],
                     [it.rgb.shape[:2] for it in chosen],
                 )
-            result = self.seam.detect(self.seam.select(vision, group), features, mask, boxes, labels)
+            selected = self.seam.select(vision, group)
+            if self.aux_losses:
+                with DecoderLayerRecorder(self.model) as recorder:
+                    result = self.seam.detect(selected, features, mask, boxes, labels)
+                    layers.append(recorder.layer_outputs())
+            else:
+                result = self.seam.detect(selected, features, mask, boxes, labels)
             for key in OUTPUT_KEYS:
                 outputs[key].append(getattr(result, key))
             targets.extend(items[i].target for i in group)
-        return {k: torch.cat(v) for k, v in outputs.items()}, targets
+        aux = [
+            {key: torch.cat([passes[layer][key] for passes in layers]) for key in layers[0][layer]}
+            for layer in range(len(layers[0]) if layers else 0)
+        ]
+        return {k: torch.cat(v) for k, v in outputs.items()}, targets, aux
 
     def _items(self, epoch: int, indices: list[int]) -> list[TrainItem]:
         c = self.config
@@ -235,8 +346,8 @@ class Trainer:
             for item, target in zip(items, targets_device):
                 item.target = target
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                outputs, targets = self.forward_items(items)
-                total, terms = self.loss(outputs, targets)
+                outputs, targets, aux = self.forward_items(items)
+                total, terms = self.loss(outputs, targets, aux_outputs=aux)
             (total / len(batches)).backward()
             logged["loss"] = logged.get("loss", 0.0) + float(total.detach()) / len(batches)
             for name, value in terms.items():
@@ -274,6 +385,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "position": asdict(self.position),
             "config": asdict(self.config),
+            "world": self.world,
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -282,7 +394,13 @@ class Trainer:
     def save_checkpoint(self, name: str, extra: dict | None = None) -> Path:
         """Write ``out_dir/name`` atomically: the previous checkpoint survives any failure."""
         state = self._state()
-        meta = {"position": asdict(self.position), "train_config": asdict(self.config), **(extra or {})}
+        meta = {
+            "position": asdict(self.position),
+            "train_config": asdict(self.config),
+            "train_set": self.train_set,
+            "world": self.world,
+            **(extra or {}),
+        }
         return save_adapter(
             self.loaded,
             self.out_dir / name,
@@ -306,6 +424,7 @@ class Trainer:
                 f"{folder}: cannot resume: checkpoint policy is '{meta.get('policy')}', "
                 f"this run's is '{self.config.policy}'"
             )
+        self._check_same_run(folder, meta)
         import pickle
 
         from safetensors import SafetensorError
@@ -331,7 +450,41 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.position = position
 
+    def _check_same_run(self, folder: Path, meta: dict) -> None:
+        """Refuse a checkpoint of another training set, or one whose position means another order."""
+        stored = meta.get("train_set")
+        if isinstance(stored, dict) and stored.get("fingerprint") != self.train_set["fingerprint"]:
+            raise MedSAM3Error(
+                f"{folder}: cannot resume: the checkpoint was trained on another training set "
+                f"({stored.get('samples')} samples, fingerprint {stored.get('fingerprint')}; this run's has "
+                f"{self.train_set['samples']}, {self.train_set['fingerprint']}): train into a new --out"
+            )
+        config = meta.get("train_config") if isinstance(meta.get("train_config"), dict) else {}
+        for key, option in RESUME_INVARIANTS:
+            if key in config and config[key] != getattr(self.config, key):
+                raise MedSAM3Error(
+                    f"{folder}: cannot resume with {option} {getattr(self.config, key)}: the checkpoint was "
+                    f"trained with {option} {config[key]} (its saved position counts those steps; keep it, "
+                    "or train into a new --out)"
+                )
+        if "world" in meta and meta["world"] != self.world:
+            raise MedSAM3Error(
+                f"{folder}: cannot resume on {self.world} process(es): the checkpoint was trained on "
+                f"{meta['world']} (each process's share of the data differs)"
+            )
+
     # -- the loop ------------------------------------------------------------------------------
+    def _out_of_time(self, started: float) -> bool:
+        """Whether the wall-clock budget is spent (every process agrees: rank 0's clock decides)."""
+        if self.config.max_minutes is None:
+            return False
+        spent = (time.perf_counter() - started) / 60.0 >= self.config.max_minutes
+        if self.world > 1:
+            flag = torch.tensor([float(spent)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.broadcast(flag, src=0)
+            spent = bool(flag.item())
+        return spent
+
     def fit(self) -> dict:
         c = self.config
         writer = self._tensorboard() if self.rank == 0 else None
@@ -346,7 +499,10 @@ class Trainer:
         )
         started = time.perf_counter()
         history = []
-        stopped = False
+        stop = None  # "max_steps" or "max_minutes"
+        # A resumed run may start exactly at an epoch's end (its last step was checkpointed): it then
+        # only validates and logs, with the loss of that last step.
+        logged = {"loss": self.position.last_loss, "lr": self.position.last_lr}
         for epoch in range(self.position.epoch, c.epochs):
             batches = self.micro_batches(epoch)
             groups = [batches[i : i + c.grad_accum] for i in range(0, len(batches), c.grad_accum)]
@@ -355,6 +511,7 @@ class Trainer:
                 logged = self.train_step(epoch, group)
                 self.position.batch += len(group)
                 self.position.step += 1
+                self.position.last_loss, self.position.last_lr = logged["loss"], logged["lr"]
                 bar.update(1)
                 bar.set_postfix(loss=f"{logged['loss']:.3f}", epoch=epoch + 1)
                 if writer is not None:
@@ -363,35 +520,71 @@ class Trainer:
                 if self.rank == 0 and c.checkpoint_every and self.position.step % c.checkpoint_every == 0:
                     self.save_checkpoint("last")
                 if c.max_steps is not None and self.position.step >= c.max_steps:
-                    stopped = True
+                    stop = "max_steps"
                     break
-            if stopped:
+                if self._out_of_time(started):
+                    stop = "max_minutes"
+                    break
+            if stop == "max_steps":
                 break
-            self.position.epoch, self.position.batch = epoch + 1, 0
-            val = self.validate() if self.rank == 0 else None
-            row = {
-                "epoch": epoch + 1,
-                "step": self.position.step,
-                "train_loss": logged["loss"],
-                "val_dice": "" if val is None else round(val, 5),
-                "lr": logged["lr"],
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-            history.append(row)
-            if self.rank == 0:
-                self._log_row(row, writer)
-                if val is not None and val > self.position.best_dice:
-                    self.position.best_dice = val
-                    self.save_checkpoint("best", {"val_dice": val})
-                self.save_checkpoint("last")
+            finished = self.position.batch >= len(batches)
+            if finished:
+                self.position.epoch, self.position.batch = epoch + 1, 0
+                progress = epoch + 1
+            else:  # the time budget ran out inside this epoch
+                progress = round(epoch + self.position.batch / len(batches), 3)
+            history.append(self._end_epoch(progress, logged, started, writer))
             if self.world > 1:
                 dist.barrier()
+            if stop is not None:
+                break
         bar.close()
-        if self.rank == 0 and stopped and not c.checkpoint_every:
+        if self.rank == 0 and stop == "max_steps" and not c.checkpoint_every:
             self.save_checkpoint("last")
         if writer is not None:
             writer.close()
-        return {"history": history, "position": asdict(self.position), "stopped_early": stopped}
+        summary = {
+            "history": history,
+            "position": asdict(self.position),
+            "stopped_early": stop is not None,
+            "stop_reason": stop or ("completed" if history else "nothing to do"),
+            "minutes": round((time.perf_counter() - started) / 60.0, 4),
+            "max_minutes": c.max_minutes,
+            "best": "best" if (self.out_dir / "best").is_dir() else None,
+            "best_val_dice": self.position.best_dice if self.position.best_dice >= 0 else None,
+            "validated": bool(self.val_data),
+            "train_set": self.train_set,
+        }
+        if self.rank == 0:
+            self._write_summary(summary)
+        return summary
+
+    def _end_epoch(self, progress: float, logged: dict, started: float, writer) -> dict:
+        """Validate, log a metrics row, write best/ (when better, or always without validation) and last/."""
+        val = self.validate() if self.rank == 0 else None
+        row = {
+            "epoch": progress,
+            "step": self.position.step,
+            "train_loss": "" if logged.get("loss") is None else logged["loss"],
+            "val_dice": "" if val is None else round(val, 5),
+            "lr": "" if logged.get("lr") is None else logged["lr"],
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        if self.rank == 0:
+            self._log_row(row, writer)
+            if val is not None and val > self.position.best_dice:
+                self.position.best_dice = val
+                self.save_checkpoint("best", {"val_dice": val, "selected_by": "validation Dice"})
+            elif not self.val_data:
+                self.save_checkpoint("best", {"selected_by": "latest checkpoint (no validation samples)"})
+            self.save_checkpoint("last")
+        return row
+
+    def _write_summary(self, summary: dict) -> None:
+        from medsam3.utils.files import write_json_atomic
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.out_dir / SUMMARY_FILE, summary)
 
     def _log_row(self, row: dict, writer) -> None:
         path = self.out_dir / "metrics.csv"
