@@ -1,16 +1,18 @@
 """3D evaluation: segment whole volumes and score them with spacing-aware 3D metrics.
 
-``medsam3 evaluate DATA --volumes`` reads an nnU-Net / MSD volume dataset case by case, runs the
-streamed volume segmentation (each slice encoded once) with every labelled concept as a prompt, and
+``medsam3 evaluate DATA --volumes`` reads a volume dataset through its layout reader (nnU-Net v2
+``CASE_0000`` or MSD ``CASE`` image names, either ``labels`` form of dataset.json, region labels),
+runs the streamed volume segmentation (each slice encoded once) case by case with every labelled
+concept's phrase as a prompt (the layout's vocabulary: MSD Liver's "cancer" is "liver tumor"), and
 scores each structure in 3D (Dice, NSD in mm, HD95 in mm) with the volume's own voxel spacing, as the
-paper's 3D table does, rather than averaging 2D slice scores.
+paper's 3D table does, rather than averaging 2D slice scores. With ``skip_bad`` a case that cannot be
+indexed or read (corrupt, all-NaN, another grid than its label) is left out and listed in the summary.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -18,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from medsam3.data.splits import split_cases
 from medsam3.data.volume_io import check_same_grid, read_volume
-from medsam3.errors import DatasetError
-from medsam3.evaluate.runner import evaluate_volume_labels
+from medsam3.errors import DatasetError, MedSAM3Error
+from medsam3.evaluate.runner import evaluate_volume_predictions
 from medsam3.infer.volume import segment_volume
 from medsam3.utils.files import atomic_files, write_json_atomic, write_text_atomic
 from medsam3.utils.outputs import check_output_folder
@@ -37,41 +38,44 @@ class VolumeCase:
     split: str
 
 
-def _labels(meta: dict, root: Path) -> dict[str, int]:
-    """name -> value from dataset.json, in nnU-Net v2 (name: value) or MSD (value: name) form."""
-    raw = meta.get("labels")
-    if not isinstance(raw, dict) or not raw:
-        raise DatasetError(f"{root / 'dataset.json'}: no 'labels' mapping")
-    first_key = next(iter(raw))
-    pairs = {v: int(k) for k, v in raw.items()} if str(first_key).isdigit() else {k: int(v) for k, v in raw.items()}
-    return {name: value for name, value in pairs.items() if value != 0 and name.lower() != "background"}
+def _open_volumes(root: Path, layout: str, skip_bad: bool, seed: int):
+    from medsam3.data.dataset import open_dataset
+
+    # every slice a sample (negatives_fraction 1): a volume without any labelled structure stays a case
+    return open_dataset(root, layout=layout, skip_bad=skip_bad, seed=seed, negatives_fraction=1.0)
 
 
-def volume_cases(root: str | Path, split: str | None = "test", seed: int = 0) -> tuple[list[VolumeCase], dict]:
-    """The dataset's cases (image + label volume) in ``split`` and its label table."""
-    root = Path(root)
-    meta_file = root / "dataset.json"
-    if not meta_file.is_file():
-        raise DatasetError(f"{root}: --volumes needs an nnU-Net/MSD folder with dataset.json")
-    meta = json.loads(meta_file.read_text())
-    ending = meta.get("file_ending", ".nii.gz")
-    found: dict[str, tuple[Path, Path, str | None]] = {}
-    for images, labels, fixed in (("imagesTr", "labelsTr", None), ("imagesTs", "labelsTs", "test")):
-        for image in sorted((root / images).glob(f"*_0000{ending}")):
-            case_id = image.name[: -len(f"_0000{ending}")]
-            label = root / labels / f"{case_id}{ending}"
-            if not label.is_file():
-                raise DatasetError(f"{image}: no label volume {label}")
-            found[case_id] = (image, label, fixed)
-    if not found:
-        raise DatasetError(f"{root}: no volumes (*_0000{ending}) in imagesTr/ or imagesTs/")
-    chosen = split_cases(list(found), {c: s for c, (_, _, s) in found.items() if s}, seed=seed)
-    cases = [VolumeCase(c, img, lab, chosen[c]) for c, (img, lab, _) in found.items()]
+def _cases_of(dataset, root: Path, split: str | None) -> tuple[list[VolumeCase], dict[str, tuple[int, ...]]]:
+    from medsam3.data.layouts.refs import LabelMapTarget
+
+    found: dict[str, VolumeCase] = {}
+    labels: dict[str, tuple[int, ...]] = {}
+    for ref in dataset.refs:
+        target = ref.target
+        if ref.image.slice_index is None or not isinstance(target, LabelMapTarget) or target.instance_map:
+            raise DatasetError(
+                f"{root}: --volumes needs 3D image and label volumes; {ref.image.path.name} is a 2D "
+                f"{dataset.info.layout} image (evaluate it without --volumes)"
+            )
+        labels.setdefault(ref.concept, tuple(target.values))
+        found.setdefault(ref.case_id, VolumeCase(ref.case_id, ref.image.path, target.path, ref.split or "train"))
+    cases = list(found.values())
     if split is not None:
         cases = [c for c in cases if c.split == split]
         if not cases:
             raise DatasetError(f"{root}: the '{split}' split has no volumes")
-    return cases, _labels(meta, root)
+    return cases, labels
+
+
+def volume_cases(
+    root: str | Path, split: str | None = "test", seed: int = 0, *, layout: str = "auto", skip_bad: bool = False
+) -> tuple[list[VolumeCase], dict[str, tuple[int, ...]]]:
+    """The dataset's cases (image + label volume) in ``split`` and its concepts: phrase -> label values.
+
+    Read by the dataset's layout reader, so splits, names and phrases are those ``medsam3 train`` sees.
+    """
+    root = Path(root)
+    return _cases_of(_open_volumes(root, layout, skip_bad, seed), root, split)
 
 
 REPORT_FILES = ("per_case.csv", "summary.json", "report.md")
@@ -91,40 +95,33 @@ def evaluate_volume_dataset(
     method: str = "slices",
     nsd_tolerance: float = 2.0,
     progress: bool = True,
+    layout: str = "auto",
+    skip_bad: bool = False,
 ) -> dict:
-    """Segment and score every volume of ``split``; writes per_case.csv, summary.json, report.md."""
+    """Segment and score every volume of ``split``; writes per_case.csv, summary.json, report.md.
+
+    ``skip_bad``: a case that fails (unreadable, all-NaN, label on another grid) is skipped and
+    listed in the summary instead of stopping the evaluation.
+    """
     from tqdm.auto import tqdm
 
     out = check_volume_report(out_dir, root)
-    cases, labels = volume_cases(root, split)
+    dataset = _open_volumes(Path(root), layout, skip_bad, 0)
+    cases, labels = _cases_of(dataset, Path(root), split)
+    skipped: list[dict] = [{"case": None, "error": f"{item.path}: {item.problem}"} for item in dataset.skipped]
     rows = []
     for case in tqdm(cases, desc="volumes", disable=None if progress else True):
-        volume = read_volume(case.image)
-        label_volume = read_volume(case.label)
-        check_same_grid(volume, label_volume)  # a label on another grid would be scored on the wrong voxels
-        truth = np.rint(label_volume.array).astype(np.int32)
-        started = time.perf_counter()
-        seg = segment_volume(volume, list(labels), predictor, method=method)
-        seconds = time.perf_counter() - started
-        predicted = np.zeros_like(truth)
-        for value, phrase in seg.legend.items():
-            predicted[seg.label_map == value] = labels[phrase]
-        scores = evaluate_volume_labels(
-            predicted, truth, volume.spacing, labels, nsd_tolerance=nsd_tolerance, case=case.case_id
-        )
-        for name, score in scores.items():
-            rows.append(
-                {
-                    "case": case.case_id,
-                    "concept": name,
-                    "split": case.split,
-                    **score.semantic.as_dict(),
-                    "gt_voxels": int((truth == labels[name]).sum()),
-                    "pred_voxels": int((predicted == labels[name]).sum()),
-                    "seconds": round(seconds, 2),
-                }
-            )
+        try:
+            rows += _score_case(case, labels, predictor, method, nsd_tolerance)
+        except MedSAM3Error as error:
+            if not skip_bad:
+                raise
+            skipped.append({"case": case.case_id, "error": str(error)})
+    if not rows:
+        first = f": first error: {skipped[0]['error']}" if skipped else ""
+        raise DatasetError(f"{root}: no volume could be evaluated ({len(skipped)} skipped){first}")
     summary = _summarise(rows, root, method, split)
+    summary["n_skipped"], summary["skipped"] = len(skipped), skipped
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FIELDS)
     writer.writeheader()
@@ -134,6 +131,36 @@ def evaluate_volume_dataset(
         write_json_atomic(files.path(out / "summary.json"), summary)
         write_text_atomic(files.path(out / "report.md"), markdown(summary))
     return summary
+
+
+def _score_case(case: VolumeCase, labels: dict[str, tuple[int, ...]], predictor, method, nsd_tolerance) -> list[dict]:
+    volume = read_volume(case.image)
+    label_volume = read_volume(case.label)
+    check_same_grid(volume, label_volume)
+    truth = np.rint(label_volume.array).astype(np.int32)
+    started = time.perf_counter()
+    seg = segment_volume(volume, list(labels), predictor, method=method)
+    seconds = time.perf_counter() - started
+    value_of = {phrase: value for value, phrase in seg.legend.items()}
+    rows = []
+    for name, values in labels.items():
+        gt = np.isin(truth, values)
+        pred = seg.label_map == value_of[name] if name in value_of else np.zeros_like(gt)
+        score = evaluate_volume_predictions(
+            pred, gt, volume.spacing, nsd_tolerance=nsd_tolerance, case=f"{case.case_id} {name}"
+        )
+        rows.append(
+            {
+                "case": case.case_id,
+                "concept": name,
+                "split": case.split,
+                **score.semantic.as_dict(),
+                "gt_voxels": int(gt.sum()),
+                "pred_voxels": int(pred.sum()),
+                "seconds": round(seconds, 2),
+            }
+        )
+    return rows
 
 
 def _summarise(rows: list[dict], root, method: str, split) -> dict:
@@ -177,4 +204,6 @@ def markdown(summary: dict) -> str:
         "Dice, NSD and HD95 over the volumes that contain the structure, with the volume's voxel spacing.",
         "",
     ]
+    if summary.get("n_skipped"):
+        lines += [f"Skipped {summary['n_skipped']} bad case(s) or file(s) (--skip-bad): see summary.json.", ""]
     return "\n".join(lines)
