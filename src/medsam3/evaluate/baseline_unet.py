@@ -9,6 +9,10 @@ instances, presence is the channel's highest probability), so ``evaluate_dataset
 
 Each sample trains only its own concept's channel: a dataset that labels "liver" on some images
 and "tumor" on others never teaches the network that an unlabelled structure is background.
+
+``max_minutes`` stops training after the batch that crosses that wall-clock budget (the clock starts
+after the training set is loaded, as ``medsam3 train --max-minutes`` counts only its training loop),
+so the U-Net and MedSAM-3 can be compared at equal training time; the config records the stop.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ class UNetConfig:
     n_train_samples: int = 0
     final_loss: float | None = None
     seconds: float | None = None
+    max_minutes: float | None = None
+    stop_reason: str = ""  # "completed" or "max_minutes"
+    steps: int = 0  # optimizer steps taken
     kind: str = KIND
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -186,12 +193,15 @@ def train_unet_baseline(
     device: str = "cpu",
     progress: bool = True,
     dataset: Sequence[Any] | None = None,
+    max_minutes: float | None = None,
 ) -> UNetRun:
     """Train a 2D U-Net on the ``split`` samples of a dataset and save it in ``out_dir``.
 
     ``dataset_path`` is opened with ``medsam3.data.dataset.open_dataset`` (any layout); pass an
     already opened ``dataset`` instead to reuse one. ``epochs=0`` saves the untrained network (a
-    floor to compare against). Augmentation is a random horizontal flip.
+    floor to compare against). Augmentation is a random horizontal flip. ``max_minutes``: stop after
+    the batch that crosses this many minutes of training (the last epoch's loss is then over the
+    batches it ran).
     """
     if epochs < 0 or batch_size < 1 or not (lr > 0 and math.isfinite(lr)):
         raise MedSAM3Error(
@@ -199,6 +209,8 @@ def train_unet_baseline(
         )
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise MedSAM3Error(f"U-Net size must be {MIN_SIZE}..{MAX_SIZE} pixels, got {size}")
+    if max_minutes is not None and not (math.isfinite(max_minutes) and max_minutes > 0):
+        raise MedSAM3Error(f"U-Net max_minutes must be a positive number of minutes, got {max_minutes}")
     check_output_folder(out_dir, inputs=[dataset_path], files=RUN_FILES)
     dev = _device(device)
     if dataset is None:
@@ -237,6 +249,7 @@ def train_unet_baseline(
         loss=loss,
         split=split,
         dataset=name,
+        max_minutes=max_minutes,
     )
     criterion = _loss_fn(loss)
     model = build_unet(config)
@@ -247,6 +260,7 @@ def train_unet_baseline(
     history: list[float] = []
     started = time.perf_counter()
     model.train()
+    out_of_time = False
     for _ in tqdm(range(epochs), desc="train U-Net", unit="epoch", disable=None if progress else True):
         order = torch.randperm(len(images), generator=generator)
         total, count = 0.0, 0
@@ -264,7 +278,14 @@ def train_unet_baseline(
             optimizer.step()
             total += step_loss.item() * len(batch)
             count += len(batch)
+            config.steps += 1
+            if max_minutes is not None and (time.perf_counter() - started) / 60.0 >= max_minutes:
+                out_of_time = True
+                break
         history.append(total / count)
+        if out_of_time:
+            break
+    config.stop_reason = "max_minutes" if out_of_time else "completed"
     config.final_loss = history[-1] if history else None
     config.seconds = round(time.perf_counter() - started, 3)
     save_unet(model, config, out_dir, history)
