@@ -390,6 +390,8 @@ def evaluate(
             split=None if split == "all" else split,
             method=method,
             nsd_tolerance=nsd_tolerance,
+            layout=layout,
+            skip_bad=skip_bad,
         )
         _echo(markdown(summary))
         _echo(f"wrote {out}/report.md")
@@ -435,14 +437,33 @@ def baseline_unet(
     ] = 128,
     seed: Annotated[int, typer.Option(callback=SEED)] = 0,
     layout: str = "auto",
+    max_minutes: Annotated[
+        float | None,
+        typer.Option(
+            "--max-minutes",
+            help="Wall-clock training budget (as `medsam3 train --max-minutes`): stop after the batch that crosses it.",
+            callback=_in_range(0.0, above=True),
+        ),
+    ] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Train a MONAI U-Net on the train split; score it with `medsam3 evaluate DATA --model RUN`."""
     from medsam3.evaluate.baseline_unet import train_unet_baseline
 
     run = train_unet_baseline(
-        data, out, epochs=epochs, batch_size=batch_size, lr=lr, size=size, seed=seed, layout=layout, device=device
+        data,
+        out,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        size=size,
+        seed=seed,
+        layout=layout,
+        device=device,
+        max_minutes=max_minutes,
     )
+    if run.config.stop_reason == "max_minutes":
+        _echo(f"stopped by --max-minutes {max_minutes:g} after {run.config.steps} step(s), {len(run.history)} epoch(s)")
     _echo(f"wrote {run.out_dir} (final epoch loss {run.history[-1]:.4f})" if run.history else f"wrote {run.out_dir}")
 
 
@@ -483,26 +504,33 @@ def train(
     augment: Annotated[
         bool, typer.Option("--augment", help="Random flips, zoom, rotation, intensity (not with --cache-features).")
     ] = False,
+    augment_flips: Annotated[
+        bool,
+        typer.Option("--augment-flips", help="Random flips only; works with --cache-features (each view cached once)."),
+    ] = False,
     checkpoint_every: Annotated[
         int, typer.Option(help="Also checkpoint every N optimizer steps (0: per epoch).", callback=_in_range(0))
     ] = 0,
     allow_long_phrases: Annotated[
         bool, typer.Option("--allow-long-phrases", help="Train on phrases of more than three words.")
     ] = False,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable cases with a warning.")] = False,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="Decode every train/val image first; leave bad ones out with a warning.")
+    ] = False,
+    max_minutes: Annotated[
+        float | None,
+        typer.Option(
+            "--max-minutes",
+            help="Wall-clock budget: stop after the step that crosses it (validates, writes last/ and best/).",
+            callback=_in_range(0.0, above=True),
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Fine-tune MedSAM-3 on a labelled dataset (the paper's method: frozen encoders, detector trained)."""
-    from medsam3.data.dataset import open_dataset
-    from medsam3.data.vocabulary import check_phrase
-    from medsam3.model import load_model
-    from medsam3.train.trainer import TrainConfig, Trainer
+    from medsam3.train.run import train_path
+    from medsam3.train.trainer import TrainConfig
 
-    train_set = open_dataset(data, layout=layout, split="train", axis=axis, skip_bad=skip_bad)
-    val_set = open_dataset(data, layout=layout, split="val", axis=axis, skip_bad=skip_bad)
-    for concept in train_set.concepts:
-        check_phrase(concept, allow_long=allow_long_phrases)
-    loaded = load_model(base, device=device)
     config = TrainConfig(
         policy=policy,
         prompt_mode=prompt_mode,
@@ -517,20 +545,31 @@ def train(
         cache_dir=None if cache_dir is None else str(cache_dir),
         rebuild_cache=rebuild_cache,
         checkpoint_every=checkpoint_every,
+        max_minutes=max_minutes,
     )
-    augmentation = None
-    if augment:
-        from medsam3.data.transforms import default_augmentation
-
-        augmentation = default_augmentation()
-    trainer = Trainer(loaded, train_set, out, config, val_data=val_set, augment=augmentation)
-    if resume:
-        trainer.resume()
-    typer.echo(f"training {len(train_set)} samples ({', '.join(train_set.concepts)}), validating on {len(val_set)}")
-    summary = trainer.fit()
-    for row in summary["history"]:
-        typer.echo(f"epoch {row['epoch']}: loss {row['train_loss']:.4f}, val Dice {row['val_dice']}")
-    typer.echo(f"adapter: {out}/best (use: medsam3 segment IMAGE --model {base} --adapter {out}/best ...)")
+    run = train_path(
+        data,
+        base,
+        out,
+        config=config,
+        layout=layout,
+        axis=axis,
+        skip_bad=skip_bad,
+        augment="full" if augment else "flips" if augment_flips else "none",
+        resume=resume,
+        allow_long_phrases=allow_long_phrases,
+        device=device,
+        say=_echo,
+    )
+    for row in run.history:
+        loss = f"{row['train_loss']:.4f}" if row["train_loss"] != "" else "-"
+        _echo(f"epoch {row['epoch']}: loss {loss}, val Dice {row['val_dice'] if row['val_dice'] != '' else '-'}")
+    if run.summary["stop_reason"] == "max_minutes":
+        _echo(f"stopped by --max-minutes {max_minutes:g} after {run.summary['position']['step']} step(s)")
+    _echo(
+        f"adapter: {run.adapter} ({run.adapter_note}; use: medsam3 segment IMAGE --model {base} "
+        f"--adapter {run.adapter} ...)"
+    )
 
 
 @app.command()
