@@ -571,6 +571,8 @@ def test_bad_requests_are_4xx_with_one_line(client, no_tracebacks):
     assert_error(client.post(segment, content=nan_box, headers={"Content-Type": "application/json"}), 422, "finite")
     assert_error(client.post(segment, content="{not json", headers={"Content-Type": "application/json"}), 422)
     assert_error(client.post(f"/api/sessions/{sid}/jobs", json={"concepts": ["liver"]}), 400, "for volumes")
+    huge = {"concepts": ["liver"], "boxes": [[1, 1, 2, 2]] * 300_000}  # a JSON body of megabytes
+    assert_error(client.post(segment, json=huge), 413, "1 MB")
     for path in ("/api/sessions/nosuchsession", "/api/sessions/..%2F..%2Fetc", "/api/sessions/" + "a" * 300,
                  f"/api/sessions/{sid}/results/r999", "/api/jobs/nosuchjob", "/api/jobs/nosuchjob/mask"):  # fmt: skip
         assert_error(client.get(path), 404)

@@ -91,7 +91,12 @@ def create_app(settings: ServeSettings | None = None, *, loaded: LoadedModel | N
         lifespan=lifespan,
     )
     app.state.service = service
-    app.add_middleware(Guard, token=settings.token, max_body=settings.max_upload_bytes + _MULTIPART_SLACK)
+    app.add_middleware(
+        Guard,
+        token=settings.token,
+        max_body=settings.max_upload_bytes + _MULTIPART_SLACK,
+        shown_limit=settings.max_upload_bytes,
+    )
     bearer = HTTPBearer(auto_error=False, description="Needed when the server was started with --token-env.")
     api = [Depends(bearer)]  # documents the token in OpenAPI; the Guard middleware enforces it
 

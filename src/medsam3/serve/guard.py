@@ -14,11 +14,17 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PUBLIC_API = ("/api/health",)
+UPLOAD_PATHS = ("/api/sessions",)  # the only requests that carry files
+SMALL_BODY = 1 << 20  # JSON requests: far more than any real one
 
 
 class BodyTooLarge(HTTPException):
-    def __init__(self, limit: int):
-        super().__init__(413, f"the request body is larger than the server's limit of {limit:,} bytes")
+    def __init__(self, shown_limit: int):
+        super().__init__(413, f"the request body is larger than the server's limit of {_size(shown_limit)}")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:g} MB" if nbytes >= 2**20 else f"{nbytes:,} bytes"
 
 
 async def send_json(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
@@ -30,12 +36,13 @@ async def send_json(send: Send, status: int, message: str, headers: dict[str, st
 
 
 class Guard:
-    """401 without the right bearer token on /api (except /api/health); 413 past ``max_body`` bytes."""
+    """401 without the right bearer token on /api (except /api/health); 413 past ``max_body`` bytes (1 MB for JSON)."""
 
-    def __init__(self, app: ASGIApp, *, token: str | None, max_body: int):
+    def __init__(self, app: ASGIApp, *, token: str | None, max_body: int, shown_limit: int | None = None):
         self.app = app
         self.token = None if token is None else token.encode()
         self.max_body = int(max_body)
+        self.shown_limit = int(shown_limit if shown_limit is not None else max_body)
 
     def _authorised(self, scope: Scope) -> bool:
         for key, value in scope.get("headers", []):
@@ -56,6 +63,8 @@ class Guard:
                     {"WWW-Authenticate": "Bearer"},
                 )  # fmt: skip
                 return
+        limit = self.max_body if path in UPLOAD_PATHS else min(self.max_body, SMALL_BODY)
+        shown = self.shown_limit if path in UPLOAD_PATHS else limit
         for key, value in scope.get("headers", []):
             if key == b"content-length":
                 try:
@@ -63,8 +72,8 @@ class Guard:
                 except ValueError:
                     await send_json(send, 400, "invalid Content-Length header")
                     return
-                if declared > self.max_body:
-                    await send_json(send, 413, BodyTooLarge(self.max_body).detail, {"Connection": "close"})
+                if declared > limit:
+                    await send_json(send, 413, BodyTooLarge(shown).detail, {"Connection": "close"})
                     return
         received = 0
         started = False
@@ -74,8 +83,8 @@ class Guard:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise BodyTooLarge(self.max_body)
+                if received > limit:
+                    raise BodyTooLarge(shown)
             return message
 
         async def tracked(message: Message) -> None:
