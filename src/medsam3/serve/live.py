@@ -58,9 +58,11 @@ class LiveServer:
         self.args = tuple(args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self._own_log = log_path is None  # a log made here is removed on stop (its text is kept)
         self.log_path = (
             Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="medsam3-serve-", suffix=".log")[1])
         )
+        self._final_log: str | None = None
         self.tmpdir = None if tmpdir is None else Path(tmpdir)
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout
@@ -119,9 +121,14 @@ class LiveServer:
                     self.process.kill()
                     self.process.wait(5)
         self._log.close()
+        if self._own_log and self._final_log is None:
+            self._final_log = self.log_text()
+            self.log_path.unlink(missing_ok=True)
         return self.process.returncode
 
     def log_text(self) -> str:
+        if self._final_log is not None:
+            return self._final_log
         try:
             return self.log_path.read_text(errors="replace")
         except OSError:
