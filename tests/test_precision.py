@@ -86,3 +86,23 @@ def test_feature_cache_stores_bf16_for_bf16_towers(tmp_path):
     assert cache.stored_dtype == torch.bfloat16
     fp32_cache_fingerprint = FeatureCache(tmp_path / "other", load_model("tiny", device="cpu").seam).fingerprint
     assert cache.fingerprint != fp32_cache_fingerprint  # bound to the dtype the encoder ran in
+
+
+def test_cli_dtype_reaches_result_json_and_is_restored(tmp_path, rgb_image):
+    from PIL import Image
+
+    from medsam3.cli import main
+    from medsam3.model.precision import default_towers
+
+    Image.fromarray(rgb_image).save(tmp_path / "img.png")
+    for choice in ("fp32", "bf16"):
+        out = tmp_path / f"out_{choice}"
+        code = main(["segment", str(tmp_path / "img.png"), "-p", "liver", "-m", "tiny", "--dtype", choice,
+                     "--out", str(out), "--no-normalize"])  # fmt: skip
+        assert code == 0
+        import json
+
+        assert json.loads((out / "result.json").read_text())["precision"]["dtype"] == choice
+    assert default_towers() == "fp32"  # the library default is back after the command
+    assert main(["segment", str(tmp_path / "img.png"), "-p", "liver", "-m", "tiny", "--dtype", "fp16",
+                 "--out", str(tmp_path / "x")]) == 2  # fmt: skip

@@ -130,3 +130,11 @@ def test_bad_prompts_and_images(tiny_model, rgb_image):
         Prompt("liver", boxes=((50, 10, 20, 40),))
     with pytest.raises(PromptError, match="no prompt"):
         predictor.predict([])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 4, 3), (1, 7, 3)])
+def test_tiny_images_are_read_channels_last(tiny_model, shape):
+    """A 1 x 1 or 3 x 4 RGB image is (H, W, 3), never mistaken for channels-first."""
+    predictor = Sam3Predictor(tiny_model, score_threshold=0.0)
+    predictor.set_image(np.full(shape, 100, np.uint8))
+    assert predictor.predict_one("liver").masks.shape[1:] == shape[:2]

@@ -29,6 +29,7 @@ class Segmentation:
     adapter: str | None = None
     notes: list[str] = field(default_factory=list)
     normalization: list[dict] = field(default_factory=list)
+    precision: dict | None = None  # the frozen towers' dtype and why (medsam3.model.precision)
 
 
 def build_prompts(
@@ -92,6 +93,7 @@ def segment_image(
         source=source,
         model=predictor.loaded.spec,
         adapter=None if adapter is None else str(adapter.get("path", "")) or None,
+        precision=predictor.loaded.precision.to_json(),
     )
 
 
@@ -162,6 +164,7 @@ def write_segmentation(seg: Segmentation, out_dir: str | Path, inputs: Sequence[
                 "image": seg.source,
                 "model": seg.model,
                 "adapter": seg.adapter,
+                "precision": seg.precision,
                 "image_size": list(seg.image.shape[:2]),
                 "overlay": "overlay.png",
                 "notes": seg.notes,

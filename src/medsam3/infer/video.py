@@ -157,7 +157,9 @@ def segment_video(
         if count == 0:
             raise MedSAM3Error(f"{video.path}: the video has no frames")
         entries = [tracks[i].to_json(names[i]) for i in sorted(tracks)]
-        model = getattr(getattr(predictor, "loaded", None), "spec", None)
+        loaded = getattr(predictor, "loaded", None)
+        model = getattr(loaded, "spec", None)
+        precision = loaded.precision.to_json() if loaded is not None else None
         write_json_atomic(
             tmp / "tracks.json",
             {
@@ -167,6 +169,7 @@ def segment_video(
                 "fps": round(video.fps, 4),
                 "size": list(video.size),
                 "model": model,
+                "precision": precision,
                 "tracker": "sam3-video" if video_tracker is not None else "iou",
                 "prompts": texts,
                 "masks": MASK_PATTERN.replace("{:05d}", "%05d"),

@@ -549,7 +549,9 @@ def segment_volume_file(
             else:
                 seg.notes.append(f"{dicom_seg} not written: nothing was found, and DICOM-SEG cannot be empty")
         legend = seg.to_json(volume)
-        model = getattr(getattr(predictor, "loaded", None), "spec", None)
+        loaded = getattr(predictor, "loaded", None)
+        model = getattr(loaded, "spec", None)
+        precision = loaded.precision.to_json() if loaded is not None else None
         write_json_atomic(
             files.path(legend_path(out)),
             {
@@ -557,6 +559,7 @@ def segment_volume_file(
                 "mask": out.name,
                 "dicom_seg": written_seg,
                 "model": model,
+                "precision": precision,
                 "spacing": list(volume.spacing),
                 **legend,
             },

@@ -10,7 +10,7 @@ from medsam3.model.policy import apply_policy, check_policy
 
 
 def describe_model(
-    spec: str, policy: str = "paper", adapter: str | os.PathLike | None = None, towers: str = "auto"
+    spec: str, policy: str = "paper", adapter: str | os.PathLike | None = None, towers: str | None = None
 ) -> str:
     """A printable report: the component table (total / trainable / frozen), preprocessing, provenance."""
     check_policy(policy)

@@ -25,7 +25,7 @@ from medsam3.errors import ModelSpecError
 from medsam3.model import presets
 from medsam3.model.backbones import backbone_for
 from medsam3.model.backbones.lite import LiteSam3Model, is_lite_config, load_lite_folder, quiet_placeholder_config
-from medsam3.model.precision import Precision, choose_precision
+from medsam3.model.precision import Precision, choose_precision, default_towers
 from medsam3.model.seam import ModelSeam
 from medsam3.model.tokenizer import build_clip_tokenizer
 
@@ -219,12 +219,13 @@ def load_model(
     device: str | torch.device = "auto",
     dtype: torch.dtype = torch.float32,
     adapter: str | os.PathLike | None = None,
-    towers: str = "fp32",
+    towers: str | None = None,
 ) -> LoadedModel:
     """Load a model from a spec (see module docstring) in eval mode on ``device``.
 
     ``dtype`` is the detector's (what trains); ``towers`` the frozen pretrained encoders' (``auto``
-    picks bf16 where it was measured faster on this machine, see :mod:`medsam3.model.precision`).
+    picks bf16 where it was measured faster on this machine, see :mod:`medsam3.model.precision`;
+    None: the process default, fp32 unless the CLI's ``--dtype`` set it).
     """
     spec = str(spec)
     if not spec.strip():
@@ -265,7 +266,7 @@ def load_model(
             "save_pretrained, a sam3.pt checkpoint, or a hub id like facebook/sam3"
         )
     target = resolve_device(device)
-    precision = choose_precision(towers, target)
+    precision = choose_precision(towers or default_towers(), target)
     model = model.to(device=target, dtype=dtype).eval()
     loaded = LoadedModel(
         model=model, processor=processor, spec=spec, device=target, concepts=concepts, precision=precision

@@ -114,6 +114,20 @@ def measured_bf16_speedup(threads: int) -> float:
     return speedup
 
 
+_default_towers = ["fp32"]  # the process-wide choice when a caller names none; the CLI sets it from --dtype
+
+
+def set_default_towers(choice: str) -> None:
+    """Make ``choice`` (auto, fp32, bf16) what :func:`load_model` uses when not told otherwise."""
+    if choice not in CHOICES:
+        raise ModelSpecError(f"--dtype '{choice}': choose one of {', '.join(CHOICES)}")
+    _default_towers[0] = choice
+
+
+def default_towers() -> str:
+    return _default_towers[0]
+
+
 def choose_precision(requested: str, device: torch.device) -> Precision:
     """The towers' dtype for ``requested`` (auto, fp32, bf16) on ``device``."""
     if requested not in CHOICES:

@@ -19,6 +19,28 @@ SAM3_HUB_ID = "facebook/sam3"
 DEFAULT_MODEL = "nano"
 
 
+def detector_configs(
+    hidden: int, detr_encoder_layers: int, detr_decoder_layers: int, num_queries: int, heads: int
+) -> dict[str, dict]:
+    """SAM 3's detector sub-configs (geometry encoder, DETR encoder/decoder, mask decoder) at one width."""
+    return dict(
+        geometry_encoder_config=dict(
+            hidden_size=hidden, num_layers=1, num_attention_heads=heads, intermediate_size=hidden * 2
+        ),
+        detr_encoder_config=dict(
+            hidden_size=hidden, num_layers=detr_encoder_layers, num_attention_heads=heads, intermediate_size=hidden * 2
+        ),
+        detr_decoder_config=dict(
+            hidden_size=hidden,
+            num_layers=detr_decoder_layers,
+            num_queries=num_queries,
+            num_attention_heads=heads,
+            intermediate_size=hidden * 2,
+        ),
+        mask_decoder_config=dict(hidden_size=hidden, num_upsampling_stages=3, num_attention_heads=heads),
+    )
+
+
 def _small_config(
     *,
     image_size: int,
@@ -65,23 +87,7 @@ def _small_config(
             max_position_embeddings=32,
             hidden_act="gelu",
         ),
-        geometry_encoder_config=dict(
-            hidden_size=hidden, num_layers=1, num_attention_heads=heads, intermediate_size=hidden * 2
-        ),
-        detr_encoder_config=dict(
-            hidden_size=hidden,
-            num_layers=detr_encoder_layers,
-            num_attention_heads=heads,
-            intermediate_size=hidden * 2,
-        ),
-        detr_decoder_config=dict(
-            hidden_size=hidden,
-            num_layers=detr_decoder_layers,
-            num_queries=num_queries,
-            num_attention_heads=heads,
-            intermediate_size=hidden * 2,
-        ),
-        mask_decoder_config=dict(hidden_size=hidden, num_upsampling_stages=3, num_attention_heads=heads),
+        **detector_configs(hidden, detr_encoder_layers, detr_decoder_layers, num_queries, heads),
     )
 
 

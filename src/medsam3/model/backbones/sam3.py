@@ -36,7 +36,11 @@ class Sam3Backbone(Backbone):
         return height, width  # stretched: the input covers exactly the image
 
     def pixel_values(self, rgbs: Sequence[np.ndarray]) -> torch.Tensor:
-        return self.processor.image_processor(images=list(rgbs), return_tensors="pt")["pixel_values"]
+        # channels_last said outright: for tiny images (1 x 1, 3 x 4) the processor would guess wrongly
+        processed = self.processor.image_processor(
+            images=list(rgbs), return_tensors="pt", input_data_format="channels_last"
+        )
+        return processed["pixel_values"]
 
     def image_embedding(self, model, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(model.get_vision_features(pixel_values=pixels).fpn_hidden_states)
