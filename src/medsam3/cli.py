@@ -88,6 +88,23 @@ ModelOpt = Annotated[
 ]
 AdapterOpt = Annotated[Path | None, typer.Option("--adapter", help="Adapter folder written by `medsam3 train`.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
+
+
+def _set_towers(value: str) -> str:
+    from medsam3.model.precision import set_default_towers
+
+    set_default_towers(value)
+    return value
+
+
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="Frozen encoders' dtype: auto (bf16 where this CPU/GPU runs it measurably faster), fp32 or bf16.",
+        callback=_set_towers,
+    ),
+]
 ThresholdOpt = Annotated[
     float, typer.Option(help="Instance score threshold (sigmoid(logit) x presence), 0..1.", callback=PROBABILITY)
 ]
@@ -130,6 +147,7 @@ def segment(
         bool,
         typer.Option("--no-normalize", help="Run phrases as typed, even outside the model's vocabulary."),
     ] = False,
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Segment every instance of each named concept in one image."""
     from medsam3.data.image_io import read_image
@@ -180,7 +198,7 @@ def _video_tracker(loaded, tracker: Path | None):
         return None
     from medsam3.infer.tracking import Sam3VideoTracker, build_video_model
 
-    return Sam3VideoTracker(build_video_model(loaded, tracker=tracker), loaded.processor)
+    return Sam3VideoTracker(build_video_model(loaded, tracker=tracker), loaded.seam)
 
 
 TrackerOpt = Annotated[
@@ -210,6 +228,7 @@ def segment_volume_cmd(
     threshold: ThresholdOpt = 0.5,
     mask_threshold: MaskThresholdOpt = 0.5,
     no_normalize: NoNormalizeOpt = False,
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Segment a 3D volume by naming concepts; the label map keeps the input's geometry."""
     from medsam3.infer.segment import build_prompts
@@ -263,6 +282,7 @@ def segment_video_cmd(
     device: DeviceOpt = "auto",
     threshold: ThresholdOpt = 0.5,
     no_normalize: NoNormalizeOpt = False,
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Segment and track named concepts through a video: per-frame id masks, overlay video, tracks.json."""
     from medsam3.infer.segment import build_prompts
@@ -291,28 +311,12 @@ def info(
     model: Annotated[str, typer.Argument(help="Preset, model folder, sam3.pt or hub id.")] = DEFAULT_MODEL,
     policy: Annotated[str, typer.Option(help="Parameter policy: paper, lora-detector, lora-all, full.")] = "paper",
     adapter: AdapterOpt = None,
+    dtype: DtypeOpt = "auto",
 ) -> None:
-    """Parameters per SAM 3 component under a fine-tuning policy: total, trainable, frozen."""
-    from rich.console import Console
-    from rich.table import Table
+    """Parameters per component under a fine-tuning policy, preprocessing, and where each weight came from."""
+    from medsam3.model.info import describe_model
 
-    from medsam3.model import load_model
-    from medsam3.model.components import count_parameters
-    from medsam3.model.policy import apply_policy, check_policy
-
-    check_policy(policy)
-    loaded = load_model(model, device="cpu", adapter=adapter)
-    if adapter is None:
-        apply_policy(loaded.model, policy)
-    table = Table(title=f"{model}: policy {loaded.adapter['policy'] if loaded.adapter else policy}")
-    for column in ("component", "total", "trainable", "frozen"):
-        table.add_column(column, justify="left" if column == "component" else "right")
-    for row in count_parameters(loaded.model):
-        table.add_row(row.component, f"{row.total:,}", f"{row.trainable:,}", f"{row.frozen:,}")
-    Console().print(table)
-    typer.echo(f"image size {loaded.image_size}px, config fingerprint {loaded.fingerprint}")
-    if loaded.concepts:
-        typer.echo("concepts: " + ", ".join(loaded.concepts))
+    typer.echo(describe_model(model, policy, adapter))
 
 
 @app.command()
@@ -324,6 +328,7 @@ def demo(
     ] = 150,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.", callback=_in_range(1))] = 40,
     device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """A few-minute tour: segment phantoms by text and text+box, then teach the model a new concept."""
     from medsam3.demo import DemoSettings, run_demo, summary_lines
@@ -362,6 +367,7 @@ def evaluate(
     ] = False,
     method: Annotated[str, typer.Option(help="--volumes: slices or track.")] = "slices",
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Score a model on a dataset (Dice, IoU, NSD, HD95, presence), or compare evaluation folders.
 
@@ -526,6 +532,7 @@ def train(
         ),
     ] = None,
     device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Fine-tune MedSAM-3 on a labelled dataset (the paper's method: frozen encoders, detector trained)."""
     from medsam3.train.run import train_path
@@ -665,6 +672,7 @@ def agent(
     slice_index: Annotated[int | None, typer.Option("--slice")] = None,
     axis: int = 0,
     window: str | None = None,
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Segment what an instruction asks for, with a multimodal LLM steering MedSAM-3."""
     from medsam3.agent.command import agent_command
@@ -709,6 +717,7 @@ def serve(
     max_sessions: Annotated[int, typer.Option(help="Uploads kept (least recently used evicted).")] = 32,
     request_timeout: Annotated[float, typer.Option(help="Per-request time limit in seconds.")] = 60.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """REST API and web viewer on one shared model (page at /, API docs at /docs)."""
     from medsam3.serve import ServeSettings, run_server
@@ -742,6 +751,9 @@ def main(argv: list[str] | None = None) -> int:
     verbosity = hf_logging.get_verbosity()
     if not debug:
         hf_logging.set_verbosity_error()
+    from medsam3.model.precision import default_towers, set_default_towers
+
+    towers = default_towers()  # --dtype sets it for this command only (in-process callers keep theirs)
     try:
         with warnings.catch_warnings():
             if not debug:
@@ -749,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, debug)
     finally:
         hf_logging.set_verbosity(verbosity)
+        set_default_towers(towers)
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))

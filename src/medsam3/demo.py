@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medsam3.data.dataset import open_dataset
@@ -28,19 +29,30 @@ from medsam3.train.recipes import HELD_OUT_CONCEPT
 from medsam3.train.trainer import TrainConfig, Trainer
 from medsam3.utils.files import write_json_atomic, write_text_atomic
 
-SHOWCASE_KINDS = ("ultrasound", "endoscopy", "dermoscopy", "nuclei", "ct")
+SHOWCASE_KINDS = ("ultrasound", "endoscopy", "dermoscopy", "ct")
+#: real test slices to segment: (dataset folder from `medsam3 data fetch-real`, concept, what it shows)
+SHOWCASE_REAL = (
+    ("mni-tissue", "white matter", "MR T1 brain, axial test slice"),
+    ("mni-tracts-coronal", "corpus callosum", "MR T1 brain, coronal slice (a view never trained on)"),
+    ("radiomics-tumor", "lung tumor", "CT chest, test slice"),
+    ("radiomics-tumor", "brain tumor", "MR brain, test slice"),
+    ("dsb-nuclei", "cell nucleus", "fluorescence microscopy, test tile"),
+)
 
 
 @dataclass
 class DemoSettings:
     model: str = DEFAULT_MODEL
-    finetune_cases: int = 150
-    epochs: int = 40
+    finetune_cases: int = 80
+    epochs: int = 30
     batch_size: int = 8
     lr: float = 1e-3
     seed: int = 0
     device: str = "cpu"
+    dtype: str = "auto"  # the frozen towers' dtype (see medsam3.model.precision)
     progress: bool = True
+    real: bool = True  # segment real test slices too (built from registry packages, then cached)
+    real_dir: str | None = None
 
 
 @dataclass
@@ -55,21 +67,39 @@ def _mean_dice(result) -> float:
     return float(result.summary["overall"]["dice"]["mean"] or 0.0)
 
 
-def _showcase(settings: DemoSettings, out: Path, report: DemoReport) -> None:
-    """Segment one held-out phantom per kind, by text and by text + box."""
-    loaded = load_model(settings.model, device=settings.device)
-    predictor = Sam3Predictor(loaded)
+def _showcase_samples(settings: DemoSettings, out: Path) -> list[tuple[str, str, object]]:
+    """(kind, source, sample): real test slices (registry packages, cached) and one phantom per kind."""
+    picks = []
+    if settings.real:
+        from medsam3.data.real_sets import build_real_sets
+
+        root = Path(settings.real_dir) if settings.real_dir else out / "data" / "real"
+        build_real_sets(root)
+        for folder, concept, what in SHOWCASE_REAL:
+            test = open_dataset(root / folder, split="test").select([concept])
+            # the slice with the most of the concept: a readable example, chosen without the model
+            sample = max((s for s in test if len(s.masks)), key=lambda s: int(s.union.sum()))
+            picks.append((f"real {folder}", f"{what}, {sample.case_id}", sample))
     for kind in SHOWCASE_KINDS:
         folder = write_phantom_dataset(out / "data" / kind, kind, n=5, seed=settings.seed + 1)
-        positives = (s for s in open_dataset(folder) if len(s.masks) and s.concept != HELD_OUT_CONCEPT)
-        sample = next(positives)
-        box = tuple(float(v) for v in sample.boxes[0])
+        sample = next(s for s in open_dataset(folder) if len(s.masks) and s.concept != HELD_OUT_CONCEPT)
+        picks.append((f"phantom {kind}", f"phantom {kind} {sample.case_id}", sample))
+    return picks
+
+
+def _showcase(settings: DemoSettings, out: Path, report: DemoReport) -> None:
+    """Segment real test slices and one phantom per kind, by text and by text + box."""
+    loaded = load_model(settings.model, device=settings.device, towers=settings.dtype)
+    predictor = Sam3Predictor(loaded)
+    for kind, source, sample in _showcase_samples(settings, out):
+        box = tuple(float(v) for v in sample.boxes[np.argmax(sample.masks.reshape(len(sample.masks), -1).sum(1))])
         for mode, prompt in (
             ("text", Prompt(sample.concept)),
             ("text+box", Prompt(sample.concept, boxes=(box,))),
         ):
-            seg = segment_image(sample.image, [prompt], predictor, source=f"phantom {kind} {sample.case_id}")
-            target = out / "segment" / f"{kind}_{mode.replace('+', '_')}"
+            seg = segment_image(sample.image, [prompt], predictor, source=source)
+            slug = kind.replace(" ", "_") + "_" + sample.concept.replace(" ", "_")
+            target = out / "segment" / f"{slug}_{mode.replace('+', '_')}"
             write_segmentation(seg, target)
             result = seg.results[0]
             union, truth = result.union, sample.union
@@ -111,7 +141,7 @@ def _finetune(settings: DemoSettings, out: Path, report: DemoReport) -> None:
     train = open_dataset(folder, split="train").select([HELD_OUT_CONCEPT])
     val = open_dataset(folder, split="val").select([HELD_OUT_CONCEPT])
     test = open_dataset(folder, split="test").select([HELD_OUT_CONCEPT])
-    loaded = load_model(settings.model, device=settings.device)
+    loaded = load_model(settings.model, device=settings.device, towers=settings.dtype)
     report.dice["before"] = _test_dice(loaded, test, out / "eval", "before", settings.model)
     config = TrainConfig(
         policy="paper",
@@ -129,7 +159,7 @@ def _finetune(settings: DemoSettings, out: Path, report: DemoReport) -> None:
     started = time.perf_counter()
     Trainer(loaded, train, out / "finetune", config, val_data=val).fit()
     report.seconds["finetune"] = round(time.perf_counter() - started, 1)
-    tuned = load_model(settings.model, device=settings.device, adapter=out / "finetune" / "last")
+    tuned = load_model(settings.model, device=settings.device, adapter=out / "finetune" / "last", towers=settings.dtype)
     report.dice["after"] = _test_dice(tuned, test, out / "eval", "after", f"{settings.model} + adapter")
     report.seconds["train_samples"] = len(train)
     report.seconds["test_samples"] = len(test)
@@ -143,12 +173,15 @@ def _markdown(settings: DemoSettings, report: DemoReport) -> str:
         + (
             " (the bundled 4.8 M-parameter SAM 3-architecture model trained on phantoms; not SAM 3)."
             if settings.model == "nano"
+            else " (LiteMedSAM's frozen medical image encoder + MiniLM + a SAM 3 detector trained by medsam3; "
+            "not SAM 3)."
+            if settings.model == "lite"
             else "."
         ),
         "",
         "## 1. Segment by naming (text) and by naming plus a box (text+box)",
         "",
-        "| phantom | concept | prompt | instances | presence | Dice | overlay |",
+        "| image | concept | prompt | instances | presence | Dice | overlay |",
         "|---|---|---|---|---|---|---|",
     ]
     for s in report.segmentations:

@@ -474,9 +474,9 @@ def default_augmentation(size: int | None = None, ct: bool = False, seed: int | 
     return Compose(steps, seed)
 
 
-def flip_augmentation(seed: int | None = None) -> Compose:
-    """Random horizontal and vertical flips only: works with the feature cache (4 views per image at most)."""
-    return Compose([HorizontalFlip(0.5), VerticalFlip(0.5)], seed)
+def flip_augmentation(seed: int | None = None, vertical: bool = False) -> Compose:
+    """Random flips only: works with the feature cache (2 views per image, 4 with ``vertical``)."""
+    return Compose([HorizontalFlip(0.5), *([VerticalFlip(0.5)] if vertical else [])], seed)
 
 
 def jitter_box(

@@ -122,6 +122,11 @@ class Sam3Predictor:
         """Run the image encoder on ``image`` and keep its features for the prompts to come."""
         self.set_encoded(self.encode([image])[0])
 
+    def set_embedding(self, embedding: tuple[torch.Tensor, ...], original_size: tuple[int, int]) -> None:
+        """Use the frozen image tower's output computed elsewhere (a feature cache)."""
+        size = (int(original_size[0]), int(original_size[1]))
+        self._image = EncodedImage(embedding, self.seam.vision_features(embedding), size)
+
     def set_features(self, vision: Sam3VisionEncoderOutput, original_size: tuple[int, int]) -> None:
         """Use detector features computed elsewhere (a feature cache, a video propagator)."""
         self._image = EncodedImage(None, vision, original_size)

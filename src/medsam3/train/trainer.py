@@ -372,7 +372,11 @@ class Trainer:
         for index in range(min(len(self.val_data), self.config.val_limit)):
             sample = self.val_data[index]
             boxes = tuple(map(tuple, sample.boxes)) if self.config.prompt_mode == "text+box" else ()
-            predictor.set_image(sample.image)
+            if self.cache is not None:  # the frozen tower's output is on disk already
+                with torch.inference_mode():
+                    predictor.set_embedding(self.cache.encode([sample.image]), sample.image.shape[:2])
+            else:
+                predictor.set_image(sample.image)
             result = predictor.predict_one(Prompt(sample.concept, boxes=boxes))
             scores.append(dice(result.union, sample.union))
         return float(np.mean(scores))
