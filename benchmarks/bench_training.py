@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import PeakRSS, machine, markdown_table  # noqa: E402
 
-from medsam3.data.sample import Sample, masks_to_boxes  # noqa: E402
+from medsam3.data.masks import masks_to_boxes  # noqa: E402
+from medsam3.data.sample import Sample  # noqa: E402
 from medsam3.model import load_model  # noqa: E402
 from medsam3.train.trainer import TrainConfig, Trainer  # noqa: E402
 

@@ -168,7 +168,7 @@ def _cases(root: Path):
 
 def _gt_box(truth: np.ndarray) -> tuple[int, tuple[float, float, float, float]] | None:
     """The ground truth's largest slice (axis 0) and its xyxy box there: the paper's T+I prompt."""
-    from medsam3.infer.tracking import mask_box
+    from medsam3.data.masks import mask_box
 
     areas = truth.reshape(truth.shape[0], -1).sum(axis=1)
     if not areas.any():

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medsam3.data.masks import components
 from medsam3.data.sample import make_sample
 from medsam3.errors import DatasetError, InputFileError, MedSAM3Error
-from medsam3.evaluate.metrics import components
 from medsam3.evaluate.runner import (
     build_prompt,
     evaluate_dataset,

@@ -21,7 +21,8 @@ from medsam3.data.dataset import open_dataset
 from medsam3.data.layouts import detect_layout, layout_names
 from medsam3.data.layouts.readers import clear_caches
 from medsam3.data.layouts.shapes import decode_rle, encode_rle
-from medsam3.data.sample import binary_to_instances, label_map_to_instances, masks_to_boxes
+from medsam3.data.masks import masks_to_boxes
+from medsam3.data.sample import binary_to_instances, label_map_to_instances
 from medsam3.errors import DatasetError, InputFileError
 
 RNG = np.random.default_rng(0)

@@ -7,13 +7,12 @@ import math
 import numpy as np
 import pytest
 
+from medsam3.data.masks import components, mask_iou_matrix
 from medsam3.errors import MedSAM3Error
 from medsam3.evaluate.metrics import (
     aggregate_instances,
-    components,
     dice,
     hd95,
-    instance_iou_matrix,
     iou,
     match_instances,
     nsd,
@@ -107,7 +106,7 @@ def test_instance_matching_by_hand():
             square(shape, 0, 4, 17, 19),  # half of gt[2]: IoU 8/16 = 0.5 -> counts at >= 0.5
         ]
     )
-    ious = instance_iou_matrix(pred, gt)
+    ious = mask_iou_matrix(pred, gt)
     assert ious[0, 1] == pytest.approx(0.75) and ious[1, 0] == pytest.approx(1.0)
     s = match_instances(pred, gt)
     assert (s.tp, s.fp, s.fn) == (3, 1, 0)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from medsam3.data.masks import mask_box, mask_iou_matrix
 from medsam3.errors import ModelSpecError
 from medsam3.infer.tracking import (
     SMALL_TRACKER,
@@ -15,8 +16,6 @@ from medsam3.infer.tracking import (
     box_iou,
     build_video_model,
     drop_duplicates,
-    mask_box,
-    mask_iou_matrix,
     match_by_iou,
     propagate,
 )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medsam3.data.sample import Sample, masks_to_boxes
+from medsam3.data.masks import masks_to_boxes
+from medsam3.data.sample import Sample
 from medsam3.data.transforms import (
     BrightnessContrast,
     Compose,

@@ -16,9 +16,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
+from medsam3.data.masks import mask_box
 from medsam3.data.volume_io import read_volume, slice_rgb, take_slice
 from medsam3.errors import InputFileError, MedSAM3Error, PromptError
-from medsam3.infer.tracking import box_iou, mask_box
+from medsam3.infer.tracking import box_iou
 from medsam3.infer.types import PromptResult
 from medsam3.infer.volume import _fused_score, legend_path, segment_volume, segment_volume_file
 

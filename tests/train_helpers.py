@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from medsam3.data.sample import Sample, masks_to_boxes
+from medsam3.data.masks import masks_to_boxes
+from medsam3.data.sample import Sample
 
 
 def disk_samples(

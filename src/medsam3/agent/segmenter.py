@@ -11,12 +11,11 @@ comparison (MedSAM-3 T+I vs MedSAM-3 Agent on BUSI) is then one pair of ``evalua
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 
 from medsam3.agent.loop import require_action, run_agent, run_offline
 from medsam3.agent.normalizer import ConceptNormalizer
-from medsam3.data.sample import masks_to_boxes
-from medsam3.infer.types import Prompt, PromptResult
+from medsam3.data.masks import components, masks_to_boxes
+from medsam3.infer.types import Prompt, PromptResult, as_prompts
 
 
 class AgentSegmenter:
@@ -40,8 +39,7 @@ class AgentSegmenter:
         if self._image is None:
             raise RuntimeError("call set_image() before predict()")
         results = []
-        for prompt in prompts:
-            prompt = prompt if isinstance(prompt, Prompt) else Prompt(str(prompt))
+        for prompt in as_prompts(prompts):
             instruction = f"segment the {prompt.text}"
             if self.llm is None:
                 outcome = run_offline(self._image, instruction, self.predictor, self.normalizer)
@@ -62,8 +60,8 @@ class AgentSegmenter:
 
 
 def _as_result(prompt: Prompt, mask: np.ndarray) -> PromptResult:
-    labels, count = ndimage.label(np.asarray(mask, dtype=bool))
-    masks = np.stack([labels == i for i in range(1, count + 1)]) if count else np.zeros((0, *mask.shape), bool)
+    masks = components(mask)  # 8-connected, as the datasets split their masks
+    count = len(masks)
     return PromptResult(
         prompt=prompt,
         presence=1.0 if count else 0.0,

@@ -38,9 +38,9 @@ import numpy as np
 import SimpleITK as sitk
 import tifffile
 from scipy import ndimage as ndi
-from skimage.measure import label as connected_components
 from skimage.segmentation import relabel_sequential
 
+from medsam3.data.masks import label_components
 from medsam3.errors import DatasetError, InputFileError
 from medsam3.utils.files import atomic_dir, write_json_atomic
 
@@ -317,7 +317,7 @@ def nuclei_statistics(image: np.ndarray, instances: np.ndarray) -> dict[str, Any
     lowest = ndi.minimum_filter(np.where(ids > 0, ids, ids.max() + 1), size=3)
     touches = (ids > 0) & ((highest != ids) | (lowest != ids))
     touching = int(len(np.unique(ids[touches])))
-    _, semantic_components = connected_components(instances > 0, connectivity=2, return_num=True)
+    _, semantic_components = label_components(instances > 0)
     return {
         "shape": list(image.shape),
         "dtype": str(image.dtype),
@@ -424,7 +424,7 @@ def volume_statistics(image: sitk.Image, label: sitk.Image) -> dict[str, Any]:
     mask = sitk.GetArrayViewFromImage(label) > 0
     spacing_zyx = tuple(float(v) for v in reversed(image.GetSpacing()))
     voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
-    _, parts = connected_components(mask, connectivity=3, return_num=True)
+    _, parts = label_components(mask)
     zs, ys, xs = np.nonzero(mask)
     extent = [
         (int(a.max() - a.min() + 1) * s) if len(a) else 0.0

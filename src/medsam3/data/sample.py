@@ -14,14 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from scipy import ndimage
+
+from medsam3.data.masks import components, masks_to_boxes
 
 InstanceMode = Literal["components", "semantic"]
 INSTANCE_MODES: tuple[str, ...] = ("components", "semantic")
-
-# 8-connectivity: a nucleus touching itself only at a corner is still one object.
-_FULL_2D = np.ones((3, 3), dtype=bool)
-
 
 @dataclass
 class Sample:
@@ -62,38 +59,6 @@ def empty_masks(height: int, width: int) -> np.ndarray:
     return np.zeros((0, height, width), dtype=bool)
 
 
-def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
-    """Tight xyxy boxes (pixel edges, float32) around each mask of an (N, H, W) stack.
-
-    An empty mask gets a zero box; callers drop empty masks before this, so that never reaches
-    a model.
-    """
-    masks = np.asarray(masks, dtype=bool)
-    if masks.ndim != 3:
-        raise ValueError(f"masks must be (N, H, W), got shape {masks.shape}")
-    boxes = np.zeros((len(masks), 4), dtype=np.float32)
-    for i, mask in enumerate(masks):
-        rows = np.flatnonzero(mask.any(axis=1))
-        cols = np.flatnonzero(mask.any(axis=0))
-        if rows.size == 0:
-            continue
-        boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
-    return boxes
-
-
-def split_components(binary: np.ndarray, min_area: int = 0) -> np.ndarray:
-    """Connected components (8-connected) of an (H, W) binary mask, as an (N, H, W) stack.
-
-    Components smaller than ``min_area`` pixels are dropped (annotation specks). Order follows
-    the scan order of the image (top-left first), so it is deterministic.
-    """
-    binary = np.asarray(binary, dtype=bool)
-    if binary.ndim != 2:
-        raise ValueError(f"a binary mask must be (H, W), got shape {binary.shape}")
-    labels, count = ndimage.label(binary, structure=_FULL_2D)
-    return label_map_to_instances(labels, min_area=min_area) if count else empty_masks(*binary.shape)
-
-
 def label_map_to_instances(label_map: np.ndarray, min_area: int = 0) -> np.ndarray:
     """Each distinct non-zero value of an (H, W) instance label map becomes one mask.
 
@@ -117,8 +82,10 @@ def binary_to_instances(
 ) -> np.ndarray:
     """Turn a semantic (H, W) mask into instances: connected components, or one whole-mask instance."""
     binary = np.asarray(binary, dtype=bool)
-    if mode == "components":
-        return split_components(binary, min_area=min_area)
+    if binary.ndim != 2:
+        raise ValueError(f"a binary mask must be (H, W), got shape {binary.shape}")
+    if mode == "components":  # 8-connected (medsam3.data.masks)
+        return components(binary, min_size=min_area)
     if mode == "semantic":
         if binary.sum() == 0 or binary.sum() < min_area:
             return empty_masks(*binary.shape)

@@ -32,12 +32,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import scipy.ndimage as ndi
-import scipy.sparse as sp
 import torch
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_iou, compute_surface_dice
 from scipy.optimize import linear_sum_assignment
 
+from medsam3.data.masks import (
+    components,  # noqa: F401 (evaluate/baseline_unet.py imports it from here)
+    mask_iou_matrix,
+)
 from medsam3.errors import MedSAM3Error
 
 Spacing = Sequence[float]
@@ -220,24 +222,6 @@ def segmentation_scores(
 # ---------------------------------------------------------------- instances
 
 
-def instance_iou_matrix(pred_masks: np.ndarray, gt_masks: np.ndarray) -> np.ndarray:
-    """IoU of every predicted instance (N, ...) with every ground-truth instance (M, ...) -> (N, M).
-
-    Uses sparse products so a few hundred nuclei on a large image stay cheap.
-    """
-    n, m = len(pred_masks), len(gt_masks)
-    if n == 0 or m == 0:
-        return np.zeros((n, m), dtype=np.float64)
-    p = sp.csr_matrix(pred_masks.reshape(n, -1).astype(np.float32))
-    g = sp.csr_matrix(gt_masks.reshape(m, -1).astype(np.float32))
-    inter = np.asarray((p @ g.T).todense(), dtype=np.float64)
-    area_p = np.asarray(p.sum(axis=1), dtype=np.float64).reshape(n, 1)
-    area_g = np.asarray(g.sum(axis=1), dtype=np.float64).reshape(1, m)
-    union = area_p + area_g - inter
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / union, 0.0)
-
-
 @dataclass(frozen=True)
 class InstanceScores:
     """Instance-level agreement: one-to-one Hungarian matching on IoU, a match counts at IoU >= threshold.
@@ -287,7 +271,7 @@ def match_instances(
             f"{_label(case)}: predicted instances of shape {pred_masks.shape[1:]}"
             f" vs ground truth {gt_masks.shape[1:]}"
         )
-    ious = instance_iou_matrix(pred_masks, gt_masks)
+    ious = mask_iou_matrix(pred_masks, gt_masks)
     tp_pairs: list[tuple[int, int]] = []
     if ious.size:
         rows, cols = linear_sum_assignment(ious, maximize=True)
@@ -318,17 +302,6 @@ def aggregate_instances(tp: int, fp: int, fn: int) -> dict[str, float]:
     """Dataset-level (micro) precision, recall and F1 from summed counts."""
     precision, recall, f1 = _ratios(tp, fp, fn)
     return {"tp": tp, "fp": fp, "fn": fn, "precision": precision, "recall": recall, "f1": f1}
-
-
-def components(mask: np.ndarray, *, min_size: int = 1) -> np.ndarray:
-    """Split a binary mask into connected components (full connectivity) -> ``(K, *spatial)`` bool."""
-    mask = np.asarray(mask, dtype=bool)
-    labels, count = ndi.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
-    if count == 0:
-        return np.zeros((0, *mask.shape), dtype=bool)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    keep = [k for k in range(1, count + 1) if sizes[k] >= min_size]
-    return np.stack([labels == k for k in keep]) if keep else np.zeros((0, *mask.shape), dtype=bool)
 
 
 # ---------------------------------------------------------------- presence

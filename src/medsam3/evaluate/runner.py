@@ -20,13 +20,13 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from medsam3.data.masks import components
 from medsam3.errors import DatasetError, MedSAM3Error
 from medsam3.evaluate.metrics import (
     InstanceScores,
     SegmentationScores,
     Spacing,
     check_pair,
-    components,
     match_instances,
     segmentation_scores,
 )

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsam3.data.masks import mask_iou_matrix
 from medsam3.errors import ModelSpecError
 from medsam3.infer.types import Box, Prompt
 
@@ -60,17 +61,6 @@ def shift_mask(mask: np.ndarray, dy: float, dx: float) -> np.ndarray:
     return out
 
 
-def mask_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every mask in ``a`` (M, H, W) with every mask in ``b`` (N, H, W): an (M, N) array."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)), dtype=np.float32)
-    a = np.asarray(a, dtype=bool).reshape(len(a), -1)
-    b = np.asarray(b, dtype=bool).reshape(len(b), -1)
-    inter = a.astype(np.float32) @ b.astype(np.float32).T
-    union = a.sum(1, dtype=np.float32)[:, None] + b.sum(1, dtype=np.float32)[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1), 0.0).astype(np.float32)
-
-
 def box_iou(a: Box, b: Box) -> float:
     """IoU of two xyxy boxes."""
     w = min(a[2], b[2]) - max(a[0], b[0])
@@ -78,15 +68,6 @@ def box_iou(a: Box, b: Box) -> float:
     inter = max(w, 0.0) * max(h, 0.0)
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
     return float(inter / union) if union > 0 else 0.0
-
-
-def mask_box(mask: np.ndarray) -> Box | None:
-    """The xyxy pixel box around a mask (exclusive right/bottom edge), or None when it is empty."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
 
 
 def match_by_iou(iou: np.ndarray, threshold: float) -> list[tuple[int, int]]:

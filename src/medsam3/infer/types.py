@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,6 +58,14 @@ class Prompt:
                 raise PromptError(
                     f"prompt '{self.text}': box {(x0, y0, x1, y1)} lies outside the {width}x{height} image"
                 )
+
+
+def as_prompts(prompts: Iterable[Prompt | str]) -> list[Prompt]:
+    """Each prompt as a :class:`Prompt` (a bare phrase becomes a text prompt); no prompt at all is an error."""
+    out = [p if isinstance(p, Prompt) else Prompt(str(p)) for p in prompts]
+    if not out:
+        raise PromptError("no prompt given: name at least one concept")
+    return out
 
 
 @dataclass

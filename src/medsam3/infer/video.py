@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from medsam3.data.video_io import Video, read_video, write_video
-from medsam3.errors import MedSAM3Error, OutputError, PromptError
+from medsam3.errors import MedSAM3Error, OutputError
 from medsam3.infer.tracking import IoUTracker, Track, drop_duplicates
-from medsam3.infer.types import Prompt
+from medsam3.infer.types import Prompt, as_prompts
 from medsam3.utils.outputs import check_output_folder
 
 MASK_PATTERN = "masks/frame_{:05d}.png"
@@ -116,9 +116,7 @@ def segment_video(
     from medsam3.data.image_io import save_mask_png
     from medsam3.utils.files import atomic_dir, write_json_atomic
 
-    prompts = [p if isinstance(p, Prompt) else Prompt(str(p)) for p in prompts]
-    if not prompts:
-        raise PromptError("no prompt given: name at least one concept")
+    prompts = as_prompts(prompts)
     out_dir = check_video_output(out_dir, source.path if isinstance(source, Video) else source)
     video = source if isinstance(source, Video) else read_video(source)
     texts = [p.text for p in prompts]

@@ -40,13 +40,13 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from medsam3.data.masks import label_components
 from medsam3.data.volume_io import Volume, slice_rgb, take_slice
 from medsam3.errors import MedSAM3Error, PromptError
-from medsam3.infer.types import Box, Prompt
+from medsam3.infer.types import Box, Prompt, as_prompts
 
 METHODS = ("slices", "track")
 _DETAIL = 10  # components listed per prompt in the legend
-_EIGHT = ndimage.generate_binary_structure(2, 2)
 
 
 @dataclass
@@ -109,13 +109,6 @@ def _index(axis: int, i: int) -> tuple:
     where: list = [slice(None)] * 3
     where[axis] = i
     return tuple(where)
-
-
-def _as_prompts(prompts: Sequence[Prompt | str]) -> list[Prompt]:
-    out = [p if isinstance(p, Prompt) else Prompt(str(p)) for p in prompts]
-    if not out:
-        raise PromptError("no prompt given: name at least one concept")
-    return out
 
 
 def _quantise(score: float) -> int:
@@ -186,7 +179,7 @@ class SliceComponents:
 
     def add_slice(self, index: int, scores: np.ndarray) -> None:
         """``scores`` (H, W) uint8 quantised candidate scores of slice ``index`` (slices in order)."""
-        labels, count = ndimage.label(scores > 0, structure=_EIGHT)
+        labels, count = label_components(scores > 0)  # 8-connected in-plane
         if count == 0:
             self._previous = None
             return
@@ -293,7 +286,7 @@ def segment_volume(
         raise MedSAM3Error(f"slice axis must be 0, 1 or 2, got {axis}")
     if (box is None) != (box_slice is None):
         raise PromptError("give --box-slice and --box together: the box is drawn on that slice")
-    prompts = _as_prompts(prompts)
+    prompts = as_prompts(prompts)
     count = volume.shape[axis]
     if box is not None:
         take_slice(volume.array, box_slice, axis, volume.path)  # out-of-range slice: a clear error
@@ -371,7 +364,7 @@ def _keep_consistent(prompts, result, scores, settings, box_slice, box, min_slic
             first = len(comps.slice_of)
             comps.add_slice(i, plane)
             if i == box_slice and len(comps.slice_of) > first:
-                labels, _ = ndimage.label(plane > 0, structure=_EIGHT)
+                labels, _ = label_components(plane > 0)
                 x0, y0, x1, y1 = (int(round(v)) for v in box)
                 inside = np.unique(labels[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)])
                 forced.update(first + int(v) - 1 for v in inside if v > 0)
@@ -386,7 +379,7 @@ def _keep_consistent(prompts, result, scores, settings, box_slice, box, min_slic
         node = 0
         for i in range(count):
             plane = scores[p][_index(axis, i)]
-            labels, n = ndimage.label(plane > 0, structure=_EIGHT)  # the same labelling as add_slice
+            labels, n = label_components(plane > 0)  # the same labelling as add_slice
             keep = np.zeros(n + 1, dtype=bool)
             keep[1:] = [comps.roots[node + j] in comps.kept for j in range(n)]
             node += n

@@ -32,8 +32,8 @@ import numpy as np
 import SimpleITK as sitk
 import tifffile
 from PIL import Image
-from skimage.measure import label as connected_components
 
+from medsam3.data.masks import label_components
 from medsam3.data.phantoms.common import PhantomCase, PhantomKind
 from medsam3.data.phantoms.registry import KINDS, check_settings, generate, get_kind
 from medsam3.errors import DatasetError
@@ -128,7 +128,7 @@ def instance_counts(label: np.ndarray, concepts: dict[str, int]) -> dict[str, in
     """Connected components per concept (full connectivity), as a dataset reader will find them."""
     counts = {}
     for name, value in concepts.items():
-        _, count = connected_components(label == value, connectivity=label.ndim, return_num=True)
+        _, count = label_components(label == value)
         counts[name] = int(count)
     return counts
 
