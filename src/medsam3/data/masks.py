@@ -90,4 +90,3 @@ def mask_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     union = area_a + area_b - inter
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(union > 0, inter / union, 0.0)
-

@@ -20,6 +20,7 @@ from medsam3.data.masks import components, masks_to_boxes
 InstanceMode = Literal["components", "semantic"]
 INSTANCE_MODES: tuple[str, ...] = ("components", "semantic")
 
+
 @dataclass
 class Sample:
     """An image as the model sees it, one concept phrase, and every instance of that concept."""
