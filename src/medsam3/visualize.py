@@ -14,6 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from medsam3.data.masks import mask_box
+from medsam3.errors import InputFileError
+
 Color = tuple[int, int, int]
 
 # Saturated colours that stay apart from each other and from gray anatomy; more come from the
@@ -46,17 +49,24 @@ def label_colors(n: int) -> list[Color]:
     return colors
 
 
+def instance_color(index: int) -> Color:
+    """Colour of mask/label ``index`` (0-based): ``label_colors(n)[index]`` for any ``n > index``."""
+    if index < 0:
+        raise ValueError(f"colour index must be >= 0, got {index}")
+    return label_colors(index + 1)[index]
+
+
 def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """A uint8 image as a new (H, W, 3) array (:func:`medsam3.data.windowing.as_rgb_uint8`)."""
+    from medsam3.data.windowing import as_rgb_uint8
+
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"overlay/grid take uint8 images, got {image.dtype}")
-    if image.ndim == 2:
-        return np.repeat(image[..., None], 3, axis=-1)
-    if image.ndim == 3 and image.shape[-1] == 3:
-        return image.copy()
-    if image.ndim == 3 and image.shape[-1] == 4:
-        return image[..., :3].copy()
-    raise ValueError(f"expected an (H, W) or (H, W, 3) uint8 image, got shape {image.shape}")
+    try:
+        return as_rgb_uint8(image).copy()
+    except InputFileError as error:
+        raise ValueError(error.problem) from None
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -66,47 +76,69 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+def _label_font_size(height: int, width: int) -> int:
+    """The size of label text on an image of this size: readable after an LLM's downscaling too."""
+    return max(11, round(max(height, width) / 30))
+
+
 def _text_color(color: Color) -> Color:
-    """Black or white, whichever reads better on ``color``."""
-    r, g, b = color
-    return (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 150 else (255, 255, 255)
+    """Black or white, whichever contrasts more with ``color`` (WCAG relative luminance)."""
+
+    def linear(v: int) -> float:
+        c = v / 255.0
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(v) for v in color)
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    return (0, 0, 0) if (luminance + 0.05) / 0.05 >= 1.05 / (luminance + 0.05) else (255, 255, 255)
 
 
-def _inside_point(mask: np.ndarray) -> tuple[int, int] | None:
-    """(x, y) of the mask pixel farthest from its border: a label there sits inside the object."""
-    from scipy.ndimage import distance_transform_edt
+def _outline(mask: np.ndarray, width: int) -> np.ndarray:
+    """The inner boundary band of ``mask``, ``width`` pixels thick (the image edge counts as outside)."""
+    from scipy import ndimage
 
-    if not mask.any():
-        return None
-    ys, xs = np.nonzero(mask)
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    crop = np.pad(mask[y0:y1, x0:x1], 1)
-    distance = distance_transform_edt(crop)
-    y, x = np.unravel_index(int(np.argmax(distance)), distance.shape)
-    return int(x0 + x - 1), int(y0 + y - 1)
+    return mask & ~ndimage.binary_erosion(mask, iterations=width, border_value=0)
 
 
-def _draw_label(
-    draw: ImageDraw.ImageDraw,
-    xy: tuple[float, float],
-    text: str,
-    color: Color,
-    font: ImageFont.ImageFont | ImageFont.FreeTypeFont,
-    size: tuple[int, int],
-    anchor_center: bool,
-) -> None:
-    """Text on a small filled tag of the object's colour, kept inside the image."""
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    tw, th = right - left + 4, bottom - top + 4
-    x, y = xy
-    if anchor_center:
-        x, y = x - tw / 2, y - th / 2
+def deepest_point(mask: np.ndarray) -> tuple[int, int, float]:
+    """(x, y, depth): the pixel farthest from the mask's border, and that distance in pixels."""
+    from scipy import ndimage
+
+    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(distance)), mask.shape)
+    return int(x), int(y), float(distance[y, x])
+
+
+def label_position(mask: np.ndarray, label_size: tuple[int, int]) -> tuple[int, int]:
+    """Top-left (x, y) for a label of (width, height): on the instance where it fits, else just above
+    (or below) its box, so a small instance stays visible under its label. Kept inside the image."""
+    height, width = mask.shape
+    lw, lh = label_size
+    x, y, depth = deepest_point(mask)
+    if depth >= max(lw, lh):  # the tag covers at most about a quarter of the instance
+        left, top = x - lw // 2, y - lh // 2
     else:
-        y = y - th if y - th >= 0 else y  # above the box when there is room
-    x = min(max(0.0, x), max(0.0, size[0] - tw))
-    y = min(max(0.0, y), max(0.0, size[1] - th))
-    draw.rectangle((x, y, x + tw - 1, y + th - 1), fill=color)
-    draw.text((x + 2 - left, y + 2 - top), text, fill=_text_color(color), font=font)
+        x0, y0, x1, y1 = (int(v) for v in mask_box(mask))
+        left = (x0 + x1 - 1) // 2 - lw // 2
+        top = y0 - lh - 2
+        if top < 0:
+            top = y1 + 2
+    return int(np.clip(left, 0, max(0, width - lw))), int(np.clip(top, 0, max(0, height - lh)))
+
+
+def _tag_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int, int, int, int]:
+    """(width, height, pad, text offset x, text offset y) of a label tag for ``text``."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = max(2, (bottom - top) // 5)
+    return right - left + 2 * pad, bottom - top + 2 * pad, pad, -left, -top
+
+
+def _draw_tag(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, color: Color, font) -> None:
+    """``text`` on a tag filled with the object's colour, outlined in black, its top-left at ``xy``."""
+    w, h, pad, dx, dy = _tag_size(draw, text, font)
+    x, y = int(round(xy[0])), int(round(xy[1]))
+    draw.rectangle((x, y, x + w - 1, y + h - 1), fill=color, outline=(0, 0, 0))
+    draw.text((x + pad + dx, y + pad + dy), text, fill=_text_color(color), font=font)
 
 
 def overlay(
@@ -119,14 +151,24 @@ def overlay(
     contour: bool = True,
     box_masks: Sequence[int] | None = None,
     legend: bool = False,
+    label_size: int | None = None,
+    corner_labels: bool = False,
 ) -> np.ndarray:
     """Blend each (H, W) bool mask over ``rgb`` in its own colour, with contours, boxes and labels.
 
+    The one renderer of medsam3's pictures (CLI overlays, evaluation grids, video frames, the
+    agent's numbered instances): one palette (:func:`label_colors`), one font, one tag style.
+    Contours are the masks' inner edges, ``max(1, longest side / 400)`` pixels thick.
+
     ``boxes`` are xyxy pixels. Box j belongs to mask ``box_masks[j]`` (default: box i to mask i) and
     takes its colour, so several instance boxes can share one prompt's mask. Label i goes at the
-    top-left of the first box of mask i, else inside mask i (the point farthest from its border);
-    with ``legend`` the labels are listed with their colours in the top-left corner instead, which
-    also shows labels of empty masks. Returns a new (H, W, 3) uint8 image.
+    top-left of the first box of mask i, else on mask i at the point farthest from its border when
+    the tag fits there, else just above (or below) the mask (:func:`label_position`), so a small
+    instance stays visible; ``corner_labels`` stacks the tags in the top-left corner instead
+    (zoomed crops, where a tag must not hide the instance); with ``legend`` the labels are listed
+    with their colours in the top-left corner, which also shows labels of empty masks.
+    ``label_size`` overrides the text size (:func:`_label_font_size`). Returns a new (H, W, 3) uint8
+    image.
     """
     out = _as_rgb(rgb)
     height, width = out.shape[:2]
@@ -152,8 +194,7 @@ def overlay(
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
 
     if masks:
-        from skimage.segmentation import find_boundaries
-
+        line = max(1, round(max(height, width) / 400))
         blended = out.astype(np.float32)
         for mask, color in zip(masks, palette[: len(masks)], strict=True):
             region = mask.astype(bool)
@@ -161,8 +202,7 @@ def overlay(
                 continue
             blended[region] = (1.0 - alpha) * blended[region] + alpha * np.asarray(color, np.float32)
             if contour:
-                edge = find_boundaries(region, mode="inner")
-                blended[edge] = color
+                blended[_outline(region, line)] = color
         out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
     if not box_list and not label_list:
@@ -170,22 +210,30 @@ def overlay(
     image = Image.fromarray(out)
     draw = ImageDraw.Draw(image)
     thickness = max(1, round(min(height, width) / 256))
-    font = _font(max(10, min(32, round(min(height, width) / 28))))
+    font = _font(label_size or _label_font_size(height, width))
     for box, owner in zip(box_list, owners, strict=True):
         draw.rectangle(box, outline=palette[owner], width=thickness)
     if legend:
         _draw_legend(draw, label_list, palette, font, (width, height))
         return np.asarray(image, dtype=np.uint8).copy()
+    stacked = 1
     for i, text in enumerate(label_list):
         if not text:
             continue
-        if i in owners:
-            corner = box_list[owners.index(i)][:2]
-            _draw_label(draw, corner, str(text), palette[i], font, (width, height), anchor_center=False)
+        tw, th = _tag_size(draw, str(text), font)[:2]
+        if corner_labels:
+            _draw_tag(draw, (1, stacked), str(text), palette[i], font)
+            stacked += th + 1
             continue
-        point = _inside_point(masks[i].astype(bool)) if i < len(masks) else None
-        if point is not None:
-            _draw_label(draw, point, str(text), palette[i], font, (width, height), anchor_center=True)
+        if i in owners:
+            x, y = box_list[owners.index(i)][:2]
+            y = y - th if y - th >= 0 else y  # above the box when there is room
+            x = min(max(0.0, x), max(0.0, width - tw))
+            y = min(max(0.0, y), max(0.0, height - th))
+            _draw_tag(draw, (x, y), str(text), palette[i], font)
+            continue
+        if i < len(masks) and masks[i].any():
+            _draw_tag(draw, label_position(masks[i].astype(bool), (tw, th)), str(text), palette[i], font)
     return np.asarray(image, dtype=np.uint8).copy()
 
 

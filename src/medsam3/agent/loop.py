@@ -32,8 +32,9 @@ from medsam3.agent.actions import (
 )
 from medsam3.agent.llm_client import ChatReply, Deadline, encode_png, png_size, user_message
 from medsam3.agent.normalizer import ConceptNormalizer
-from medsam3.agent.render import draw_instances, draw_mask, to_display_rgb, zoom_crops
+from medsam3.agent.render import draw_instances, draw_mask, zoom_crops
 from medsam3.agent.trace import Trace
+from medsam3.data.windowing import as_rgb_uint8
 from medsam3.errors import MedSAM3Error, PromptError
 from medsam3.infer.types import Prompt, PromptResult
 from medsam3.utils.files import atomic_path, write_json_atomic
@@ -152,7 +153,7 @@ class _Session:
 
     def __init__(self, image: np.ndarray, llm: ChatModel, trace: Trace, deadline: Deadline | None = None):
         self.image = image
-        self.display = to_display_rgb(image)
+        self.display = as_rgb_uint8(image)
         self.llm = llm
         self.trace = trace
         self.deadline = deadline
@@ -463,7 +464,7 @@ def run_offline(
     if not instruction or not instruction.strip():
         raise PromptError("empty instruction: say what to segment, e.g. 'segment the tumor in the breast'")
     trace = Trace()
-    display = to_display_rgb(image_rgb)
+    display = as_rgb_uint8(image_rgb)
     height, width = display.shape[:2]
     trace.log("start", instruction=instruction, image_size=[height, width], model=None, max_rounds=1)
     candidates = normalizer.normalize(instruction, top_k=3)
@@ -519,7 +520,7 @@ def write_outputs(
     with atomic_path(out / "mask.png") as tmp:
         Image.fromarray(result.mask.astype(np.uint8) * 255).save(tmp, format="PNG")
     with atomic_path(out / "overlay.png") as tmp:
-        tmp.write_bytes(encode_png(draw_mask(image_rgb, result.mask)))
+        tmp.write_bytes(encode_png(draw_mask(as_rgb_uint8(image_rgb), result.mask)))
     result.trace.write(out / "trace")
     summary = {
         "instruction": instruction,

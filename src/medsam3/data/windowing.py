@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from medsam3.errors import MedSAM3Error
+from medsam3.errors import InputFileError, MedSAM3Error
 
 #: Named CT windows: name -> (center, width) in HU.
 WINDOW_PRESETS: dict[str, tuple[float, float]] = {
@@ -144,3 +144,40 @@ def to_uint8(unit: np.ndarray) -> np.ndarray:
 def gray_to_rgb(gray: np.ndarray) -> np.ndarray:
     """Repeat an (H, W) image over three channels, which is what SAM 3 takes."""
     return np.repeat(np.asarray(gray)[..., None], 3, axis=-1)
+
+
+def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
+    """Any in-memory image as the (H, W, 3) uint8 picture SAM 3 (and every overlay) takes.
+
+    Shapes: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (alpha dropped). Values: uint8 as they are;
+    bool as 0/255; other numbers in [0, 1] scaled by 255, in [0, 255] rounded, and anything wider
+    (16-bit counts, HU) percentile-stretched like a deep file in :mod:`medsam3.data.image_io`.
+    NaN or infinite pixels, and empty images, raise :class:`~medsam3.errors.InputFileError`.
+    Returns a writable, C-contiguous array (a copy when the input was read-only).
+    """
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        array = array[..., 0] if array.shape[2] == 1 else array[..., :3]
+    if array.ndim not in (2, 3):
+        raise InputFileError(name, f"expected an (H, W) or (H, W, 3) image, got shape {np.asarray(image).shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InputFileError(name, "empty image (0 pixels)")
+    if array.dtype == bool:
+        array = array.astype(np.uint8) * np.uint8(255)
+    elif array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.number) or np.issubdtype(array.dtype, np.complexfloating):
+            raise InputFileError(name, f"unsupported pixel type {array.dtype}")
+        values = array.astype(np.float32)
+        if not np.isfinite(values).all():
+            what = "NaN" if np.isnan(values).any() else "infinite"
+            raise InputFileError(name, f"image contains {what} values")
+        low, high = float(values.min()), float(values.max())
+        if low >= 0.0 and high <= 1.0:
+            array = to_uint8(values)
+        elif low >= 0.0 and high <= 255.0:
+            array = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+        else:
+            array = to_uint8(percentile_normalize(values))
+    if array.ndim == 2:
+        array = gray_to_rgb(array)
+    return np.array(array, order="C", copy=True) if not array.flags.writeable else np.ascontiguousarray(array)

@@ -17,33 +17,12 @@ import numpy as np
 import torch
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
-from medsam3.errors import InputFileError, PromptError
+from medsam3.data.windowing import as_rgb_uint8
+from medsam3.errors import PromptError
 from medsam3.infer.postprocess import to_prompt_result
-from medsam3.infer.types import Prompt, PromptResult
+from medsam3.infer.types import Prompt, PromptResult, as_prompts
 from medsam3.model.loading import LoadedModel, load_model
 from medsam3.model.presets import DEFAULT_MODEL
-
-
-def as_rgb_uint8(image: np.ndarray, name: str = "image") -> np.ndarray:
-    """Accept (H,W) or (H,W,3|4) arrays, uint8 or float in [0,1]; return (H,W,3) uint8."""
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise InputFileError(name, f"expected an (H, W) or (H, W, 3) image, got shape {array.shape}")
-    if array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    array = array[..., :3]
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise InputFileError(name, "empty image (0 pixels)")
-    if array.dtype != np.uint8:
-        array = array.astype(np.float32)
-        if np.isnan(array).any():
-            raise InputFileError(name, "image contains NaN values")
-        if array.max() <= 1.0:
-            array = array * 255.0
-        array = np.clip(np.rint(array), 0, 255).astype(np.uint8)
-    return np.array(array, order="C", copy=True) if not array.flags.writeable else np.ascontiguousarray(array)
 
 
 @dataclass
@@ -149,9 +128,7 @@ class Sam3Predictor:
         """Every instance of every prompt's concept in the current image, in prompt order."""
         if self._image is None:
             raise RuntimeError("call set_image() before predict()")
-        prompts = [p if isinstance(p, Prompt) else Prompt(str(p)) for p in prompts]
-        if not prompts:
-            raise PromptError("no prompt given: name at least one concept")
+        prompts = as_prompts(prompts)
         height, width = self.original_size
         for prompt in prompts:
             prompt.check_inside(height, width)

@@ -53,16 +53,15 @@ def paint_ids(masks: np.ndarray, ids: Sequence[int], scores: Sequence[float], si
 
 
 def _overlay_frame(rgb: np.ndarray, labels: np.ndarray, names: dict[int, str]) -> np.ndarray:
-    from medsam3.visualize import label_colors, overlay
+    from medsam3.visualize import instance_color, overlay
 
     present = [int(v) for v in np.unique(labels) if v]
     if not present:
         return rgb
-    palette = label_colors(max(present))
     return overlay(
         rgb,
         [labels == v for v in present],
-        colors=[palette[v - 1] for v in present],
+        colors=[instance_color(v - 1) for v in present],
         labels=[f"{names[v]} #{v}" for v in present],
     )
 
