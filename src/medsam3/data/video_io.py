@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from medsam3.errors import InputFileError
+from medsam3.utils.files import file_suffix
 
 #: Container formats read with PyAV (FFmpeg).
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg")
@@ -59,10 +60,6 @@ def _natural_key(path: Path) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
 
 
-def _suffix(path: Path) -> str:
-    return path.suffix.lower()
-
-
 def read_video(path: str | Path) -> Video:
     """Open an MP4/AVI/... file, a folder of PNG/JPEG/TIFF frames, or a multi-frame DICOM file."""
     path = Path(path)
@@ -72,7 +69,7 @@ def read_video(path: str | Path) -> Video:
         return _frame_folder(path)
     if path.stat().st_size == 0:
         raise InputFileError(path, "is an empty file (0 bytes)")
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     if suffix in DICOM_SUFFIXES or _is_dicom(path):
         return _dicom_cine(path)
     if suffix in VIDEO_SUFFIXES:
@@ -147,7 +144,7 @@ def _frame_folder(folder: Path) -> Video:
 
     from medsam3.data.image_io import read_image
 
-    files = sorted((p for p in folder.iterdir() if p.is_file() and _suffix(p) in FRAME_SUFFIXES), key=_natural_key)
+    files = sorted((p for p in folder.iterdir() if p.is_file() and file_suffix(p) in FRAME_SUFFIXES), key=_natural_key)
     if not files:
         raise InputFileError(folder, f"no frames in this folder (looked for {', '.join(FRAME_SUFFIXES)} files)")
     sizes: dict[tuple[int, int], Path] = {}

@@ -43,10 +43,11 @@ from medsam3.data.windowing import (
     to_uint8,
 )
 from medsam3.errors import InputFileError, MedSAM3Error
+from medsam3.utils.files import file_suffix
 from medsam3.utils.terminal import quiet_native_stderr
 
 #: File name endings read as volumes (a folder is read as a DICOM series).
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".nhdr", ".mha", ".mhd")
 #: Endings :func:`write_mask` can write.
 MASK_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha")
 
@@ -118,14 +119,6 @@ class Volume:
 def _check_axis(axis: int) -> None:
     if axis not in (0, 1, 2):
         raise MedSAM3Error(f"slice axis must be 0 (Z), 1 (Y) or 2 (X), got {axis}")
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for ending in sorted(set(VOLUME_SUFFIXES + MASK_SUFFIXES), key=len, reverse=True):
-        if name.endswith(ending):
-            return ending
-    return path.suffix.lower()
 
 
 def _one_line(error: object, limit: int = 200) -> str:
@@ -293,7 +286,7 @@ def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
         raise InputFileError(path, "no such file or folder")
     if path.is_dir():
         return _read_dicom_series(path, series_uid)
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     if suffix not in VOLUME_SUFFIXES and suffix != ".dcm":
         raise InputFileError(
             path,
@@ -511,7 +504,7 @@ def write_mask(path: str | Path, mask: np.ndarray, like: Volume) -> Path:
     from medsam3.utils.files import atomic_path
 
     path = Path(path)
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     if suffix not in MASK_SUFFIXES:
         raise MedSAM3Error(f"{path}: masks are written as {', '.join(MASK_SUFFIXES)}, not '{suffix}'")
     mask = np.asarray(mask)

@@ -477,12 +477,10 @@ def _track_with_video_model(volume, prompts, tracker, result, anchors, scores, s
 
 def legend_path(mask_path: str | Path) -> Path:
     """``MASK.nii.gz`` -> ``MASK.json``: the legend sits next to the mask."""
+    from medsam3.utils.files import strip_suffix
+
     mask_path = Path(mask_path)
-    name = mask_path.name
-    for ending in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".mha"):
-        if name.lower().endswith(ending):
-            return mask_path.with_name(name[: -len(ending)] + ".json")
-    return mask_path.with_suffix(".json")
+    return mask_path.with_name(strip_suffix(mask_path) + ".json")
 
 
 def check_volume_outputs(volume_path: str | Path, out: str | Path, dicom_seg: str | Path | None = None) -> Path:

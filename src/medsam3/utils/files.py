@@ -16,6 +16,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+#: Two-part endings that name one format; :func:`file_suffix` keeps them whole.
+DOUBLE_SUFFIXES = (".nii.gz", ".seg.nrrd")
+
+
+def file_suffix(path: str | Path) -> str:
+    """The file's ending in lower case, '.nii.gz' and '.seg.nrrd' kept whole; '' when it has none."""
+    name = Path(path).name.lower()
+    for ending in DOUBLE_SUFFIXES:
+        if name.endswith(ending):
+            return ending
+    return Path(name).suffix
+
+
+def strip_suffix(path: str | Path) -> str:
+    """The file name without its (possibly double) ending: 'liver_001.nii.gz' -> 'liver_001'."""
+    name = Path(path).name
+    ending = file_suffix(name)
+    return name[: len(name) - len(ending)] if ending else name
+
 
 def _umask() -> int:
     mask = os.umask(0)

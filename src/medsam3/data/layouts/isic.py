@@ -16,9 +16,10 @@ from pathlib import Path
 
 from medsam3.data.layouts.base import IndexOptions, IndexReport, Layout, search_down
 from medsam3.data.layouts.labelmaps import index_label_pair
-from medsam3.data.layouts.readers import files_with, strip_suffix
+from medsam3.data.layouts.readers import files_with
 from medsam3.data.layouts.refs import SampleRef
 from medsam3.errors import DatasetError
+from medsam3.utils.files import strip_suffix
 
 CONCEPT = "skin lesion"
 _INPUT = re.compile(r"^ISIC2018_Task1(?:-2)?_(?P<part>Training|Validation|Test)_Input$", re.IGNORECASE)

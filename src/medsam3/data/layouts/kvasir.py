@@ -15,9 +15,10 @@ from pathlib import Path
 
 from medsam3.data.layouts.base import IndexOptions, IndexReport, Layout, child_dir, search_down
 from medsam3.data.layouts.labelmaps import index_label_pair
-from medsam3.data.layouts.readers import IMAGE_2D_SUFFIXES, files_with, strip_suffix
+from medsam3.data.layouts.readers import IMAGE_2D_SUFFIXES, files_with
 from medsam3.data.layouts.refs import SampleRef
 from medsam3.errors import DatasetError
+from medsam3.utils.files import strip_suffix
 
 CONCEPT = "polyp"
 SESSILE_CONCEPT = "sessile polyp"

@@ -22,11 +22,12 @@ from pathlib import Path
 
 from medsam3.data.layouts.base import IndexOptions, IndexReport, Layout, child_dir, search_down
 from medsam3.data.layouts.labelmaps import index_label_pair
-from medsam3.data.layouts.readers import IMAGE_2D_SUFFIXES, file_suffix, files_with, strip_suffix
+from medsam3.data.layouts.readers import IMAGE_2D_SUFFIXES, files_with
 from medsam3.data.layouts.refs import SampleRef
 from medsam3.data.vocabulary import concept_for_label
 from medsam3.data.volume_io import VOLUME_SUFFIXES
 from medsam3.errors import DatasetError, InputFileError
+from medsam3.utils.files import file_suffix, strip_suffix
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _SUFFIXES = tuple(VOLUME_SUFFIXES) + IMAGE_2D_SUFFIXES

@@ -20,10 +20,11 @@ import numpy as np
 from medsam3.data.layouts.base import IndexOptions, IndexReport, Layout, child_dir, search_down
 from medsam3.data.layouts.labelmaps import index_label_pair
 from medsam3.data.layouts.nnunet import _SUFFIXES
-from medsam3.data.layouts.readers import file_suffix, files_with, read_mask_2d, strip_suffix
+from medsam3.data.layouts.readers import files_with, read_mask_2d
 from medsam3.data.layouts.refs import SampleRef
 from medsam3.data.vocabulary import concept_for_label
 from medsam3.errors import DatasetError, InputFileError
+from medsam3.utils.files import file_suffix, strip_suffix
 
 CONCEPT_FILES = ("concepts.yaml", "concepts.yml", "concepts.json")
 # Sub-folders that name a split. A training folder stays unfixed, so a validation split can

@@ -14,25 +14,11 @@ import numpy as np
 
 from medsam3.data.volume_io import VOLUME_SUFFIXES, read_volume
 from medsam3.errors import InputFileError
+from medsam3.utils.files import file_suffix
 
 #: Endings read as 2D images or 2D masks.
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
 _TIFF = (".tif", ".tiff")
-
-
-def file_suffix(path: str | Path) -> str:
-    """The file's ending in lower case, double endings like '.nii.gz' kept whole."""
-    name = Path(path).name.lower()
-    for ending in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
-        if name.endswith(ending):
-            return ending
-    return Path(name).suffix
-
-
-def strip_suffix(path: str | Path) -> str:
-    """The file name without its (possibly double) ending: 'liver_001.nii.gz' -> 'liver_001'."""
-    name = Path(path).name
-    return name[: len(name) - len(file_suffix(name))] if file_suffix(name) else name
 
 
 def is_volume_file(path: str | Path) -> bool:
