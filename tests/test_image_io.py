@@ -14,7 +14,8 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from medsam3.data.image_io import read_image, read_mask, save_mask_png, save_png
+from medsam3.data.image_io import read_image, save_mask_png, save_png
+from medsam3.data.layouts.readers import clear_caches, read_mask_2d
 from medsam3.data.windowing import (
     WINDOW_PRESETS,
     WindowError,
@@ -432,16 +433,16 @@ def test_save_png_and_masks_round_trip_atomically(tmp_path):
     save_mask_png(tmp_path / "m.png", mask)
     stored = np.asarray(Image.open(tmp_path / "m.png"))
     assert stored.dtype == np.uint8 and set(np.unique(stored)) == {0, 255}
-    np.testing.assert_array_equal(read_mask(tmp_path / "m.png"), mask)
+    np.testing.assert_array_equal(read_mask_2d(tmp_path / "m.png", binary=True), mask)
     labels = np.zeros((6, 7), np.int32)
     labels[0, 0], labels[5, 6] = 3, 300
     save_mask_png(tmp_path / "l.png", labels)
-    np.testing.assert_array_equal(read_mask(tmp_path / "l.png", binary=False), labels)
-    assert read_mask(tmp_path / "l.png").sum() == 2
+    np.testing.assert_array_equal(read_mask_2d(tmp_path / "l.png"), labels)
     # A failed write leaves the old file and no temporary behind.
     with pytest.raises(ValueError, match="float"):
         save_png(tmp_path / "m.png", np.zeros((2, 2), np.float32))
-    np.testing.assert_array_equal(read_mask(tmp_path / "m.png"), mask)
+    clear_caches()
+    np.testing.assert_array_equal(read_mask_2d(tmp_path / "m.png", binary=True), mask)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["l.png", "m.png", "out"]
 
 
@@ -449,11 +450,12 @@ def test_read_mask_handles_jpeg_noise_and_rgb_masks(tmp_path):
     mask = np.zeros((32, 32), np.uint8)
     mask[8:24, 8:24] = 255
     Image.fromarray(np.stack([mask] * 3, -1)).save(tmp_path / "m.jpg", quality=70)
-    read = read_mask(tmp_path / "m.jpg")
-    assert read.dtype == bool and (read != (mask > 0)).sum() <= 8
+    read = read_mask_2d(tmp_path / "m.jpg", binary=True).astype(bool)
+    assert (read != (mask > 0)).sum() <= 8
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert read_mask(tmp_path / "m.jpg").shape == (32, 32)
+        clear_caches()
+        assert read_mask_2d(tmp_path / "m.jpg", binary=True).shape == (32, 32)
 
 
 def test_returned_arrays_are_writable_copies(tmp_path):

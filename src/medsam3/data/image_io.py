@@ -39,7 +39,7 @@ from medsam3.data.windowing import (
     to_uint8,
 )
 from medsam3.errors import InputFileError
-from medsam3.utils.files import atomic_path
+from medsam3.utils.files import atomic_path, file_suffix
 from medsam3.utils.terminal import quiet_native_stderr
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -74,14 +74,6 @@ class MedicalImage:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    for ending in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
-        if name.endswith(ending):
-            return ending
-    return path.suffix.lower()
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -363,7 +355,7 @@ def read_image(
         raise InputFileError(path, "is a folder, not an image (read DICOM series folders with read_volume)")
     if path.stat().st_size == 0:
         raise InputFileError(path, "is an empty file (0 bytes)")
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     parse_window(window)  # a bad window is reported before any decoding work
     if suffix in RASTER_SUFFIXES:
         return _apply_explicit_window(_read_raster(path), window)
@@ -417,34 +409,3 @@ def save_mask_png(path: str | Path, mask: np.ndarray) -> Path:
     if low < 0 or high > 65535:
         raise ValueError(f"mask labels must lie in 0..65535, got {low}..{high}")
     return save_png(path, mask.astype(np.uint8 if high <= 255 else np.uint16))
-
-
-def read_mask(path: str | Path, *, binary: bool = True, slice_index: int | None = None, axis: int = 0) -> np.ndarray:
-    """Read a ground-truth or predicted mask as (H, W): bool when ``binary``, else integer labels.
-
-    Colour masks (as some datasets ship them) use their brightest channel. For ``binary``, any
-    non-zero label is foreground, except in JPEG masks (lossy: values scatter around 0 and 255),
-    where foreground is above half the maximum.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise InputFileError(path, "no such file")
-    suffix = _suffix(path)
-    if suffix in VOLUME_SUFFIXES:
-        volume = read_volume(path)
-        if slice_index is None and volume.shape[axis] != 1:
-            raise InputFileError(path, f"is a 3D mask of shape {volume.shape}; pass a slice index")
-        values = take_slice(volume.array, slice_index or 0, axis, path)
-    else:
-        image = read_image(path, slice_index=slice_index, axis=axis)
-        values = image.raw
-        if values.ndim == 3:
-            values = values.max(axis=-1)
-    if not binary:
-        if np.any(values != np.round(values)):
-            raise InputFileError(path, "mask holds non-integer values; it is not a label map")
-        return values.astype(np.int64)
-    if suffix in (".jpg", ".jpeg"):
-        top = float(values.max()) if values.size else 0.0
-        return values > (top / 2.0 if top > 1.0 else 0.0)
-    return values > 0
