@@ -477,25 +477,3 @@ def default_augmentation(size: int | None = None, ct: bool = False, seed: int | 
 def flip_augmentation(seed: int | None = None, vertical: bool = False) -> Compose:
     """Random flips only: works with the feature cache (2 views per image, 4 with ``vertical``)."""
     return Compose([HorizontalFlip(0.5), *([VerticalFlip(0.5)] if vertical else [])], seed)
-
-
-def jitter_box(
-    box: np.ndarray | Sequence[float], scale: float, rng: np.random.Generator, image_size: tuple[int, int]
-) -> np.ndarray:
-    """Move each side of an xyxy box by up to ``scale`` times the box's width (x) or height (y).
-
-    Mimics a user's imprecise box for text+box prompts. ``box`` may be (4,) or (N, 4);
-    ``image_size`` is (H, W). The result stays inside the image and at least one pixel wide.
-    """
-    boxes = np.asarray(box, dtype=np.float64)
-    single = boxes.ndim == 1
-    boxes = boxes.reshape(-1, 4)
-    h, w = image_size
-    sides = np.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]] * 2, axis=1)
-    moved = boxes + rng.uniform(-scale, scale, boxes.shape) * sides
-    x0 = moved[:, 0].clip(0, w - 1)
-    y0 = moved[:, 1].clip(0, h - 1)
-    x1 = np.maximum(moved[:, 2], x0 + 1).clip(0, w)
-    y1 = np.maximum(moved[:, 3], y0 + 1).clip(0, h)
-    out = np.stack([x0, y0, x1, y1], axis=1).astype(np.float32)
-    return out[0] if single else out
