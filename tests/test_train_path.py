@@ -248,3 +248,18 @@ def test_max_minutes_stops_after_the_crossing_step_and_records_it(tmp_path, caps
     assert "stopped by --max-minutes" in stdout and len((unet / "train_log.csv").read_text().splitlines()) == 2
     code, _, err = _run([*args, "--max-minutes", "0", "--out", tmp_path / "u0"], capsys)
     assert code == 2 and "--max-minutes" in err
+
+
+def test_train_refuses_an_output_inside_the_dataset_or_a_file(tmp_path):
+    from medsam3.cli import main
+
+    data = tmp_path / "data"
+    from medsam3.data.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(data, "nuclei", n=2, seed=0)
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    assert main(["train", str(data), "--base", "tiny", "--out", str(data / "run"), "--epochs", "1"]) == 2
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", str(data), "--base", "tiny", "--out", str(tmp_path / "afile"), "--epochs", "1"]) == 2
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written into the data
+    assert (tmp_path / "afile").read_text() == "x"

@@ -97,7 +97,10 @@ def train_path(
     config = dataclasses.replace(config or TrainConfig(), **settings)
     if augment not in AUGMENTATIONS:
         raise MedSAM3Error(f"augment must be one of {', '.join(AUGMENTATIONS)}, got '{augment}'")
-    out = Path(out)
+    from medsam3.utils.outputs import check_output_folder
+
+    # before any work: never into (or over) the dataset, a file, or an unwritable place
+    out = check_output_folder(out, inputs=[data], sealed=[data], files=("metrics.csv", "summary.json"))
     if resume and not (out / "last" / "adapter.json").is_file():
         raise MedSAM3Error(f"--resume: {out / 'last'} holds no checkpoint to continue from")
     say = say or (lambda line: None)
