@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import medsam3
 from medsam3.errors import ModelSpecError
-from medsam3.model.loading import LoadedModel
+from medsam3.model.loaded import LoadedModel
 from medsam3.model.policy import LoraSettings, apply_policy, trainable_state_dict
 from medsam3.utils.files import atomic_dir
 

@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import socket
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,69 +22,11 @@ from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processo
 
 from medsam3.errors import ModelSpecError
 from medsam3.model import presets
-from medsam3.model.backbones import backbone_for
+from medsam3.model.adapter import apply_adapter
 from medsam3.model.backbones.lite import LiteSam3Model, is_lite_config, load_lite_folder, quiet_placeholder_config
-from medsam3.model.precision import Precision, choose_precision, default_towers
-from medsam3.model.seam import ModelSeam
+from medsam3.model.loaded import LoadedModel
+from medsam3.model.precision import choose_precision, default_towers
 from medsam3.model.tokenizer import build_clip_tokenizer
-
-_VOLATILE_CONFIG_KEYS = {
-    "transformers_version",
-    "_name_or_path",
-    "architectures",
-    "dtype",
-    "torch_dtype",
-    "_attn_implementation",
-    "_attn_implementation_autoset",
-    "id2label",
-    "label2id",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
-}
-
-
-@dataclass
-class LoadedModel:
-    """A model ready for inference or training, with what produced it and its seam."""
-
-    model: Sam3Model
-    processor: Sam3Processor | None  # SAM 3's processor (None for backbones with their own preprocessing)
-    spec: str
-    device: torch.device
-    adapter: dict | None = None  # the adapter's metadata, when one is applied
-    concepts: list[str] = field(default_factory=list)  # vocabulary the weights were tuned on
-    precision: Precision = field(default_factory=lambda: Precision("fp32", "fp32", "default"))
-    seam: ModelSeam = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self.seam = ModelSeam(self.model, backbone_for(self.model, self.processor), self.device)
-
-    @property
-    def backbone(self):
-        return self.seam.backbone
-
-    @property
-    def image_size(self) -> int:
-        return int(self.seam.input_size)
-
-    @property
-    def fingerprint(self) -> str:
-        return config_fingerprint(self.model.config)
-
-
-def config_fingerprint(config: Sam3Config) -> str:
-    """A hash of the architecture (not the weights): adapters refuse a base that differs."""
-
-    def strip(value):
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in sorted(value.items()) if k not in _VOLATILE_CONFIG_KEYS}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        return value
-
-    canonical = json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -272,8 +213,6 @@ def load_model(
         model=model, processor=processor, spec=spec, device=target, concepts=concepts, precision=precision
     )
     if adapter is not None:
-        from medsam3.model.adapter import apply_adapter
-
         apply_adapter(loaded, adapter)
     if precision.torch_dtype != dtype:
         loaded.seam.set_tower_dtype(precision.torch_dtype)
