@@ -20,7 +20,7 @@ from PIL import Image
 from medsam3.data.dataset import open_dataset
 from medsam3.data.layouts import detect_layout, layout_names
 from medsam3.data.layouts.readers import clear_caches
-from medsam3.data.layouts.shapes import decode_rle, encode_rle
+from medsam3.data.layouts.shapes import decode_rle
 from medsam3.data.masks import masks_to_boxes
 from medsam3.data.sample import binary_to_instances, label_map_to_instances
 from medsam3.errors import DatasetError, InputFileError
@@ -33,6 +33,15 @@ def _fresh_caches():
     clear_caches()
     yield
     clear_caches()
+
+
+def encode_rle(mask: np.ndarray) -> list[int]:
+    """(H, W) bool mask -> uncompressed COCO RLE counts (column-major, starting with background)."""
+    flat = np.asarray(mask, dtype=bool).reshape(-1, order="F")
+    changes = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    runs = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
+    return ([0] + runs) if flat[0] else runs
+
 
 
 def png(path, array) -> None:

@@ -5,7 +5,7 @@
       images/ or train/ ...                image files named by ``file_name``
 
 Each category name is a concept phrase. Segmentations may be polygons (lists of x, y in pixel-edge
-coordinates) or RLE (uncompressed counts or the compressed string; decoded by our own decoder).
+coordinates) or RLE (uncompressed counts or the compressed string; decoded by pycocotools).
 An image without annotations of a category is a negative sample for it. The JSON's name or folder
 decides the split when it says train/val/test.
 """

@@ -1,14 +1,13 @@
 """Vector and run-length annotations turned into pixel masks (COCO polygons and RLE, Aperio XML).
 
-The COCO RLE decoder is our own, written from the format's description: counts alternate
-background/foreground runs starting with background, in column-major (Fortran) pixel order; the
-compressed string form stores each count in 5-bit groups offset by 48 (ASCII '0'), with a
-continuation bit, a sign bit, and every count after the second stored as a difference from the
-count two places before it.
+COCO RLE (uncompressed counts or the compressed string) is decoded by pycocotools, the format's
+reference implementation: counts alternate background/foreground runs starting with background,
+in column-major (Fortran) pixel order.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,60 +15,30 @@ import numpy as np
 from skimage.draw import polygon as fill_polygon
 
 
-def decode_rle_string(text: str) -> list[int]:
-    """COCO's compressed RLE string -> the list of run lengths."""
-    counts: list[int] = []
-    pos = 0
-    while pos < len(text):
-        value = 0
-        shift = 0
-        while True:
-            if pos >= len(text):
-                raise ValueError("compressed RLE string ends in the middle of a count")
-            chunk = ord(text[pos]) - 48
-            if not 0 <= chunk < 64:
-                raise ValueError(f"invalid character {text[pos]!r} in compressed RLE string")
-            pos += 1
-            value |= (chunk & 0x1F) << shift
-            shift += 5
-            if not chunk & 0x20:
-                if chunk & 0x10:
-                    value |= -1 << shift  # sign-extend a negative difference
-                break
-        if len(counts) > 2:
-            value += counts[-2]
-        counts.append(value)
-    return counts
-
-
 def decode_rle(counts: Sequence[int] | str | bytes, height: int, width: int) -> np.ndarray:
-    """A COCO RLE (uncompressed list or compressed string) -> (H, W) bool mask."""
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    runs = decode_rle_string(counts) if isinstance(counts, str) else [int(c) for c in counts]
-    total = height * width
-    if any(r < 0 for r in runs):
-        raise ValueError("RLE has a negative run length")
-    if sum(runs) != total:
-        raise ValueError(f"RLE runs cover {sum(runs)} pixels but the mask has {height}x{width} = {total}")
-    flat = np.zeros(total, dtype=bool)
-    pos = 0
-    for i, run in enumerate(runs):
-        if i % 2:
-            flat[pos : pos + run] = True
-        pos += run
-    return flat.reshape((height, width), order="F")
+    """A COCO RLE (uncompressed list or compressed string) -> (H, W) bool mask, decoded by pycocotools.
 
+    Uncompressed counts must cover the mask exactly (pycocotools would silently accept fewer).
+    """
+    from pycocotools import mask as coco_mask
 
-def encode_rle(mask: np.ndarray) -> list[int]:
-    """(H, W) bool mask -> uncompressed COCO RLE counts (column-major, starting with background)."""
-    flat = np.asarray(mask, dtype=bool).reshape(-1, order="F")
-    if flat.size == 0:
-        return []
-    changes = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    return ([0] + runs) if flat[0] else runs
+    if isinstance(counts, (str, bytes)):
+        text = counts.encode("ascii") if isinstance(counts, str) else counts
+        rle = {"size": [int(height), int(width)], "counts": text}
+    else:
+        runs = [int(c) for c in counts]
+        if any(r < 0 for r in runs):
+            raise ValueError("RLE has a negative run length")
+        total = height * width
+        if sum(runs) != total:
+            raise ValueError(f"RLE runs cover {sum(runs)} pixels but the mask has {height}x{width} = {total}")
+        rle = coco_mask.frPyObjects({"size": [int(height), int(width)], "counts": runs}, int(height), int(width))
+    try:
+        with warnings.catch_warnings():  # pycocotools' __array__ predates NumPy 2's copy keyword
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return coco_mask.decode(rle).astype(bool)
+    except ValueError as error:
+        raise ValueError(f"invalid compressed RLE string ({error})") from None
 
 
 @dataclass(frozen=True, eq=False)
