@@ -23,10 +23,10 @@ from medsam3.agent.actions import (
 )
 from medsam3.agent.llm_client import ChatClient, LLMError, LLMTimeoutError
 from medsam3.agent.loop import AgentError, require_action, run_agent, run_offline
-from medsam3.agent.normalizer import ConceptNormalizer
 from medsam3.agent.render import colour, draw_instances, zoom_crops
 from medsam3.errors import PromptError
 from medsam3.infer.types import Prompt, PromptResult
+from medsam3.model.concepts import ConceptNormalizer
 from scripted_llm_server import Fail, Hang, Raw, ScriptedLLMServer, Trickle
 
 H, W = 120, 160

@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medsam3.agent.normalizer import (
+from medsam3.data.vocabulary import clean_phrase
+from medsam3.errors import PromptError
+from medsam3.model.concepts import (
     Candidate,
     ConceptNormalizer,
-    clean_phrase,
     default_normalizer,
     normalize_prompt,
     normalizer_for,
     sentence_encoder,
 )
-from medsam3.errors import PromptError
 
 HELD = Path(__file__).parent / "data" / "synonyms.tsv"
 

@@ -150,47 +150,30 @@ def segment(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Segment every instance of each named concept in one image."""
-    from medsam3.data.image_io import read_image
-    from medsam3.infer.segment import build_prompts, check_segmentation_output, segment_image, write_segmentation
+    from medsam3.infer.segment import segment_path
 
-    prompts, notes = build_prompts(
-        prompt, [parse_box(b) for b in box or []], [parse_box(b) for b in negative_box or []]
+    result = segment_path(
+        image,
+        prompt,
+        out,
+        model=model,
+        adapter=adapter,
+        boxes=[parse_box(b) for b in box or []],
+        negative_boxes=[parse_box(b) for b in negative_box or []],
+        slice_index=slice_index,
+        axis=axis,
+        window=window,
+        device=device,
+        normalize=not no_normalize,
+        score_threshold=threshold,
+        mask_threshold=mask_threshold,
+        nms_iou=nms,
     )
-    check_segmentation_output(out, [p.text for p in prompts], [image])
-    for note in notes:
-        _say(f"warning: {note}")
-    picture = read_image(image, slice_index=slice_index, axis=axis, window=window)
-    _, predictor, prompts, renamed, normalization = _predictor_for(
-        model, adapter, device, threshold, mask_threshold, prompts, no_normalize, nms=nms
-    )
-    check_segmentation_output(out, [p.text for p in prompts], [image])  # the phrases the model will answer
-    result = segment_image(picture.rgb, prompts, predictor, source=str(image))
-    result.notes.extend(notes + renamed)
-    result.normalization = normalization
-    write_segmentation(result, out, inputs=[image])
+    for note in result.notes:
+        _say(f"note: {note}")
     for r in result.results:
         _echo(f"{r.prompt.text}: {len(r)} instance(s), presence {r.presence:.3f}")
     _echo(f"wrote {out}/result.json")
-
-
-def _predictor_for(model, adapter, device, threshold, mask_threshold, prompts, no_normalize, nms=None):
-    """Load the model, map phrases to its vocabulary (unless told not to), build the predictor.
-
-    Returns (loaded, predictor, prompts, notes, normalization records for result.json).
-    """
-    from medsam3.infer.predictor import Sam3Predictor
-    from medsam3.infer.segment import normalize_prompts
-    from medsam3.model import load_model
-
-    loaded = load_model(model, device=device, adapter=adapter)
-    notes: list[str] = []
-    records: list[dict] = []
-    if not no_normalize:
-        prompts, records, notes = normalize_prompts(prompts, loaded.concepts)
-        for note in notes:
-            _say(f"note: {note}")
-    predictor = Sam3Predictor(loaded, score_threshold=threshold, mask_threshold=mask_threshold, nms_iou=nms)
-    return loaded, predictor, prompts, notes, records
 
 
 def _video_tracker(loaded, tracker: Path | None):
@@ -231,20 +214,28 @@ def segment_volume_cmd(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Segment a 3D volume by naming concepts; the label map keeps the input's geometry."""
-    from medsam3.infer.segment import build_prompts
+    from medsam3.infer.segment import build_predictor, build_prompts
     from medsam3.infer.volume import check_volume_outputs, legend_path, segment_volume_file
 
     if (box is None) != (box_slice is None):
         raise PromptError("--box and --box-slice go together")
     check_volume_outputs(volume, out, dicom_seg)
     prompts, notes = build_prompts(prompt)
-    loaded, predictor, prompts, renamed, _ = _predictor_for(
-        model, adapter, device, threshold, mask_threshold, prompts, no_normalize
+    setup = build_predictor(
+        model,
+        prompts,
+        adapter=adapter,
+        device=device,
+        normalize=not no_normalize,
+        score_threshold=threshold,
+        mask_threshold=mask_threshold,
     )
+    for note in setup.notes:
+        _say(f"note: {note}")
     seg = segment_volume_file(
         volume,
-        prompts,
-        predictor,
+        setup.prompts,
+        setup.predictor,
         out,
         axis=axis,
         method=method,
@@ -253,8 +244,8 @@ def segment_volume_cmd(
         window=window,
         dicom_seg=dicom_seg,
         series_uid=series_uid,
-        video_tracker=_video_tracker(loaded, tracker),
-        notes=[*notes, *renamed],
+        video_tracker=_video_tracker(setup.loaded, tracker),
+        notes=[*notes, *setup.notes],
     )
     import json
 
@@ -285,16 +276,21 @@ def segment_video_cmd(
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Segment and track named concepts through a video: per-frame id masks, overlay video, tracks.json."""
-    from medsam3.infer.segment import build_prompts
+    from medsam3.infer.segment import build_predictor, build_prompts
     from medsam3.infer.video import check_video_output, segment_video_file
 
     check_video_output(out, video)
     prompts, _ = build_prompts(prompt)
-    loaded, predictor, prompts, _, _ = _predictor_for(model, adapter, device, threshold, 0.5, prompts, no_normalize)
+    setup = build_predictor(
+        model, prompts, adapter=adapter, device=device, normalize=not no_normalize, score_threshold=threshold
+    )
+    for note in setup.notes:
+        _say(f"note: {note}")
+    loaded = setup.loaded
     result = segment_video_file(
         video,
-        prompts,
-        predictor,
+        setup.prompts,
+        setup.predictor,
         out,
         iou_threshold=iou,
         max_gap=max_gap,
@@ -385,10 +381,12 @@ def evaluate(
         raise PromptError("evaluate takes one dataset folder (or: evaluate compare DIR1 DIR2 ...)")
     if volumes:
         from medsam3.evaluate.volumes import check_volume_report, evaluate_volume_dataset, markdown
-        from medsam3.infer.predictor import Sam3Predictor
+        from medsam3.infer.segment import build_predictor
 
         check_volume_report(out, paths[0])
-        predictor = Sam3Predictor.from_spec(model, device=device, adapter=adapter, score_threshold=threshold)
+        predictor = build_predictor(
+            model, adapter=adapter, device=device, normalize=False, score_threshold=threshold
+        ).predictor
         summary = evaluate_volume_dataset(
             paths[0],
             predictor,

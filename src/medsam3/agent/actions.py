@@ -17,8 +17,8 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from medsam3.agent.llm_client import short_repr
+from medsam3.data.vocabulary import MAX_WORDS
 
-MAX_CONCEPT_WORDS = 3
 MAX_CONCEPTS = 3
 MAX_ANSWER_CHARS = 100_000  # an action is well under 1 kB; prose around it is allowed, a book is not
 MAX_JSON_STARTS = 100  # "{" positions tried as the start of the object
@@ -199,10 +199,10 @@ def _concepts(data: dict) -> tuple[str, ...]:
             raise ActionError(f"concept {short_repr(item, 80)} is not a phrase")
         phrase = " ".join(item.split()).lower()
         words = len(phrase.split())
-        if words > MAX_CONCEPT_WORDS:
+        if words > MAX_WORDS:
             raise ActionError(
                 f'concept "{phrase[:80]}" has {words} words; MedSAM-3 takes phrases of at most '
-                f'{MAX_CONCEPT_WORDS} words (e.g. "breast tumor")'
+                f'{MAX_WORDS} words (e.g. "breast tumor")'
             )
         if phrase not in concepts:
             concepts.append(phrase)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from medsam3.agent.llm_client import ChatClient
 from medsam3.agent.loop import AgentResult, require_action, run_agent, run_offline
-from medsam3.agent.normalizer import ConceptNormalizer, default_normalizer, normalizer_for
 from medsam3.errors import PromptError
+from medsam3.model.concepts import ConceptNormalizer, default_normalizer, normalizer_for
 from medsam3.model.presets import DEFAULT_MODEL
 
 DEFAULT_TIMEOUT_S = 300.0  # the whole agent run (--timeout)
@@ -100,11 +100,11 @@ def agent_command(
 
 def load_predictor(model: str, *, device: str, adapter, threshold: float):
     """MedSAM-3's predictor for ``model`` and the concepts it was tuned on."""
-    from medsam3.infer.predictor import Sam3Predictor
-    from medsam3.model import load_model
+    from medsam3.infer.segment import build_predictor
 
-    loaded = load_model(model, device=device, adapter=adapter)
-    return Sam3Predictor(loaded, score_threshold=threshold), model_concepts(loaded)
+    # The agent normalises its own concepts (its ConceptNormalizer), so none here.
+    setup = build_predictor(model, adapter=adapter, device=device, normalize=False, score_threshold=threshold)
+    return setup.predictor, model_concepts(setup.loaded)
 
 
 def check_timeout(timeout_s: float) -> float:

@@ -31,12 +31,12 @@ from medsam3.agent.actions import (
     parse_action,
 )
 from medsam3.agent.llm_client import ChatReply, Deadline, encode_png, png_size, user_message
-from medsam3.agent.normalizer import ConceptNormalizer
 from medsam3.agent.render import draw_instances, draw_mask, zoom_crops
 from medsam3.agent.trace import Trace
 from medsam3.data.windowing import as_rgb_uint8
 from medsam3.errors import MedSAM3Error, PromptError
 from medsam3.infer.types import Prompt, PromptResult
+from medsam3.model.concepts import ConceptNormalizer
 from medsam3.utils.files import atomic_path, write_json_atomic
 
 STOP_REASONS = ("accepted", "absent", "max_rounds", "no_progress", "malformed", "refused", "offline")

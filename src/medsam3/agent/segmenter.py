@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from medsam3.agent.loop import require_action, run_agent, run_offline
-from medsam3.agent.normalizer import ConceptNormalizer
 from medsam3.data.masks import components, masks_to_boxes
 from medsam3.infer.types import Prompt, PromptResult, as_prompts
+from medsam3.model.concepts import ConceptNormalizer
 
 
 class AgentSegmenter:

@@ -190,21 +190,38 @@ DATASET_ALIASES: dict[str, list[str]] = {
     "dsb-nuclei": ["dsbnuclei"],
 }
 
-# British and variant spellings folded onto one form before matching.
+# The one spelling table: British and variant spellings folded onto the vocabulary's (US) form
+# before any matching, by the vocabulary, the dataset readers and the normaliser alike.
 _SPELLING = {
     "tumour": "tumor",
-    "oedema": "edema",
+    "tumours": "tumors",
+    "peritumoural": "peritumoral",
     "oesophagus": "esophagus",
+    "oesophageal": "esophageal",
     "haemorrhage": "hemorrhage",
     "haematoma": "hematoma",
-    "disk": "disc",
-    "peritumoural": "peritumoral",
+    "oedema": "edema",
+    "foetal": "fetal",
+    "foetus": "fetus",
+    "ischaemic": "ischemic",
+    "ischaemia": "ischemia",
+    "anaemia": "anemia",
+    "leukaemia": "leukemia",
     "grey": "gray",
+    "disk": "disc",
 }
 # Irregular plurals; regular ones are handled by _singular.
 _IRREGULAR = {"nuclei": "nucleus", "metastases": "metastasis", "lungs": "lung", "vertebrae": "vertebra"}
 _NO_STRIP = ("ss", "us", "is", "as", "os")
 _WORD = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
+# Words of an instruction that say what to do or where (image, modality), not what to find:
+# "please segment the polyp in this colonoscopy image" -> "polyp".
+_INSTRUCTION_WORDS = frozenset(
+    "please segment segmentation find outline mark highlight show detect delineate locate label identify "
+    "where is are can could you all every each any the a an me this these that image images picture photo "
+    "scan slice frame view in on of from ct mri mr x-ray xray radiograph ultrasound sonography dermoscopy "
+    "dermoscopic endoscopy colonoscopy microscopy histology oct pet".split()
+)
 
 
 def _singular(word: str) -> str:
@@ -219,14 +236,26 @@ def _singular(word: str) -> str:
     return word
 
 
-def clean(phrase: str) -> str:
-    """Lower case, single spaces, punctuation other than inner hyphens dropped."""
-    return " ".join(_WORD.findall(phrase.lower()))
+def clean_phrase(phrase: str) -> str:
+    """The one concept cleaner: lower case, punctuation other than inner hyphens dropped, US
+    spelling, single spaces ("Breast  Tumours!" -> "breast tumors")."""
+    return " ".join(_SPELLING.get(w, w) for w in _WORD.findall(phrase.lower()))
+
+
+def core_phrase(cleaned: str) -> str:
+    """A cleaned phrase without instruction words ("segment the polyp in this image" -> "polyp")."""
+    return " ".join(w for w in cleaned.split() if w not in _INSTRUCTION_WORDS)
+
+
+def singular(phrase: str) -> str:
+    """The phrase with its last word singular ("cell nuclei" -> "cell nucleus", "polyps" -> "polyp")."""
+    head, _, last = phrase.rpartition(" ")
+    return f"{head} {_singular(last)}".strip()
 
 
 def match_key(phrase: str) -> str:
-    """The form used for look-ups: cleaned, US spelling, every word singular."""
-    return " ".join(_singular(_SPELLING.get(w, w)) for w in _WORD.findall(phrase.lower()))
+    """The form used for look-ups: cleaned (:func:`clean_phrase`), every word singular."""
+    return " ".join(_singular(w) for w in clean_phrase(phrase).split())
 
 
 def _build_index() -> dict[str, str]:
@@ -253,12 +282,12 @@ def word_count(phrase: str) -> int:
 
 
 def check_phrase(phrase: str, allow_long: bool = False) -> str:
-    """Return the phrase cleaned (lower case, single spaces); refuse empty or over-long phrases.
+    """Return the phrase cleaned (:func:`clean_phrase`); refuse empty or over-long phrases.
 
     MedSAM-3 is trained on phrases of at most three words; longer ones are refused with a clear
     message unless ``allow_long`` is set (the model then sees a wording it was not trained on).
     """
-    text = clean(phrase or "")
+    text = clean_phrase(phrase or "")
     if not text:
         raise PromptError(f"empty concept phrase {phrase!r}: give a short noun phrase such as 'breast tumor'")
     words = word_count(text)
@@ -314,7 +343,7 @@ def concept_for_label(label_name: str, dataset: str | None = None) -> str:
     then the label name itself cleaned up ("Left_Kidney" -> "left kidney").
     """
     key = dataset_key(dataset) if dataset else None
-    spoken = clean(label_name.replace("_", " "))
+    spoken = clean_phrase(label_name.replace("_", " "))
     if key and key in DATASET_LABEL_NAMES:
         specific = DATASET_LABEL_NAMES[key]
         for name, concept in specific.items():

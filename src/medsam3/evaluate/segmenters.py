@@ -19,13 +19,13 @@ def load_segmenter(
     *,
     adapter: str | Path | None = None,
     device: str = "auto",
-    **predictor_options: Any,
 ) -> Any:
     """A segmenter for ``spec``: the U-Net baseline for a U-Net run folder, else ``Sam3Predictor``."""
     if is_unet_run(spec):
         if adapter is not None:
             raise ModelSpecError(f"{spec}: a U-Net baseline takes no SAM 3 adapter")
         return UNetSegmenter.from_dir(spec, device=device)
-    from medsam3.infer.predictor import Sam3Predictor
+    from medsam3.infer.segment import build_predictor
 
-    return Sam3Predictor.from_spec(spec, device=device, adapter=adapter, **predictor_options)
+    # The dataset's own phrases are scored as they are: no normalisation.
+    return build_predictor(spec, adapter=adapter, device=device, normalize=False).predictor

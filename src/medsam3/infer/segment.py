@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medsam3.infer.predictor import Sam3Predictor, as_rgb_uint8
-from medsam3.infer.types import Box, Prompt, PromptResult
+from medsam3.data.vocabulary import MAX_WORDS
+from medsam3.data.windowing import as_rgb_uint8
+from medsam3.infer.predictor import Sam3Predictor
+from medsam3.infer.types import Box, Prompt, PromptResult, as_prompts
+from medsam3.model.concepts import normalize_prompt, normalizer_for
+from medsam3.model.presets import DEFAULT_MODEL
 from medsam3.utils.files import atomic_files, write_json_atomic
 from medsam3.utils.outputs import check_output_folder, unique_stems
-
-MAX_PROMPT_WORDS = 3
 
 
 @dataclass
@@ -41,10 +42,10 @@ def build_prompts(
     labels = [1] * len(boxes) + [0] * len(negative_boxes)
     prompts = [Prompt(t, boxes=tuple(box_list), box_labels=tuple(labels)) for t in texts]
     for prompt in prompts:
-        if prompt.word_count > MAX_PROMPT_WORDS:
+        if prompt.word_count > MAX_WORDS:
             notes.append(
                 f"prompt '{prompt.text}' has {prompt.word_count} words: MedSAM-3 is tuned on concept phrases "
-                f"of at most {MAX_PROMPT_WORDS} words, so results may be poor"
+                f"of at most {MAX_WORDS} words, so results may be poor"
             )
     return prompts, notes
 
@@ -58,8 +59,6 @@ def normalize_prompts(prompts: list[Prompt], concepts: list[str]) -> tuple[list[
     """
     if not concepts:
         return prompts, [], []
-    from medsam3.agent.normalizer import normalize_prompt, normalizer_for
-
     normalizer = normalizer_for(concepts)
     out, records, notes = [], [], []
     for prompt in prompts:
@@ -73,6 +72,52 @@ def normalize_prompts(prompts: list[Prompt], concepts: list[str]) -> tuple[list[
             prompt = Prompt(found.used, prompt.boxes, prompt.box_labels)
         out.append(prompt)
     return out, records, notes
+
+
+@dataclass
+class PredictorSetup:
+    """A predictor ready for its prompts: what :func:`build_predictor` returns."""
+
+    predictor: Sam3Predictor
+    prompts: list[Prompt]  # as the model will answer them (normalised unless told not to)
+    notes: list[str]  # one line per phrase the normaliser replaced
+    normalization: list[dict]  # the ``normalization`` records of result.json
+
+    @property
+    def loaded(self):
+        return self.predictor.loaded
+
+
+def build_predictor(
+    model: str = DEFAULT_MODEL,
+    prompts: Sequence[Prompt | str] = (),
+    *,
+    adapter: str | Path | None = None,
+    device: str = "auto",
+    normalize: bool = True,
+    score_threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    nms_iou: float | None = None,
+) -> PredictorSetup:
+    """The one way to get a predictor: load ``model`` (+ ``adapter``) and, with ``normalize``, map
+    ``prompts`` onto the concepts it was tuned on (:func:`normalize_prompts`).
+
+    Used by segment, segment-volume, segment-video, evaluate and the agent alike.
+    """
+    predictor = Sam3Predictor.from_spec(
+        model,
+        device=device,
+        adapter=adapter,
+        score_threshold=score_threshold,
+        mask_threshold=mask_threshold,
+        nms_iou=nms_iou,
+    )
+    prompts = as_prompts(prompts) if prompts else []
+    records: list[dict] = []
+    notes: list[str] = []
+    if normalize and prompts:
+        prompts, records, notes = normalize_prompts(prompts, predictor.loaded.concepts)
+    return PredictorSetup(predictor, prompts, notes, records)
 
 
 def segment_image(
@@ -176,6 +221,58 @@ def write_segmentation(seg: Segmentation, out_dir: str | Path, inputs: Sequence[
     return out_dir
 
 
-def warn_notes(notes: list[str]) -> None:
-    for note in notes:
-        warnings.warn(note, stacklevel=2)
+def segment_path(
+    image: str | Path,
+    prompts: Sequence[str | Prompt],
+    out: str | Path,
+    *,
+    model: str = DEFAULT_MODEL,
+    adapter: str | Path | None = None,
+    boxes: Sequence[Box] = (),
+    negative_boxes: Sequence[Box] = (),
+    slice_index: int | None = None,
+    axis: int = 0,
+    window: str | None = None,
+    device: str = "auto",
+    normalize: bool = True,
+    score_threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    nms_iou: float | None = None,
+    predictor: Sam3Predictor | None = None,
+) -> Segmentation:
+    """``medsam3 segment`` as a function: read ``image``, segment each phrase, write ``out``.
+
+    Every box applies to every phrase. The output folder is checked before any work, and again
+    for the phrases the model will answer once they are normalised. ``predictor`` reuses a loaded
+    one (``model``/``adapter``/``device``/thresholds are then its own). The notes (over-long
+    phrases, replaced phrases) are in ``Segmentation.notes`` and ``result.json``.
+    """
+    from medsam3.data.image_io import read_image
+
+    texts = [p.text if isinstance(p, Prompt) else str(p) for p in prompts]
+    built, notes = build_prompts(texts, list(boxes), list(negative_boxes))
+    check_segmentation_output(out, [p.text for p in built], [image])
+    picture = read_image(image, slice_index=slice_index, axis=axis, window=window)
+    records: list[dict] = []
+    if predictor is None:
+        setup = build_predictor(
+            model,
+            built,
+            adapter=adapter,
+            device=device,
+            normalize=normalize,
+            score_threshold=score_threshold,
+            mask_threshold=mask_threshold,
+            nms_iou=nms_iou,
+        )
+        predictor, built, records = setup.predictor, setup.prompts, setup.normalization
+        notes += setup.notes
+    elif normalize:
+        built, records, renamed = normalize_prompts(built, predictor.loaded.concepts)
+        notes += renamed
+    check_segmentation_output(out, [p.text for p in built], [image])  # the phrases the model will answer
+    result = segment_image(picture.rgb, built, predictor, source=str(image))
+    result.notes.extend(notes)
+    result.normalization = records
+    write_segmentation(result, out, inputs=[image])
+    return result
