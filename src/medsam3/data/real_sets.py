@@ -61,7 +61,7 @@ import json
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -798,8 +798,3 @@ def describe(summary: dict[str, Any], out_dir: str | Path | None = None) -> str:
         + (f"downloaded {', '.join(fetched)}" if fetched else "all sources from the cache")
     )
     return "\n".join(lines)
-
-
-def dataset_folders(out_dir: str | Path, names: Sequence[str] = FOLDERS) -> list[Path]:
-    """The folders :func:`build_real_sets` writes under ``out_dir``."""
-    return [Path(out_dir) / name for name in names]

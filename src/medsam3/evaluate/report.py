@@ -12,7 +12,7 @@ import csv
 import io
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +237,3 @@ def markdown_report(summary: dict[str, Any]) -> str:
     if summary.get("distance_unit") == "mixed":
         lines.append("Warning: some cases had a pixel spacing and some not: distances mix mm and pixels.")
     return "\n".join(lines) + "\n"
-
-
-def record_dicts(records: Iterable[CaseRecord]) -> list[dict[str, Any]]:
-    """Records as plain dicts (for JSON or pandas)."""
-    return [asdict(r) for r in records]

@@ -41,11 +41,6 @@ def layout_names() -> list[str]:
     return [layout.name for layout in LAYOUTS]
 
 
-def known_layouts_text() -> str:
-    """One line per layout: name and what its folder looks like."""
-    return "\n".join(f"  {layout.name:10s} {layout.summary}" for layout in LAYOUTS)
-
-
 def get_layout(name: str) -> Layout:
     for layout in LAYOUTS:
         if layout.name == name.strip().lower():

@@ -25,10 +25,6 @@ def is_volume_file(path: str | Path) -> bool:
     return file_suffix(path) in VOLUME_SUFFIXES
 
 
-def is_image_2d_file(path: str | Path) -> bool:
-    return file_suffix(path) in IMAGE_2D_SUFFIXES
-
-
 def files_with(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     """Regular, non-hidden files in ``folder`` with one of ``suffixes``, sorted by name."""
     if not folder.is_dir():
