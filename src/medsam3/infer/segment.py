@@ -223,7 +223,7 @@ def write_segmentation(seg: Segmentation, out_dir: str | Path, inputs: Sequence[
 
 def segment_path(
     image: str | Path,
-    prompts: Sequence[str | Prompt],
+    prompts: Sequence[str],
     out: str | Path,
     *,
     model: str = DEFAULT_MODEL,
@@ -242,15 +242,15 @@ def segment_path(
 ) -> Segmentation:
     """``medsam3 segment`` as a function: read ``image``, segment each phrase, write ``out``.
 
-    Every box applies to every phrase. The output folder is checked before any work, and again
+    Every box (``boxes`` positive, ``negative_boxes`` negative exemplars) applies to every phrase.
+    The output folder is checked before any work, and again
     for the phrases the model will answer once they are normalised. ``predictor`` reuses a loaded
     one (``model``/``adapter``/``device``/thresholds are then its own). The notes (over-long
     phrases, replaced phrases) are in ``Segmentation.notes`` and ``result.json``.
     """
     from medsam3.data.image_io import read_image
 
-    texts = [p.text if isinstance(p, Prompt) else str(p) for p in prompts]
-    built, notes = build_prompts(texts, list(boxes), list(negative_boxes))
+    built, notes = build_prompts([str(p) for p in prompts], list(boxes), list(negative_boxes))
     check_segmentation_output(out, [p.text for p in built], [image])
     picture = read_image(image, slice_index=slice_index, axis=axis, window=window)
     records: list[dict] = []
