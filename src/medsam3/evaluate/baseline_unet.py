@@ -37,8 +37,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from medsam3.data.masks import components, masks_to_boxes
 from medsam3.errors import DatasetError, MedSAM3Error, ModelSpecError, PromptError
-from medsam3.evaluate.metrics import components
 from medsam3.infer.types import Prompt, PromptResult
 from medsam3.utils.files import atomic_files, write_json_atomic, write_text_atomic
 from medsam3.utils.outputs import check_output_folder
@@ -396,10 +396,7 @@ class UNetSegmenter:
         keep = np.flatnonzero(scores >= score_threshold)
         keep = keep[np.argsort(-scores[keep], kind="stable")]
         parts, scores = parts[keep], scores[keep]
-        boxes = np.zeros((len(parts), 4), dtype=np.float32)
-        for i, m in enumerate(parts):
-            rows, cols = np.flatnonzero(m.any(axis=1)), np.flatnonzero(m.any(axis=0))
-            boxes[i] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+        boxes = masks_to_boxes(parts)
         return PromptResult(
             prompt=prompt, presence=float(prob.max()), scores=scores, boxes=boxes, masks=parts, semantic=prob
         )

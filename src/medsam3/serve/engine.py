@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from medsam3.infer.predictor import Sam3Predictor, as_rgb_uint8
-from medsam3.infer.types import Prompt, PromptResult
+from medsam3.data.windowing import as_rgb_uint8
+from medsam3.infer.predictor import Sam3Predictor
+from medsam3.infer.types import Prompt, PromptResult, as_prompts
 from medsam3.model.loading import LoadedModel
 from medsam3.serve.http_errors import ApiError
 from medsam3.serve.lru import ByteLRU
@@ -185,7 +186,7 @@ class ModelView:
         self._check()
         if self._encoded is None:
             raise RuntimeError("set_image() before predict()")
-        prompts = [p if isinstance(p, Prompt) else Prompt(str(p)) for p in prompts]
+        prompts = as_prompts(prompts)
         with self.shared.turn(self.deadline):
             return self.shared.predict(self._encoded, prompts, **options)
 

@@ -108,7 +108,8 @@ class Service:
 
     def suggest(self, text: str, top_k: int = 5) -> dict:
         """The model's concepts and, for ``text``, the normaliser's nearest ones (best first)."""
-        from medsam3.agent.normalizer import clean_phrase, default_normalizer, normalizer_for
+        from medsam3.data.vocabulary import clean_phrase
+        from medsam3.model.concepts import default_normalizer, normalizer_for
 
         concepts = self.model.concepts
         out: dict[str, Any] = {"vocabulary": concepts, "source": "model" if concepts else "bundled", "suggestions": []}
