@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--export-only", action="store_true", help="export RUN/last of a finished run")
     args = parser.parse_args()
 
     if args.threads:
@@ -56,6 +57,10 @@ def main() -> None:
     phantoms = make_phantom_corpus(args.out / "phantoms", args.n_per_kind, seed=args.seed, kinds=LITE_PHANTOM_KINDS)
     splits = lite_splits(args.real, phantoms, exclude={HELD_OUT_CONCEPT})
     print({name: len(data) for name, data in splits.items()}, flush=True)
+    if args.export_only:
+        history = list(csv.DictReader((args.out / "metrics.csv").open()))
+        export(args, splits, history, minutes=float(history[-1]["seconds"]) / 60)
+        return
     loaded = load_model("lite-init", device="cpu")
     config = TrainConfig(
         policy="paper",
@@ -81,26 +86,36 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     print(json.dumps(summary["history"], indent=1), flush=True)
     if args.export:
-        best = load_model("lite-init", device="cpu", adapter=args.out / "best")
-        history = list(csv.DictReader((args.out / "metrics.csv").open()))
-        info = {
-            "name": "lite",
-            "what": "LiteMedSAM's TinyViT medical image encoder and all-MiniLM-L6-v2 (both frozen, from their "
-            "pinned PyPI packages) feeding a SAM 3 detector, vision neck and text projection trained by this "
-            "project; not SAM 3",
-            "recipe": "python scripts/train_lite.py "
-            f"--n-per-kind {args.n_per_kind} --epochs {args.epochs} --batch-size {args.batch_size} "
-            f"--lr {args.lr} --seed {args.seed}",
-            "real_sets": list(LITE_REAL_SETS),
-            "phantom_kinds": list(LITE_PHANTOM_KINDS),
-            "held_out_concept": HELD_OUT_CONCEPT,
-            "train_samples": len(splits["train"]),
-            "train_minutes": round(minutes, 1),
-            "checkpoint": "best validation Dice",
-            "history": history,
-        }
-        export_model(best, args.export, trainer.concepts, info)
-        print(f"exported {args.export}")
+        export(args, splits, list(csv.DictReader((args.out / "metrics.csv").open())), minutes)
+
+
+def export(args, splits, history: list[dict], minutes: float) -> None:
+    """Write the folder the ``lite`` preset loads, from the last checkpoint.
+
+    The last one, not the best-by-validation one: the validation split is ~10 samples (the real sets
+    are small), too few to rank epochs by; the cosine schedule ends the run at a low learning rate.
+    """
+    if args.export is None:
+        raise SystemExit("--export DIR is needed")
+    final = load_model("lite-init", device="cpu", adapter=args.out / "last")
+    info = {
+        "name": "lite",
+        "what": "LiteMedSAM's TinyViT medical image encoder and all-MiniLM-L6-v2 (both frozen, from their "
+        "pinned PyPI packages) feeding a SAM 3 detector, vision neck and text projection trained by this "
+        "project; not SAM 3",
+        "recipe": "python scripts/train_lite.py "
+        f"--n-per-kind {args.n_per_kind} --epochs {args.epochs} --batch-size {args.batch_size} "
+        f"--lr {args.lr} --seed {args.seed}",
+        "real_sets": list(LITE_REAL_SETS),
+        "phantom_kinds": list(LITE_PHANTOM_KINDS),
+        "held_out_concept": HELD_OUT_CONCEPT,
+        "train_samples": len(splits["train"]),
+        "train_minutes": round(minutes, 1),
+        "checkpoint": "last epoch",
+        "history": history,
+    }
+    export_model(final, args.export, final.concepts, info)
+    print(f"exported {args.export}")
 
 
 if __name__ == "__main__":

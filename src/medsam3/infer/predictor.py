@@ -19,7 +19,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from medsam3.data.windowing import as_rgb_uint8
 from medsam3.errors import PromptError
-from medsam3.infer.postprocess import to_prompt_result
+from medsam3.infer.postprocess import resize_logits, to_prompt_result
 from medsam3.infer.types import Prompt, PromptResult, as_prompts
 from medsam3.model.loading import LoadedModel, load_model
 from medsam3.model.presets import DEFAULT_MODEL
@@ -34,15 +34,17 @@ class EncodedImage:
     original_size: tuple[int, int]
 
 
-MASK_SOURCES = ("auto", "detector", "box-decoder")
+MASK_SOURCES = ("auto", "detector", "box-decoder", "semantic")
 
 
 class Sam3Predictor:
     """Concept segmentation with the image encoder run once per image, through the model's seam.
 
-    ``mask_source``: ``detector`` uses the SAM 3 mask decoder's masks; ``box-decoder`` redraws each
-    detected instance from its box with the backbone's pretrained box-prompted decoder (lite);
-    ``auto`` picks the box decoder where the model has one.
+    ``mask_source`` (text prompts): ``detector`` uses the SAM 3 mask decoder's per-query masks;
+    ``semantic`` the connected components of its dense semantic map; ``box-decoder`` redraws each
+    detected box with the backbone's pretrained box-prompted decoder (lite); ``auto`` is the
+    backbone's measured best (SAM 3: detector; lite: semantic). With a box decoder, a user's positive
+    box is always drawn by it (see ``_outline_prompt_boxes``).
     """
 
     def __init__(
@@ -78,8 +80,8 @@ class Sam3Predictor:
         return self.loaded.device
 
     @property
-    def uses_box_decoder(self) -> bool:
-        return self.mask_source != "detector" and self.seam.has_box_decoder
+    def text_mask_source(self) -> str:
+        return self.seam.backbone.default_mask_source if self.mask_source == "auto" else self.mask_source
 
     # -- image -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -162,8 +164,10 @@ class Sam3Predictor:
     def _run_batch(self, prompts: list[Prompt], settings: dict) -> list[PromptResult]:
         outputs = self.detector_forward(prompts)
         canvas = self.seam.canvas_size(*self.original_size)
-        box_masks = self._box_masks if self.uses_box_decoder and self._image.embedding is not None else None
-        return [
+        drawable = self.seam.has_box_decoder and self._image.embedding is not None
+        source = self.text_mask_source
+        box_masks = self._box_masks if drawable and source == "box-decoder" else None
+        results = [
             to_prompt_result(
                 prompt,
                 outputs.pred_logits[i],
@@ -174,10 +178,45 @@ class Sam3Predictor:
                 self.original_size,
                 canvas_size=canvas,
                 box_masks=box_masks,
+                semantic_instances=source == "semantic",
                 **settings,
             )
             for i, prompt in enumerate(prompts)
         ]
+        if not drawable:
+            return results
+        return [self._outline_prompt_boxes(r, canvas, settings["mask_threshold"]) for r in results]
+
+    def _outline_prompt_boxes(
+        self, result: PromptResult, canvas: tuple[int, int], mask_threshold: float
+    ) -> PromptResult:
+        """A user's positive box outlines one instance, drawn by the box decoder from that very box.
+
+        As in MedSAM (box = the object): with a box decoder the boxed instances are the result, scored by
+        the detector's presence; the detector's own detections, whose boxes are less exact than the
+        user's, are left out. Negative boxes still steer the detector's presence.
+        """
+        boxes = [b for b, label in zip(result.prompt.boxes, result.prompt.box_labels) if label == 1]
+        if not boxes:
+            return result
+        height, width = self.original_size
+        frame = torch.tensor([canvas[1], canvas[0], canvas[1], canvas[0]], dtype=torch.float32)
+        clipped = torch.tensor(boxes, dtype=torch.float32)
+        clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
+        clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
+        logits = self._box_masks(clipped / frame)
+        probs = resize_logits(logits.float().sigmoid(), canvas)[:, :height, :width]
+        drawn = (probs > mask_threshold).cpu().numpy()
+        found = drawn.reshape(len(drawn), -1).any(axis=1)
+        score = np.float32(result.presence if np.isfinite(result.presence) else 1.0)
+        return PromptResult(
+            prompt=result.prompt,
+            presence=result.presence,
+            scores=np.full(int(found.sum()), score, np.float32),
+            boxes=clipped[torch.from_numpy(found)].numpy().astype(np.float32).reshape(-1, 4),
+            masks=drawn[found],
+            semantic=result.semantic,
+        )
 
     def _box_masks(self, boxes_normalised: torch.Tensor) -> torch.Tensor:
         return self.seam.box_masks(self._image.embedding, boxes_normalised * self.seam.input_size)

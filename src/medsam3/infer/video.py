@@ -72,9 +72,7 @@ def check_video_output(out_dir: str | Path, source: str | Path | None = None) ->
     frames = source is not None and Path(source).is_dir()  # a frame folder is read whole
     out_dir = check_output_folder(out_dir, inputs=[source], sealed=[source] if frames else [], replaces=True)
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "tracks.json").is_file():
-        raise OutputError(
-            f"{out_dir}: exists and is not an earlier segment-video output; choose a new or empty folder"
-        )
+        raise OutputError(f"{out_dir}: exists and is not an earlier segment-video output; choose a new or empty folder")
     return out_dir
 
 

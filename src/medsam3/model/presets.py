@@ -16,7 +16,7 @@ from transformers import Sam3Config
 
 SAM3_HUB_ID = "facebook/sam3"
 # The model every command uses unless told otherwise.
-DEFAULT_MODEL = "nano"
+DEFAULT_MODEL = "lite"
 
 
 def detector_configs(

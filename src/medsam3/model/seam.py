@@ -180,6 +180,7 @@ class ModelSeam:
             input_boxes_labels=labels,
         )
 
+    @torch.no_grad()
     def box_masks(self, embedding: tuple[torch.Tensor, ...], boxes_input_px: torch.Tensor) -> torch.Tensor:
         """Mask logits (N, S, S) drawn by the backbone's box decoder for boxes in input pixels."""
         dtype = next(self.model.box_decoder.parameters()).dtype

@@ -28,6 +28,8 @@ class Backbone(ABC):
     # Parameter groups (see model.components) that the paper policy trains besides SAM 3's detector.
     extra_trained: tuple[str, ...] = ()
     max_text_tokens: int = 32
+    # Where instance masks of text prompts come from by default (see infer.predictor.MASK_SOURCES).
+    default_mask_source: str = "detector"
 
     # -- images --------------------------------------------------------------------------------
     @abstractmethod
