@@ -148,6 +148,13 @@ def segment(
         typer.Option("--no-normalize", help="Run phrases as typed, even outside the model's vocabulary."),
     ] = False,
     dtype: DtypeOpt = "auto",
+    mask_source: Annotated[
+        str,
+        typer.Option(
+            "--mask-source",
+            help="Text prompts' masks: auto (the model's best), semantic, detector or box-decoder (lite).",
+        ),
+    ] = "auto",
 ) -> None:
     """Segment every instance of each named concept in one image."""
     from medsam3.infer.segment import segment_path
@@ -168,6 +175,7 @@ def segment(
         score_threshold=threshold,
         mask_threshold=mask_threshold,
         nms_iou=nms,
+        mask_source=mask_source,
     )
     for note in result.notes:
         _say(f"note: {note}")

@@ -98,6 +98,7 @@ def build_predictor(
     score_threshold: float = 0.5,
     mask_threshold: float = 0.5,
     nms_iou: float | None = None,
+    mask_source: str = "auto",
 ) -> PredictorSetup:
     """The one way to get a predictor: load ``model`` (+ ``adapter``) and, with ``normalize``, map
     ``prompts`` onto the concepts it was tuned on (:func:`normalize_prompts`).
@@ -111,6 +112,7 @@ def build_predictor(
         score_threshold=score_threshold,
         mask_threshold=mask_threshold,
         nms_iou=nms_iou,
+        mask_source=mask_source,
     )
     prompts = as_prompts(prompts) if prompts else []
     records: list[dict] = []
@@ -239,6 +241,7 @@ def segment_path(
     mask_threshold: float = 0.5,
     nms_iou: float | None = None,
     predictor: Sam3Predictor | None = None,
+    mask_source: str = "auto",
 ) -> Segmentation:
     """``medsam3 segment`` as a function: read ``image``, segment each phrase, write ``out``.
 
@@ -264,6 +267,7 @@ def segment_path(
             score_threshold=score_threshold,
             mask_threshold=mask_threshold,
             nms_iou=nms_iou,
+            mask_source=mask_source,
         )
         predictor, built, records = setup.predictor, setup.prompts, setup.normalization
         notes += setup.notes
