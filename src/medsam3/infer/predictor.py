@@ -43,8 +43,9 @@ class Sam3Predictor:
     ``mask_source`` (text prompts): ``detector`` uses the SAM 3 mask decoder's per-query masks;
     ``semantic`` the connected components of its dense semantic map; ``box-decoder`` redraws each
     detected box with the backbone's pretrained box-prompted decoder (lite); ``auto`` is the
-    backbone's measured best (SAM 3: detector; lite: semantic). With a box decoder, a user's positive
-    box is always drawn by it (see ``_outline_prompt_boxes``).
+    backbone's measured best (SAM 3: detector; lite: semantic). With a box decoder and ``auto`` or
+    ``box-decoder``, a user's positive box is drawn by it (see ``_outline_prompt_boxes``); with an
+    explicit ``semantic`` or ``detector`` boxes are exemplars only, as in SAM 3.
     """
 
     def __init__(
@@ -183,8 +184,8 @@ class Sam3Predictor:
             )
             for i, prompt in enumerate(prompts)
         ]
-        if not drawable:
-            return results
+        if not drawable or self.mask_source not in ("auto", "box-decoder"):
+            return results  # an explicit semantic/detector source: boxes are exemplars only, as in SAM 3
         return [self._outline_prompt_boxes(r, canvas, settings["mask_threshold"]) for r in results]
 
     def _outline_prompt_boxes(
