@@ -349,7 +349,9 @@ class LiteBackbone(Backbone):
         return {"vision_encoder.trunk": model.vision_encoder.trunk}
 
     def tower_modules(self, model) -> list[nn.Module]:
-        return [model.vision_encoder.trunk, model.text_encoder, model.box_decoder]
+        # The box decoder stays fp32: LiteMedSAM's prompt encoder casts coordinates to float32 itself,
+        # and a few boxes per image cost nothing next to the image encoder.
+        return [model.vision_encoder.trunk, model.text_encoder]
 
     def provenance(self, model) -> list[dict]:
         rows = [{"part": prefix, "source": source, "frozen": True} for prefix, source in PRETRAINED.items()]
