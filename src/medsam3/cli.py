@@ -105,6 +105,23 @@ DtypeOpt = Annotated[
         callback=_set_towers,
     ),
 ]
+
+
+def _set_runtime(value: str) -> str:
+    from medsam3.model.runtime import set_default_runtime
+
+    set_default_runtime(value)
+    return value
+
+
+RuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        "--runtime",
+        help="What runs the frozen image tower: auto (OpenVINO on CPU where the backbone exports it), torch, openvino.",
+        callback=_set_runtime,
+    ),
+]
 ThresholdOpt = Annotated[
     float, typer.Option(help="Instance score threshold (sigmoid(logit) x presence), 0..1.", callback=PROBABILITY)
 ]
@@ -148,6 +165,7 @@ def segment(
         typer.Option("--no-normalize", help="Run phrases as typed, even outside the model's vocabulary."),
     ] = False,
     dtype: DtypeOpt = "auto",
+    runtime: RuntimeOpt = "auto",
     mask_source: Annotated[
         str,
         typer.Option(
@@ -220,6 +238,7 @@ def segment_volume_cmd(
     mask_threshold: MaskThresholdOpt = 0.5,
     no_normalize: NoNormalizeOpt = False,
     dtype: DtypeOpt = "auto",
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Segment a 3D volume by naming concepts; the label map keeps the input's geometry."""
     from medsam3.infer.segment import build_predictor, build_prompts
@@ -282,6 +301,7 @@ def segment_video_cmd(
     threshold: ThresholdOpt = 0.5,
     no_normalize: NoNormalizeOpt = False,
     dtype: DtypeOpt = "auto",
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Segment and track named concepts through a video: per-frame id masks, overlay video, tracks.json."""
     from medsam3.infer.segment import build_predictor, build_prompts
@@ -316,6 +336,7 @@ def info(
     policy: Annotated[str, typer.Option(help="Parameter policy: paper, lora-detector, lora-all, full.")] = "paper",
     adapter: AdapterOpt = None,
     dtype: DtypeOpt = "auto",
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Parameters per component under a fine-tuning policy, preprocessing, and where each weight came from."""
     from medsam3.model.info import describe_model
@@ -333,11 +354,14 @@ def demo(
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.", callback=_in_range(1))] = 40,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """A few-minute tour: segment phantoms by text and text+box, then teach the model a new concept."""
     from medsam3.demo import DemoSettings, run_demo, summary_lines
 
-    settings = DemoSettings(model=model, finetune_cases=finetune_cases, epochs=epochs, device=device)
+    settings = DemoSettings(
+        model=model, finetune_cases=finetune_cases, epochs=epochs, device=device, dtype=dtype, runtime=runtime
+    )
     for line in summary_lines(run_demo(out, settings)):
         _echo(line)
 
@@ -372,6 +396,7 @@ def evaluate(
     method: Annotated[str, typer.Option(help="--volumes: slices or track.")] = "slices",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Score a model on a dataset (Dice, IoU, NSD, HD95, presence), or compare evaluation folders.
 
@@ -539,6 +564,7 @@ def train(
     ] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Fine-tune MedSAM-3 on a labelled dataset (the paper's method: frozen encoders, detector trained)."""
     from medsam3.train.run import train_path
@@ -679,6 +705,7 @@ def agent(
     axis: int = 0,
     window: str | None = None,
     dtype: DtypeOpt = "auto",
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """Segment what an instruction asks for, with a multimodal LLM steering MedSAM-3."""
     from medsam3.agent.command import agent_command
@@ -724,6 +751,7 @@ def serve(
     request_timeout: Annotated[float, typer.Option(help="Per-request time limit in seconds.")] = 60.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     dtype: DtypeOpt = "auto",
+    runtime: RuntimeOpt = "auto",
 ) -> None:
     """REST API and web viewer on one shared model (page at /, API docs at /docs)."""
     from medsam3.serve import ServeSettings, run_server
@@ -758,8 +786,10 @@ def main(argv: list[str] | None = None) -> int:
     if not debug:
         hf_logging.set_verbosity_error()
     from medsam3.model.precision import default_towers, set_default_towers
+    from medsam3.model.runtime import default_runtime, set_default_runtime
 
     towers = default_towers()  # --dtype sets it for this command only (in-process callers keep theirs)
+    runtime = default_runtime()  # likewise --runtime
     try:
         with warnings.catch_warnings():
             if not debug:
@@ -768,6 +798,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         hf_logging.set_verbosity(verbosity)
         set_default_towers(towers)
+        set_default_runtime(runtime)
 
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))

@@ -50,6 +50,7 @@ class DemoSettings:
     seed: int = 0
     device: str = "cpu"
     dtype: str = "auto"  # the frozen towers' dtype (see medsam3.model.precision)
+    runtime: str = "auto"  # what runs the image tower (see medsam3.model.runtime)
     progress: bool = True
     real: bool = True  # segment real test slices too (built from registry packages, then cached)
     real_dir: str | None = None
@@ -89,7 +90,7 @@ def _showcase_samples(settings: DemoSettings, out: Path) -> list[tuple[str, str,
 
 def _showcase(settings: DemoSettings, out: Path, report: DemoReport) -> None:
     """Segment real test slices and one phantom per kind, by text and by text + box."""
-    loaded = load_model(settings.model, device=settings.device, towers=settings.dtype)
+    loaded = load_model(settings.model, device=settings.device, towers=settings.dtype, runtime=settings.runtime)
     predictor = Sam3Predictor(loaded)
     for kind, source, sample in _showcase_samples(settings, out):
         box = tuple(float(v) for v in sample.boxes[np.argmax(sample.masks.reshape(len(sample.masks), -1).sum(1))])
@@ -141,7 +142,7 @@ def _finetune(settings: DemoSettings, out: Path, report: DemoReport) -> None:
     train = open_dataset(folder, split="train").select([HELD_OUT_CONCEPT])
     val = open_dataset(folder, split="val").select([HELD_OUT_CONCEPT])
     test = open_dataset(folder, split="test").select([HELD_OUT_CONCEPT])
-    loaded = load_model(settings.model, device=settings.device, towers=settings.dtype)
+    loaded = load_model(settings.model, device=settings.device, towers=settings.dtype, runtime=settings.runtime)
     report.dice["before"] = _test_dice(loaded, test, out / "eval", "before", settings.model)
     config = TrainConfig(
         policy="paper",
@@ -159,7 +160,13 @@ def _finetune(settings: DemoSettings, out: Path, report: DemoReport) -> None:
     started = time.perf_counter()
     Trainer(loaded, train, out / "finetune", config, val_data=val).fit()
     report.seconds["finetune"] = round(time.perf_counter() - started, 1)
-    tuned = load_model(settings.model, device=settings.device, adapter=out / "finetune" / "last", towers=settings.dtype)
+    tuned = load_model(
+        settings.model,
+        device=settings.device,
+        adapter=out / "finetune" / "last",
+        towers=settings.dtype,
+        runtime=settings.runtime,
+    )
     report.dice["after"] = _test_dice(tuned, test, out / "eval", "after", f"{settings.model} + adapter")
     report.seconds["train_samples"] = len(train)
     report.seconds["test_samples"] = len(test)

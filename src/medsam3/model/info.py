@@ -31,6 +31,7 @@ def describe_model(
     p = loaded.precision
     lines.append(f"towers {p.dtype} ({p.reason}), detector {str(loaded.seam.dtype).split('.')[-1]}; "
                  f"config fingerprint {loaded.fingerprint}")  # fmt: skip
+    lines.append(f"image tower runs on {p.runtime} ({p.runtime_reason})")
     for source in loaded.backbone.provenance(loaded.model):
         state = "frozen, pretrained" if source.get("frozen") else "trained"
         lines.append(f"weights {source['part']}: {source['source']}" + (f" [{state}]" if "frozen" in source else ""))

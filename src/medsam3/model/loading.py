@@ -8,6 +8,7 @@ original ``sam3.pt`` checkpoint, or a Hugging Face hub id (``facebook/sam3``). A
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,9 +24,11 @@ from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processo
 from medsam3.errors import ModelSpecError
 from medsam3.model import presets
 from medsam3.model.adapter import apply_adapter
+from medsam3.model.backbones import backbone_for
 from medsam3.model.backbones.lite import LiteSam3Model, is_lite_config, load_lite_folder, quiet_placeholder_config
 from medsam3.model.loaded import LoadedModel
 from medsam3.model.precision import choose_precision, default_towers
+from medsam3.model.runtime import choose_runtime, default_runtime
 from medsam3.model.tokenizer import build_clip_tokenizer
 
 
@@ -161,12 +164,15 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     adapter: str | os.PathLike | None = None,
     towers: str | None = None,
+    runtime: str | None = None,
 ) -> LoadedModel:
     """Load a model from a spec (see module docstring) in eval mode on ``device``.
 
     ``dtype`` is the detector's (what trains); ``towers`` the frozen pretrained encoders' (``auto``
     picks bf16 where it was measured faster on this machine, see :mod:`medsam3.model.precision`;
-    None: the process default, fp32 unless the CLI's ``--dtype`` set it).
+    None: the process default, fp32 unless the CLI's ``--dtype`` set it). ``runtime`` runs the frozen
+    image tower with ``torch`` or ``openvino`` (``auto``: OpenVINO on CPU where the backbone exports its
+    tower, see :mod:`medsam3.model.runtime`; None: the process default, torch unless ``--runtime`` set it).
     """
     spec = str(spec)
     if not spec.strip():
@@ -207,7 +213,11 @@ def load_model(
             "save_pretrained, a sam3.pt checkpoint, or a hub id like facebook/sam3"
         )
     target = resolve_device(device)
-    precision = choose_precision(towers or default_towers(), target)
+    backbone = backbone_for(model, processor)
+    precision = choose_precision(towers or default_towers(), target, backbone.bf16_fidelity)
+    exportable = backbone.exportable_tower(model) is not None
+    engine = choose_runtime(runtime or default_runtime(), target, exportable)
+    precision = dataclasses.replace(precision, runtime=engine.name, runtime_reason=engine.reason)
     model = model.to(device=target, dtype=dtype).eval()
     loaded = LoadedModel(
         model=model, processor=processor, spec=spec, device=target, concepts=concepts, precision=precision
@@ -216,6 +226,7 @@ def load_model(
         apply_adapter(loaded, adapter)
     if precision.torch_dtype != dtype:
         loaded.seam.set_tower_dtype(precision.torch_dtype)
+    loaded.seam.set_runtime(engine.name)
     return loaded
 
 

@@ -33,6 +33,8 @@ class Precision:
     dtype: str  # "fp32" or "bf16"
     requested: str
     reason: str
+    runtime: str = "torch"  # what runs the image tower: "torch" or "openvino" (medsam3.model.runtime)
+    runtime_reason: str = "the library default"
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -128,12 +130,18 @@ def default_towers() -> str:
     return _default_towers[0]
 
 
-def choose_precision(requested: str, device: torch.device) -> Precision:
-    """The towers' dtype for ``requested`` (auto, fp32, bf16) on ``device``."""
+def choose_precision(requested: str, device: torch.device, bf16_fidelity: str | None = None) -> Precision:
+    """The towers' dtype for ``requested`` (auto, fp32, bf16) on ``device``.
+
+    ``bf16_fidelity``: why this model's masks move too much with bf16 towers, when they do; ``auto``
+    then keeps fp32 (the fast path must never silently change results).
+    """
     if requested not in CHOICES:
         raise ModelSpecError(f"--dtype '{requested}': choose one of {', '.join(CHOICES)}")
     if requested != "auto":
         return Precision(requested, requested, "asked for")
+    if bf16_fidelity:
+        return Precision("fp32", "auto", bf16_fidelity)
     if device.type == "cuda":
         if torch.cuda.is_bf16_supported():
             return Precision("bf16", "auto", "CUDA GPU with bf16 support")

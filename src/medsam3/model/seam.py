@@ -19,6 +19,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from medsam3.model.backbones.base import Backbone
 from medsam3.model.box_prompts import box_prompt_tensors
+from medsam3.model.runtime import OpenVinoTower
 
 
 class ModelSeam:
@@ -29,6 +30,7 @@ class ModelSeam:
         self.backbone = backbone
         self.device = device
         self._text_states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fast_tower: OpenVinoTower | None = None  # see set_runtime
         self.image_encodes = 0  # images through the frozen image tower (tests and benchmarks count it)
 
     # -- facts ---------------------------------------------------------------------------------
@@ -47,6 +49,25 @@ class ModelSeam:
         for module in self.backbone.tower_modules(self.model):
             module.to(dtype)
         self.clear_text_cache()
+        if self._fast_tower is not None:
+            self.set_runtime("openvino")  # reconvert for the new dtype
+
+    @property
+    def runtime(self) -> str:
+        """What runs the frozen image tower: "openvino" or "torch"."""
+        return "openvino" if self._fast_tower is not None else "torch"
+
+    def set_runtime(self, name: str) -> None:
+        """Run the exportable image tower with OpenVINO ("openvino") or PyTorch ("torch").
+
+        OpenVINO only ever runs the tower without gradients while it is frozen; otherwise PyTorch does.
+        """
+        tower = self.backbone.exportable_tower(self.model)
+        if name == "openvino" and tower is not None:
+            dtype = "bf16" if next(tower.parameters()).dtype == torch.bfloat16 else "fp32"
+            self._fast_tower = OpenVinoTower(tower, dtype)
+        else:
+            self._fast_tower = None
 
     @property
     def input_size(self) -> int:
@@ -66,8 +87,12 @@ class ModelSeam:
     def embed_images(self, rgbs: Sequence[np.ndarray], *, grad: bool = False) -> tuple[torch.Tensor, ...]:
         """The frozen image tower's output for a batch (what a feature cache stores)."""
         pixels = self.pixel_values(rgbs)
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            embedding = self.backbone.image_embedding(self.model, pixels)
+        grad = grad and torch.is_grad_enabled()
+        if not grad and self._fast_tower is not None and self._fast_tower.usable():
+            embedding = (self._fast_tower(pixels),)
+        else:
+            with torch.set_grad_enabled(grad):
+                embedding = self.backbone.image_embedding(self.model, pixels)
         self.image_encodes += len(rgbs)
         return embedding
 

@@ -33,13 +33,13 @@ MANIFEST = "manifest.json"
 
 
 def encoder_fingerprint(seam: ModelSeam) -> str:
-    """Hash of the frozen image tower's weights, its dtype, plus the preprocessing that feeds it."""
+    """Hash of the frozen image tower's weights, its dtype and runtime, plus the preprocessing that feeds it."""
     digest = hashlib.sha256()
     for prefix, module in sorted(seam.backbone.frozen_modules(seam.model).items()):
         for name, tensor in sorted(module.state_dict().items()):
             digest.update(f"{prefix}.{name}".encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    facts = {**seam.backbone.preprocessing(), "dtype": str(seam.tower_dtype)}
+    facts = {**seam.backbone.preprocessing(), "dtype": str(seam.tower_dtype), "runtime": seam.runtime}
     digest.update(json.dumps(facts, sort_keys=True).encode())
     return digest.hexdigest()[:20]
 

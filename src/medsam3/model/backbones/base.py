@@ -30,6 +30,8 @@ class Backbone(ABC):
     max_text_tokens: int = 32
     # Where instance masks of text prompts come from by default (see infer.predictor.MASK_SOURCES).
     default_mask_source: str = "detector"
+    # Why ``--dtype auto`` must not pick bf16 towers for this backbone (None: bf16 passes the fidelity guard).
+    bf16_fidelity: str | None = None
 
     # -- images --------------------------------------------------------------------------------
     @abstractmethod
@@ -49,6 +51,13 @@ class Backbone(ABC):
     def image_embedding(self, model, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The frozen image tower's output: what a feature cache stores."""
         ...
+
+    def exportable_tower(self, model) -> torch.nn.Module | None:
+        """The module with ``image_embedding(model, px) == (tower(px),)`` that may run outside PyTorch.
+
+        None keeps the image tower in PyTorch (see :mod:`medsam3.model.runtime`).
+        """
+        return None
 
     @abstractmethod
     def vision_features(self, model, embedding: tuple[torch.Tensor, ...]) -> Sam3VisionEncoderOutput:
