@@ -40,8 +40,8 @@ def samples(n: int, size: int) -> list[Sample]:
     return out
 
 
-def run(spec: str, n: int, size: int, batch: int, cache: bool) -> dict:
-    loaded = load_model(spec, device="cpu")
+def run(spec: str, n: int, size: int, batch: int, cache: bool, runtime: str = "torch") -> dict:
+    loaded = load_model(spec, device="cpu", runtime=runtime)
     config = TrainConfig(
         policy="paper",
         prompt_mode="text",
