@@ -1,6 +1,6 @@
 """CPU fast path: OpenVINO, bf16 and channels-last against the plain fp32 PyTorch path, in one run.
 
-    python benchmarks/bench_cpu.py [--skip-sam3] [--skip-compile] [--slices 200] [--threads 2]
+    python benchmarks/bench_cpu.py [--skip-sam3] [--skip-compile] [--only GROUP] [--slices 200] [--threads 2]
 
 Rows (each with its ratio against the plain fp32 PyTorch eager reference measured in the same run):
 - lite's image encoder (LiteMedSAM TinyViT), per 256 px image, batch 8: fp32 eager (reference),
@@ -8,7 +8,8 @@ Rows (each with its ratio against the plain fp32 PyTorch eager reference measure
   bf16) through medsam3's own runtime (medsam3.model.runtime), with each variant's relative error.
 - A 200-slice 512 x 512 volume with lite, one concept: torch fp32 vs OpenVINO fp32 (what auto picks
   for lite) vs OpenVINO bf16, plus the label maps' Dice against the reference.
-- One fine-tuning epoch of lite (paper policy): no cache on torch, no cache on OpenVINO, feature cache.
+- One fine-tuning epoch of lite (paper policy): no cache on torch, no cache on OpenVINO, feature
+  cache, feature cache with bf16 autocast for the trained parts' forward (fp32 master weights).
 - SAM 3 architecture (840 M parameters, random weights: compute does not depend on values), one
   1008 px image, 5 concepts through the predictor: fp32 towers vs bf16 towers.
 Prints the machine, its CPU's bf16 support and the measured matmul speed-up first.
@@ -17,6 +18,7 @@ Prints the machine, its CPU's bf16 support and the measured matmul speed-up firs
 from __future__ import annotations
 
 import argparse
+import copy
 import io
 import sys
 import tempfile
@@ -66,21 +68,17 @@ def lite_encoder_rows(rows: list, compile_too: bool) -> None:
                      f"rel. error {error:.1e}" + (f"; {note}" if note else "")])  # fmt: skip
 
     add("fp32 eager (reference)", trunk, batch)
-    layout = trunk.to(memory_format=torch.channels_last)
+    layout = copy.deepcopy(trunk).to(memory_format=torch.channels_last)
     add("fp32 channels-last", layout, batch.contiguous(memory_format=torch.channels_last))
-    trunk.to(memory_format=torch.contiguous_format)
-    add("bf16 eager", trunk.bfloat16(), batch.bfloat16())
-    trunk.float()
+    add("bf16 eager", copy.deepcopy(trunk).bfloat16(), batch.bfloat16())  # copies: trunk keeps fp32 weights
     if compile_too:
         for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-            model = trunk.to(dtype)
-            compiled = torch.compile(model)
+            compiled = torch.compile(copy.deepcopy(trunk).to(dtype))
             started = time.perf_counter()
             with torch.no_grad():
                 compiled(batch.to(dtype))
             add(f"torch.compile {name}", compiled, batch.to(dtype), f"compiling {time.perf_counter() - started:.0f} s")
             torch._dynamo.reset()
-        trunk.float()
     try:
         import onnxruntime
     except ImportError:
@@ -138,12 +136,13 @@ def volume_rows(rows: list, slices: int) -> None:
 def training_rows(rows: list, samples: int) -> None:
     label = f"lite fine-tuning epoch, {samples} images of 256 px, batch 4, paper policy"
 
-    def epochs(cache: bool, runtime: str) -> dict:
-        return training_epochs("lite-init", samples, 256, 4, cache=cache, runtime=runtime)
+    def epochs(cache: bool, runtime: str, autocast: bool = False) -> dict:
+        return training_epochs("lite-init", samples, 256, 4, cache=cache, runtime=runtime, autocast=autocast)
 
     plain = epochs(False, "torch")
     for name, result in (("no cache, torch (reference)", plain), ("no cache, OpenVINO", epochs(False, "openvino")),
-                         ("feature cache (epoch 2), torch", epochs(True, "torch"))):  # fmt: skip
+                         ("feature cache (epoch 2)", epochs(True, "torch")),
+                         ("feature cache (epoch 2), bf16 autocast", epochs(True, "torch", autocast=True))):  # fmt: skip
         rows.append([label, name, f"{result['second']:.1f} s", f"{plain['second'] / result['second']:.2f}x",
                      f"{result['rss']:.1f}; epoch 1 {result['first']:.1f} s"])  # fmt: skip
 
@@ -173,6 +172,8 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=16)
     parser.add_argument("--skip-sam3", action="store_true", help="leave out the 840 M-parameter rows (~3 min)")
     parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (~2 min compiling)")
+    parser.add_argument("--only", action="append", choices=["encoder", "volume", "training", "sam3"],
+                        help="run only these groups of rows (repeatable)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     fp32, bf16 = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16)
@@ -181,11 +182,15 @@ def main() -> None:
           f"({bf16 / fp32:.1f}x); auto chooses {choose_precision('auto', torch.device('cpu')).dtype} for SAM 3 towers, "
           "fp32 on OpenVINO for lite", flush=True)  # fmt: skip
     rows: list = []
-    steps = [lambda: lite_encoder_rows(rows, not args.skip_compile), lambda: volume_rows(rows, args.slices),
-             lambda: training_rows(rows, args.train_samples)]  # fmt: skip
-    if not args.skip_sam3:
-        steps.append(lambda: sam3_rows(rows))
-    for step in steps:
+    steps = {"encoder": lambda: lite_encoder_rows(rows, not args.skip_compile),
+             "volume": lambda: volume_rows(rows, args.slices),
+             "training": lambda: training_rows(rows, args.train_samples),
+             "sam3": lambda: sam3_rows(rows)}  # fmt: skip
+    if args.skip_sam3:
+        del steps["sam3"]
+    for name, step in steps.items():
+        if args.only and name not in args.only:
+            continue
         step()
         print(rows[-1], flush=True)  # progress: the table comes at the end
     print(markdown_table(HEADERS, rows))

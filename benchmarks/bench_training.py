@@ -40,7 +40,7 @@ def samples(n: int, size: int) -> list[Sample]:
     return out
 
 
-def run(spec: str, n: int, size: int, batch: int, cache: bool, runtime: str = "torch") -> dict:
+def run(spec: str, n: int, size: int, batch: int, cache: bool, runtime: str = "torch", autocast: bool = False) -> dict:
     loaded = load_model(spec, device="cpu", runtime=runtime)
     config = TrainConfig(
         policy="paper",
@@ -50,6 +50,7 @@ def run(spec: str, n: int, size: int, batch: int, cache: bool, runtime: str = "t
         progress=False,
         cache_features=cache,
         lr=1e-4,
+        cpu_autocast=autocast,
     )
     with tempfile.TemporaryDirectory() as tmp, PeakRSS() as memory:
         trainer = Trainer(loaded, samples(n, size), tmp, config)

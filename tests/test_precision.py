@@ -106,3 +106,22 @@ def test_cli_dtype_reaches_result_json_and_is_restored(tmp_path, rgb_image):
     assert default_towers() == "fp32"  # the library default is back after the command
     assert main(["segment", str(tmp_path / "img.png"), "-p", "liver", "-m", "tiny", "--dtype", "fp16",
                  "--out", str(tmp_path / "x")]) == 2  # fmt: skip
+
+
+def test_cpu_autocast_trains_fp32_master_weights_from_a_feature_cache(tmp_path):
+    """bf16 autocast on CPU (TrainConfig.cpu_autocast) runs the trained parts only; the cache read stays fp16."""
+    from medsam3.train.trainer import TrainConfig, Trainer
+    from train_helpers import disk_samples
+
+    loaded = load_model("nano-init", device="cpu")
+    config = TrainConfig(epochs=1, batch_size=2, lr=1e-3, progress=False, val_limit=2, cache_features=True,
+                         cpu_autocast=True)  # fmt: skip
+    trainer = Trainer(loaded, disk_samples(2), tmp_path / "run", config)
+    assert trainer.autocast and trainer.autocast_device == "cpu"
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters() if p.requires_grad}
+    trainer.fit()
+    after = dict(loaded.model.named_parameters())
+    assert all(after[n].dtype == torch.float32 for n in before)  # master weights stay fp32
+    assert any(not torch.equal(after[n], w) for n, w in before.items())  # and they trained
+    assert not Trainer(load_model("nano-init", device="cpu"), disk_samples(2), tmp_path / "b",
+                       TrainConfig(epochs=1, progress=False)).autocast  # off unless asked for on CPU  # fmt: skip

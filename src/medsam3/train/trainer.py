@@ -91,7 +91,8 @@ class TrainConfig:
     val_limit: int = 200  # validation samples per epoch (first N of the split)
     max_steps: int | None = None  # stop after this many optimizer steps (as if interrupted)
     max_minutes: float | None = None  # stop cleanly after the step that crosses this wall-clock budget
-    bf16: bool = True  # bf16 autocast on GPU only; CPU always trains in fp32
+    bf16: bool = True  # bf16 autocast on GPU (fp32 master weights)
+    cpu_autocast: bool = False  # bf16 autocast on CPU too (benchmarks/bench_cpu.py measures whether it pays)
     progress: bool = True
     loss_weights: dict = field(default_factory=dict)
 
@@ -236,7 +237,8 @@ class Trainer:
         self.volume_blocks = callable(getattr(train_data, "volume_blocked_order", None)) and any(
             getattr(getattr(ref, "image", None), "slice_index", None) is not None for ref in refs
         )
-        self.autocast = self.device.type == "cuda" and config.bf16
+        self.autocast_device = "cuda" if self.device.type == "cuda" else "cpu"
+        self.autocast = config.bf16 and (self.device.type == "cuda" or config.cpu_autocast)
 
     # -- data order ----------------------------------------------------------------------------
     def _shard_size(self) -> int:
@@ -261,10 +263,11 @@ class Trainer:
     def _vision(self, items: list[TrainItem]) -> Sam3VisionEncoderOutput:
         """Detector features: the frozen tower's embedding (cached or not), then any trainable neck."""
         rgbs = [item.rgb for item in items]
-        if self.cache is not None:
-            embedding = self.cache.encode(rgbs)
-        else:
-            embedding = self.seam.embed_images(rgbs, grad=not self.encoders_frozen)
+        with torch.autocast(self.autocast_device, enabled=False):  # the frozen tower keeps its own dtype
+            if self.cache is not None:
+                embedding = self.cache.encode(rgbs)
+            else:
+                embedding = self.seam.embed_images(rgbs, grad=not self.encoders_frozen)
         return self.seam.vision_features(embedding)
 
     # -- one step ------------------------------------------------------------------------------
@@ -345,7 +348,7 @@ class Trainer:
             ]
             for item, target in zip(items, targets_device):
                 item.target = target
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            with torch.autocast(self.autocast_device, dtype=torch.bfloat16, enabled=self.autocast):
                 outputs, targets, aux = self.forward_items(items)
                 total, terms = self.loss(outputs, targets, aux_outputs=aux)
             (total / len(batches)).backward()
