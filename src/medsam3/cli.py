@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sys
@@ -90,11 +91,14 @@ AdapterOpt = Annotated[Path | None, typer.Option("--adapter", help="Adapter fold
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
 
 
-def _set_towers(value: str) -> str:
-    from medsam3.model.precision import set_default_towers
+def _sets_default(module: str, setter: str):
+    """A Typer callback that makes an option's value the process default (imported late: fast --help)."""
 
-    set_default_towers(value)
-    return value
+    def callback(value: str) -> str:
+        getattr(importlib.import_module(module), setter)(value)
+        return value
+
+    return callback
 
 
 DtypeOpt = Annotated[
@@ -102,16 +106,9 @@ DtypeOpt = Annotated[
     typer.Option(
         "--dtype",
         help="Frozen encoders' dtype: auto (bf16 where this CPU/GPU runs it measurably faster), fp32 or bf16.",
-        callback=_set_towers,
+        callback=_sets_default("medsam3.model.precision", "set_default_towers"),
     ),
 ]
-
-
-def _set_runtime(value: str) -> str:
-    from medsam3.model.runtime import set_default_runtime
-
-    set_default_runtime(value)
-    return value
 
 
 RuntimeOpt = Annotated[
@@ -119,7 +116,7 @@ RuntimeOpt = Annotated[
     typer.Option(
         "--runtime",
         help="What runs the frozen image tower: auto (OpenVINO on CPU where the backbone exports it), torch, openvino.",
-        callback=_set_runtime,
+        callback=_sets_default("medsam3.model.runtime", "set_default_runtime"),
     ),
 ]
 ThresholdOpt = Annotated[

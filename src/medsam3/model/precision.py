@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from medsam3.errors import ModelSpecError
+from medsam3.utils.choices import ProcessDefault
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CHOICES = ("auto", *DTYPES)
@@ -116,18 +116,16 @@ def measured_bf16_speedup(threads: int) -> float:
     return speedup
 
 
-_default_towers = ["fp32"]  # the process-wide choice when a caller names none; the CLI sets it from --dtype
+TOWERS = ProcessDefault("--dtype", CHOICES, "fp32")  # the CLI sets it from --dtype; the library keeps fp32
 
 
 def set_default_towers(choice: str) -> None:
     """Make ``choice`` (auto, fp32, bf16) what :func:`load_model` uses when not told otherwise."""
-    if choice not in CHOICES:
-        raise ModelSpecError(f"--dtype '{choice}': choose one of {', '.join(CHOICES)}")
-    _default_towers[0] = choice
+    TOWERS.set(choice)
 
 
 def default_towers() -> str:
-    return _default_towers[0]
+    return TOWERS.get()
 
 
 def choose_precision(requested: str, device: torch.device, bf16_fidelity: str | None = None) -> Precision:
@@ -136,8 +134,7 @@ def choose_precision(requested: str, device: torch.device, bf16_fidelity: str | 
     ``bf16_fidelity``: why this model's masks move too much with bf16 towers, when they do; ``auto``
     then keeps fp32 (the fast path must never silently change results).
     """
-    if requested not in CHOICES:
-        raise ModelSpecError(f"--dtype '{requested}': choose one of {', '.join(CHOICES)}")
+    TOWERS.check(requested)
     if requested != "auto":
         return Precision(requested, requested, "asked for")
     if bf16_fidelity:

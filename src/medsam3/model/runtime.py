@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from medsam3.errors import ModelSpecError
+from medsam3.utils.choices import ProcessDefault
 
 CHOICES = ("auto", "torch", "openvino")
-_default_runtime = ["torch"]  # the library's default; the CLI's --runtime defaults to auto
+ENGINE = ProcessDefault("--runtime", CHOICES, "torch")  # the library's default; the CLI's --runtime is auto
 
 
 @dataclass(frozen=True)
@@ -41,13 +42,11 @@ class RuntimeChoice:
 
 def set_default_runtime(choice: str) -> None:
     """Make ``choice`` (auto, torch, openvino) what :func:`load_model` uses when not told otherwise."""
-    if choice not in CHOICES:
-        raise ModelSpecError(f"--runtime '{choice}': choose one of {', '.join(CHOICES)}")
-    _default_runtime[0] = choice
+    ENGINE.set(choice)
 
 
 def default_runtime() -> str:
-    return _default_runtime[0]
+    return ENGINE.get()
 
 
 def openvino_version() -> str | None:
@@ -60,8 +59,7 @@ def openvino_version() -> str | None:
 
 def choose_runtime(requested: str, device: torch.device, exportable: bool) -> RuntimeChoice:
     """The image tower's runtime for ``requested`` on ``device`` (``exportable``: the backbone has one)."""
-    if requested not in CHOICES:
-        raise ModelSpecError(f"--runtime '{requested}': choose one of {', '.join(CHOICES)}")
+    ENGINE.check(requested)
     if requested == "torch":
         return RuntimeChoice("torch", "asked for")
     problem = None
