@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -50,11 +51,11 @@ def default_runtime() -> str:
 
 
 def openvino_version() -> str | None:
+    """The installed OpenVINO's version (read from its metadata: importing it costs a second)."""
     try:
-        import openvino
-    except ImportError:
+        return metadata.version("openvino")
+    except metadata.PackageNotFoundError:
         return None
-    return openvino.__version__
 
 
 def choose_runtime(requested: str, device: torch.device, exportable: bool) -> RuntimeChoice:
