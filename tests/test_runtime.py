@@ -87,6 +87,18 @@ def test_conversion_is_cached_on_disk_and_a_damaged_entry_is_redone(tmp_path, mo
     assert "net" in (entries[0] / "tower.xml").read_text()[:400]
 
 
+def test_an_unwritable_cache_only_costs_a_conversion(tmp_path, monkeypatch, lite_pair):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("MEDSAM3_CACHE", str(blocked))
+    module = lite_pair[1].model.vision_encoder.trunk
+    x = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        want = module(x)
+    assert _relative_error(runtime.OpenVinoTower(module, "fp32")(x), want) < 1e-4
+    assert blocked.read_text() == "not a folder"
+
+
 def test_changed_weights_and_gradients_fall_back_to_torch():
     loaded = load_model("lite-init", device="cpu", runtime="openvino")
     trunk = loaded.model.vision_encoder.trunk

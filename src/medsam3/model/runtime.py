@@ -110,12 +110,15 @@ def _converted(module: nn.Module, shape: tuple[int, ...]):
         warnings.simplefilter("ignore")  # the tracer's warnings about shape arithmetic
         traced = torch.jit.trace(fp32.eval(), example, check_trace=False)
         converted = ov.convert_model(traced, example_input=example, input=[shape])
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tower-", dir=folder.parent))
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".tower-", dir=folder.parent))
+    except OSError:
+        return converted  # an unwritable cache only costs a conversion next time
     try:
         ov.save_model(converted, str(staging / "tower.xml"), compress_to_fp16=False)
         os.replace(staging, folder)  # all or nothing; another process may have won the race
-    except OSError:
+    except (OSError, RuntimeError):
         pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
