@@ -24,7 +24,6 @@ from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processo
 from medsam3.errors import ModelSpecError
 from medsam3.model import presets
 from medsam3.model.adapter import apply_adapter
-from medsam3.model.backbones import backbone_for
 from medsam3.model.backbones.lite import LiteSam3Model, is_lite_config, load_lite_folder, quiet_placeholder_config
 from medsam3.model.loaded import LoadedModel
 from medsam3.model.precision import choose_precision, default_towers
@@ -213,15 +212,13 @@ def load_model(
             "save_pretrained, a sam3.pt checkpoint, or a hub id like facebook/sam3"
         )
     target = resolve_device(device)
-    backbone = backbone_for(model, processor)
-    precision = choose_precision(towers or default_towers(), target, backbone.bf16_fidelity)
-    exportable = backbone.exportable_tower(model) is not None
+    model = model.to(device=target, dtype=dtype).eval()
+    loaded = LoadedModel(model=model, processor=processor, spec=spec, device=target, concepts=concepts)
+    precision = choose_precision(towers or default_towers(), target, loaded.backbone.bf16_fidelity)
+    exportable = loaded.backbone.exportable_tower(model) is not None
     engine = choose_runtime(runtime or default_runtime(), target, exportable)
     precision = dataclasses.replace(precision, runtime=engine.name, runtime_reason=engine.reason)
-    model = model.to(device=target, dtype=dtype).eval()
-    loaded = LoadedModel(
-        model=model, processor=processor, spec=spec, device=target, concepts=concepts, precision=precision
-    )
+    loaded.precision = precision
     if adapter is not None:
         apply_adapter(loaded, adapter)
     if precision.torch_dtype != dtype:
