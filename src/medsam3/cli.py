@@ -517,7 +517,22 @@ def train(
     base: Annotated[str, typer.Option("--base", help="Base model spec to fine-tune.")] = DEFAULT_MODEL,
     policy: Annotated[str, typer.Option(help="paper (frozen encoders), lora-detector, lora-all, full.")] = "paper",
     prompt_mode: Annotated[str, typer.Option(help="text, text+box, or mixed (half and half).")] = "mixed",
-    epochs: Annotated[int, typer.Option(callback=_in_range(1))] = 10,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Exactly N passes over the data (default: the --steps/--max-minutes budget).",
+                     callback=_in_range(1)),
+    ] = None,
+    steps: Annotated[
+        int, typer.Option(help="Step budget when --epochs is not given.", callback=_in_range(1))
+    ] = 1500,
+    patience: Annotated[
+        int,
+        typer.Option(help="Stop after N validations without a better Dice (0: never; budget mode).",
+                     callback=_in_range(0)),
+    ] = 8,
+    val_every: Annotated[
+        int, typer.Option(help="Optimizer steps between validations (budget mode).", callback=_in_range(1))
+    ] = 50,
     batch_size: Annotated[int, typer.Option(callback=_in_range(1))] = 4,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.", callback=_in_range(1))] = 1,
     lr: Annotated[float, typer.Option(callback=_in_range(0.0, above=True))] = 1e-4,
@@ -527,21 +542,44 @@ def train(
     layout: Annotated[str, typer.Option(help="Dataset layout, or auto.")] = "auto",
     axis: Annotated[int, typer.Option(help="Slice axis for 3D volumes.", callback=AXIS)] = 0,
     cache_features: Annotated[
-        bool,
-        typer.Option("--cache-features", help="Store frozen vision features; later epochs run only the detector."),
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--cache-features/--no-cache-features",
+            help="Store frozen vision features; later epochs run only the detector (default: on when the "
+            "image tower is frozen and the augmentation allows it).",
+        ),
+    ] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Feature cache folder (default RUN/feature_cache).")] = None,
     rebuild_cache: Annotated[
         bool, typer.Option("--rebuild-cache", help="Discard a cache made by another encoder.")
     ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN/last exactly where it stopped.")] = False,
     augment: Annotated[
-        bool, typer.Option("--augment", help="Random flips, zoom, rotation, intensity (not with --cache-features).")
-    ] = False,
+        str,
+        typer.Option(
+            help="views: a fixed bank of 8 augmented views per image (quarter turns, flips, rotation, zoom, "
+            "intensity), each encoded once, so the feature cache holds; flips; full: fresh random views "
+            "every step (no feature cache); none.",
+        ),
+    ] = "views",
     augment_flips: Annotated[
-        bool,
-        typer.Option("--augment-flips", help="Random flips only; works with --cache-features (each view cached once)."),
+        bool, typer.Option("--augment-flips", help="Same as --augment flips (kept for older scripts).")
     ] = False,
+    loss: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--loss",
+            help="Set a loss option KEY=VALUE (repeatable), e.g. --loss semantic_dice=0 --loss "
+            "negatives_in_absent_images=true; the keys are the fields of medsam3.train.losses.LossWeights.",
+        ),
+    ] = None,
+    mask_source_choice: Annotated[
+        bool,
+        typer.Option(
+            "--choose-mask-sources/--no-choose-mask-sources",
+            help="At the end, measure each concept's mask source on the validation split and record it.",
+        ),
+    ] = True,
     checkpoint_every: Annotated[
         int, typer.Option(help="Also checkpoint every N optimizer steps (0: per epoch).", callback=_in_range(0))
     ] = 0,
@@ -552,18 +590,22 @@ def train(
         bool, typer.Option("--skip-bad", help="Decode every train/val image first; leave bad ones out with a warning.")
     ] = False,
     max_minutes: Annotated[
-        float | None,
+        float,
         typer.Option(
             "--max-minutes",
             help="Wall-clock budget: stop after the step that crosses it (validates, writes last/ and best/).",
             callback=_in_range(0.0, above=True),
         ),
-    ] = None,
+    ] = 10.0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     runtime: RuntimeOpt = "auto",
 ) -> None:
-    """Fine-tune MedSAM-3 on a labelled dataset (the paper's method: frozen encoders, detector trained)."""
+    """Fine-tune MedSAM-3 on a labelled dataset (the paper's method: frozen encoders, detector trained).
+
+    By default it trains for at most 1500 steps or 10 minutes, validating every 50 steps and stopping
+    early when validation Dice stops improving; --epochs N trains exactly N passes instead."""
+    from medsam3.train.loss_options import parse_loss_options
     from medsam3.train.run import train_path
     from medsam3.train.trainer import TrainConfig
 
@@ -571,6 +613,11 @@ def train(
         policy=policy,
         prompt_mode=prompt_mode,
         epochs=epochs,
+        steps=steps,
+        patience=patience,
+        val_every=val_every,
+        choose_mask_sources=mask_source_choice,
+        loss_weights=parse_loss_options(loss or []),
         batch_size=batch_size,
         grad_accum=grad_accum,
         lr=lr,
@@ -591,17 +638,27 @@ def train(
         layout=layout,
         axis=axis,
         skip_bad=skip_bad,
-        augment="full" if augment else "flips" if augment_flips else "none",
+        augment="flips" if augment_flips else augment,
         resume=resume,
         allow_long_phrases=allow_long_phrases,
         device=device,
         say=_echo,
     )
     for row in run.history:
-        loss = f"{row['train_loss']:.4f}" if row["train_loss"] != "" else "-"
-        _echo(f"epoch {row['epoch']}: loss {loss}, val Dice {row['val_dice'] if row['val_dice'] != '' else '-'}")
+        if epochs is None and row["val_dice"] == "" and row is not run.history[-1]:
+            continue  # a budget: one line per validation
+        train_loss = f"{row['train_loss']:.4f}" if row["train_loss"] != "" else "-"
+        _echo(
+            f"epoch {row['epoch']} (step {row['step']}): loss {train_loss}, "
+            f"val Dice {row['val_dice'] if row['val_dice'] != '' else '-'}"
+        )
+    steps_done = run.summary["position"]["step"]
     if run.summary["stop_reason"] == "max_minutes":
-        _echo(f"stopped by --max-minutes {max_minutes:g} after {run.summary['position']['step']} step(s)")
+        _echo(f"stopped by --max-minutes {max_minutes:g} after {steps_done} step(s)")
+    elif run.summary["stop_reason"] == "early_stop":
+        _echo(f"stopped early after {steps_done} step(s): validation Dice stopped improving")
+    for concept, choice in (run.summary.get("mask_sources") or {}).items():
+        _echo(f"mask source for '{concept}': {choice['source']} (validation Dice {choice['dice'][choice['source']]:.3f})")
     _echo(
         f"adapter: {run.adapter} ({run.adapter_note}; use: medsam3 segment IMAGE --model {base} "
         f"--adapter {run.adapter} ...)"

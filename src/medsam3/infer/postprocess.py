@@ -114,3 +114,32 @@ def semantic_result(
         masks=parts,
         semantic=semantic,
     )
+
+
+def fuse_results(semantic: PromptResult, detected: PromptResult, overlap: float = 0.5) -> PromptResult:
+    """The semantic map's components plus every detected instance that they do not already cover.
+
+    A detection whose mask lies less than ``overlap`` inside the components (and inside detections
+    already added) is kept as its own instance, so a confident detection is never dropped because the
+    dense map missed it; the rest are duplicates of a component. Instances are sorted by score.
+    """
+    height, width = semantic.masks.shape[1:] if len(semantic.masks) else detected.masks.shape[1:]
+    covered = semantic.masks.any(axis=0) if len(semantic.masks) else np.zeros((height, width), bool)
+    masks, scores, boxes = list(semantic.masks), list(semantic.scores), list(semantic.boxes)
+    for mask, score, box in zip(detected.masks, detected.scores, detected.boxes):
+        area = int(mask.sum())
+        if area == 0 or (mask & covered).sum() >= overlap * area:
+            continue
+        masks.append(mask)
+        scores.append(score)
+        boxes.append(box)
+        covered = covered | mask
+    order = np.argsort(-np.asarray(scores, np.float32), kind="stable")
+    return PromptResult(
+        prompt=semantic.prompt,
+        presence=semantic.presence,
+        scores=np.asarray(scores, np.float32)[order],
+        boxes=np.asarray(boxes, np.float32).reshape(-1, 4)[order],
+        masks=np.asarray(masks, bool).reshape(len(masks), height, width)[order],
+        semantic=semantic.semantic,
+    )

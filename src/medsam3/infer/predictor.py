@@ -19,8 +19,9 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from medsam3.data.windowing import as_rgb_uint8
 from medsam3.errors import PromptError
-from medsam3.infer.postprocess import resize_logits, to_prompt_result
+from medsam3.infer.postprocess import fuse_results, resize_logits, semantic_result, to_prompt_result
 from medsam3.infer.types import Prompt, PromptResult, as_prompts
+from medsam3.model.backbones.base import TEXT_MASK_SOURCES
 from medsam3.model.loading import LoadedModel, load_model
 from medsam3.model.presets import DEFAULT_MODEL
 
@@ -34,7 +35,7 @@ class EncodedImage:
     original_size: tuple[int, int]
 
 
-MASK_SOURCES = ("auto", "detector", "box-decoder", "semantic")
+MASK_SOURCES = ("auto", *TEXT_MASK_SOURCES)
 
 
 class Sam3Predictor:
@@ -42,8 +43,11 @@ class Sam3Predictor:
 
     ``mask_source`` (text prompts): ``detector`` uses the SAM 3 mask decoder's per-query masks;
     ``semantic`` the connected components of its dense semantic map; ``box-decoder`` redraws each
-    detected box with the backbone's pretrained box-prompted decoder (lite); ``auto`` is the
-    backbone's measured best (SAM 3: detector; lite: semantic). With a box decoder and ``auto`` or
+    detected box with the backbone's pretrained box-prompted decoder (lite); ``fusion`` the semantic
+    components plus every confident detection they do not cover; ``auto`` is each concept's source as
+    measured on validation data when the model was trained (``loaded.mask_sources``), else the
+    backbone's default (SAM 3: detector; lite: semantic); under ``auto`` a concept whose source finds
+    nothing while the detector has confident instances gets those (never silently dropped). With a box decoder and ``auto`` or
     ``box-decoder``, a user's positive box is drawn by it (see ``_outline_prompt_boxes``); with an
     explicit ``semantic`` or ``detector`` boxes are exemplars only, as in SAM 3.
     """
@@ -83,6 +87,13 @@ class Sam3Predictor:
     @property
     def text_mask_source(self) -> str:
         return self.seam.backbone.default_mask_source if self.mask_source == "auto" else self.mask_source
+
+    def source_for(self, text: str) -> str:
+        """The mask source of one concept: the explicit one, else its measured choice, else the default."""
+        if self.mask_source != "auto":
+            return self.mask_source
+        sources = self.loaded.mask_sources
+        return sources.get(text) or sources.get(" ".join(text.lower().split())) or self.text_mask_source
 
     # -- image -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -166,10 +177,18 @@ class Sam3Predictor:
         outputs = self.detector_forward(prompts)
         canvas = self.seam.canvas_size(*self.original_size)
         drawable = self.seam.has_box_decoder and self._image.embedding is not None
-        source = self.text_mask_source
-        box_masks = self._box_masks if drawable and source == "box-decoder" else None
-        results = [
-            to_prompt_result(
+        results = [self._instances(outputs, i, prompt, canvas, drawable, settings) for i, prompt in enumerate(prompts)]
+        if not drawable or self.mask_source not in ("auto", "box-decoder"):
+            return results  # an explicit semantic/detector source: boxes are exemplars only, as in SAM 3
+        return [self._outline_prompt_boxes(r, canvas, settings["mask_threshold"]) for r in results]
+
+    def _instances(self, outputs, i: int, prompt: Prompt, canvas, drawable: bool, settings: dict) -> PromptResult:
+        """One prompt's instances from its mask source (see the class docstring)."""
+        source = self.source_for(prompt.text)
+
+        def detected(semantic_instances: bool) -> PromptResult:
+            box_masks = self._box_masks if drawable and source in ("box-decoder", "fusion", "semantic") else None
+            return to_prompt_result(
                 prompt,
                 outputs.pred_logits[i],
                 outputs.pred_boxes[i],
@@ -178,15 +197,22 @@ class Sam3Predictor:
                 None if outputs.semantic_seg is None else outputs.semantic_seg[i],
                 self.original_size,
                 canvas_size=canvas,
-                box_masks=box_masks,
-                semantic_instances=source == "semantic",
+                box_masks=box_masks if not semantic_instances else None,
+                semantic_instances=semantic_instances,
                 **settings,
             )
-            for i, prompt in enumerate(prompts)
-        ]
-        if not drawable or self.mask_source not in ("auto", "box-decoder"):
-            return results  # an explicit semantic/detector source: boxes are exemplars only, as in SAM 3
-        return [self._outline_prompt_boxes(r, canvas, settings["mask_threshold"]) for r in results]
+
+        if source not in ("semantic", "fusion"):
+            return detected(False)
+        result = detected(source == "semantic")
+        if result.semantic is None:  # a model without a semantic head: its detections are all there is
+            return result if source == "fusion" else detected(False)
+        if source == "semantic" and (len(result) or self.mask_source != "auto"):
+            return result
+        semantic = result if source == "semantic" else semantic_result(
+            prompt, result.presence, result.semantic, settings["score_threshold"], settings["mask_threshold"]
+        )
+        return fuse_results(semantic, result if source == "fusion" else detected(False))
 
     def _outline_prompt_boxes(
         self, result: PromptResult, canvas: tuple[int, int], mask_threshold: float

@@ -124,6 +124,19 @@ def check_adapter_metadata(meta: object, meta_file: str | os.PathLike = META_FIL
     concepts = meta.get("concepts", [])
     if not isinstance(concepts, list) or not all(isinstance(c, str) and c.strip() for c in concepts):
         raise bad(f"'concepts' must be a list of concept phrases, got {json.dumps(concepts)[:60]}")
+    sources = meta.get("mask_sources")
+    if sources is not None:
+        from medsam3.model.backbones.base import TEXT_MASK_SOURCES
+
+        if not isinstance(sources, dict):
+            raise bad(f"'mask_sources' must be an object (concept -> source), got {json.dumps(sources)[:60]}")
+        for concept, value in sources.items():
+            source = value.get("source") if isinstance(value, dict) else value
+            if source not in TEXT_MASK_SOURCES:
+                raise bad(
+                    f"'mask_sources.{concept}' must name one of {', '.join(TEXT_MASK_SOURCES)}, "
+                    f"got {json.dumps(source)[:60]}"
+                )
     if "preprocessing" in meta and not isinstance(meta["preprocessing"], (dict, type(None))):
         raise bad(f"'preprocessing' must be an object, got {json.dumps(meta['preprocessing'])[:60]}")
     return meta
@@ -165,4 +178,6 @@ def apply_adapter(loaded: LoadedModel, adapter_dir: str | os.PathLike) -> Loaded
     loaded.seam.clear_text_cache()
     loaded.adapter = meta
     loaded.concepts = list(meta.get("concepts", []))
+    sources = meta.get("mask_sources") or {}
+    loaded.mask_sources = {str(k): str(v["source"] if isinstance(v, dict) else v) for k, v in sources.items()}
     return loaded

@@ -43,6 +43,7 @@ class LoadedModel:
     device: torch.device
     adapter: dict | None = None  # the adapter's metadata, when one is applied
     concepts: list[str] = field(default_factory=list)  # vocabulary the weights were tuned on
+    mask_sources: dict[str, str] = field(default_factory=dict)  # concept -> measured best text mask source
     precision: Precision = field(default_factory=lambda: Precision("fp32", "fp32", "default"))
     seam: ModelSeam = field(init=False, repr=False)
 

@@ -214,6 +214,8 @@ def load_model(
     target = resolve_device(device)
     model = model.to(device=target, dtype=dtype).eval()
     loaded = LoadedModel(model=model, processor=processor, spec=spec, device=target, concepts=concepts)
+    if spec in presets.BUNDLED_PRESETS or path.is_dir():
+        loaded.mask_sources = read_mask_sources(bundled_model_dir(spec) if spec in presets.BUNDLED_PRESETS else path)
     precision = choose_precision(towers or default_towers(), target, loaded.backbone.bf16_fidelity)
     exportable = loaded.backbone.exportable_tower(model) is not None
     engine = choose_runtime(runtime or default_runtime(), target, exportable)
@@ -233,3 +235,12 @@ def _read_concepts(folder: Path) -> list[str]:
     if meta.is_file():
         return list(json.loads(meta.read_text()).get("concepts", []))
     return []
+
+
+def read_mask_sources(folder: Path) -> dict[str, str]:
+    """Each concept's measured best text mask source, as training recorded it (``medsam3.json``)."""
+    meta = folder / "medsam3.json"
+    if meta.is_file():
+        sources = json.loads(meta.read_text()).get("mask_sources") or {}
+        return {str(k): str(v["source"] if isinstance(v, dict) else v) for k, v in sources.items()}
+    return {}

@@ -24,7 +24,7 @@ from medsam3.model.presets import DEFAULT_MODEL
 from medsam3.train.trainer import TrainConfig, Trainer, seed_everything
 
 log = logging.getLogger("medsam3.train")
-AUGMENTATIONS = ("none", "flips", "full")
+AUGMENTATIONS = ("views", "flips", "full", "none")
 
 
 @dataclass
@@ -74,7 +74,7 @@ def train_path(
     layout: str = "auto",
     axis: int = 0,
     skip_bad: bool = False,
-    augment: str = "none",
+    augment: str = "views",
     resume: bool = False,
     allow_long_phrases: bool = False,
     device: str = "auto",
@@ -84,8 +84,9 @@ def train_path(
     """Fine-tune ``base`` on the train split of the dataset at ``data``; checkpoints go to ``out``.
 
     ``settings`` override fields of ``config`` (a :class:`TrainConfig`; defaults if None), e.g.
-    ``epochs=5, batch_size=2, max_minutes=10``. ``augment``: "none", "flips" (works with the feature
-    cache) or "full". ``resume`` continues ``out/last`` exactly. ``say`` receives progress lines.
+    ``epochs=5, batch_size=2, max_minutes=10``. ``augment``: "views" (default: a fixed bank of
+    augmented views per image, each encoded once, so it works with the feature cache), "flips" (flips
+    only), "full" (fresh random views every step: no feature cache) or "none". ``resume`` continues ``out/last`` exactly. ``say`` receives progress lines.
     """
     from medsam3.data.dataset import open_dataset
     from medsam3.data.vocabulary import check_phrase
@@ -119,9 +120,13 @@ def train_path(
     loaded = load_model(base, device=device)
     augmentation = None
     if augment != "none":
-        from medsam3.data.transforms import default_augmentation, flip_augmentation
+        from medsam3.data.transforms import default_augmentation, flip_augmentation, view_augmentation
 
-        augmentation = default_augmentation() if augment == "full" else flip_augmentation()
+        augmentation = {
+            "full": default_augmentation,
+            "flips": flip_augmentation,
+            "views": lambda: view_augmentation(seed=config.seed),
+        }[augment]()
     trainer = Trainer(loaded, train_set, out, config, val_data=val_set if len(val_set) else None, augment=augmentation)
     if resume:
         trainer.resume()

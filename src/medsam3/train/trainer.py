@@ -72,10 +72,24 @@ OUTPUT_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits", "se
 
 @dataclass
 class TrainConfig:
+    """Every training setting. Two ways to say how long:
+
+    - ``epochs=None`` (default): a budget. At most ``steps`` optimizer steps and ``max_minutes`` of
+      wall clock, validating every ``val_every`` steps (at epoch ends) and stopping early after
+      ``patience`` validations without a gain of ``min_delta`` Dice; the cosine schedule follows
+      whichever of steps and time runs out first, so the run always ends at a low learning rate.
+    - ``epochs=N``: exactly N passes over the data, validated after each (``max_minutes`` still stops it).
+    """
+
     policy: str = "paper"
     prompt_mode: str = "mixed"
     text_box_fraction: float = 0.5
-    epochs: int = 10
+    epochs: int | None = None
+    steps: int = 1500  # the step budget when epochs is None
+    val_every: int = 50  # steps between validations under a budget (at the next epoch end)
+    patience: int = 8  # validations without a gain of min_delta before stopping early (0: never)
+    min_delta: float = 0.002
+    choose_mask_sources: bool = True  # pick each concept's mask source on the validation split at the end
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-4
@@ -84,13 +98,13 @@ class TrainConfig:
     grad_clip: float = 0.1
     box_jitter: float = 0.1
     seed: int = 0
-    cache_features: bool = False
+    cache_features: bool | None = None  # None: on whenever the image tower is frozen and the augmentation cacheable
     cache_dir: str | None = None
     rebuild_cache: bool = False
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = end of each epoch only
     val_limit: int = 200  # validation samples per epoch (first N of the split)
     max_steps: int | None = None  # stop after this many optimizer steps (as if interrupted)
-    max_minutes: float | None = None  # stop cleanly after the step that crosses this wall-clock budget
+    max_minutes: float | None = 10.0  # stop cleanly after the step that crosses this wall-clock budget
     bf16: bool = True  # bf16 autocast on GPU (fp32 master weights)
     cpu_autocast: bool = False  # bf16 autocast on CPU too (benchmarks/bench_cpu.py measures whether it pays)
     progress: bool = True
@@ -186,8 +200,10 @@ class Trainer:
         check_prompt_mode(config.prompt_mode)
         if len(train_data) == 0:
             raise MedSAM3Error("the training split is empty: nothing to train on")
-        if config.epochs < 1:
+        if config.epochs is not None and config.epochs < 1:
             raise MedSAM3Error(f"epochs must be at least 1, got {config.epochs}: nothing would be trained")
+        if config.epochs is None and config.steps < 1:
+            raise MedSAM3Error(f"steps must be at least 1, got {config.steps}: nothing would be trained")
         if config.batch_size < 1 or config.grad_accum < 1:
             raise MedSAM3Error(
                 f"batch size and gradient accumulation must be at least 1, got {config.batch_size} "
@@ -205,28 +221,44 @@ class Trainer:
         self.rank, self.world = distributed_context()
         self.device = loaded.device
         self.encoders_frozen = config.policy in ("paper", "lora-detector")
+        cacheable = augment is None or bool(getattr(augment, "cacheable", False))
         if config.cache_features and not self.encoders_frozen:
             raise MedSAM3Error(
                 f"--cache-features needs frozen encoders, but policy '{config.policy}' trains the vision "
                 "encoder: use --policy paper or lora-detector, or drop --cache-features"
             )
-        if config.cache_features and augment is not None and not getattr(augment, "flips_only", False):
+        if config.cache_features and not cacheable:
             raise MedSAM3Error(
                 "--cache-features cannot be combined with random image augmentation: cached features are "
-                "those of the exact pixels, so augmented views would be encoded anew each step (flips are "
-                "fine: use --augment-flips, each flipped view is cached once)"
+                "those of the exact pixels, so augmented views would be encoded anew each step (use the "
+                "default --augment views: a fixed bank of views per image, each cached once)"
             )
+        self.use_cache = config.cache_features if config.cache_features is not None else (
+            self.encoders_frozen and cacheable
+        )
         seed_everything(config.seed)  # before the policy: LoRA's initial weights come from torch's RNG
         apply_policy(self.model, config.policy)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         self.steps_per_epoch = math.ceil(self._shard_size() / config.batch_size / config.grad_accum)
-        total = self.steps_per_epoch * config.epochs
-        self.scheduler = warmup_cosine(self.optimizer, total, int(config.warmup_fraction * total))
+        self.budgeted = config.epochs is None
+        if self.budgeted:
+            self.total_steps = config.steps
+            self.n_epochs = math.ceil(config.steps / self.steps_per_epoch)
+        else:
+            self.total_steps = self.steps_per_epoch * config.epochs
+            self.n_epochs = config.epochs
+        self._started: float | None = None
+        self.scheduler = warmup_cosine(
+            self.optimizer,
+            self.total_steps,
+            int(config.warmup_fraction * self.total_steps),
+            time_fraction=self._time_fraction if self.budgeted and config.max_minutes else None,
+        )
         self.loss = Sam3DetectionLoss(LossWeights(**config.loss_weights))
         self.aux_losses = self.loss.weights.aux != 0 and _records_decoder_layers(self.model)
         self.cache = None
-        if config.cache_features:
+        if self.use_cache:
             cache_dir = config.cache_dir or self.out_dir / "feature_cache"
             self.cache = FeatureCache(cache_dir, loaded.seam, rebuild=config.rebuild_cache)
         self.seam = loaded.seam
@@ -492,25 +524,38 @@ class Trainer:
             spent = bool(flag.item())
         return spent
 
+    def _time_fraction(self) -> float:
+        """Share of the wall-clock budget spent so far (0 before fit starts or without a budget)."""
+        if self._started is None or not self.config.max_minutes:
+            return 0.0
+        return (time.perf_counter() - self._started) / (60.0 * self.config.max_minutes)
+
+    def _validation_due(self, final: bool) -> bool:
+        """Explicit epochs: after every epoch. A budget: every ``val_every`` steps, and at the end."""
+        if not self.budgeted or final:
+            return True
+        return self.position.step - self._last_val_step >= max(1, self.config.val_every)
+
     def fit(self) -> dict:
         c = self.config
         writer = self._tensorboard() if self.rank == 0 else None
-        total_steps = self.steps_per_epoch * c.epochs
         bar = tqdm(
-            total=total_steps,
+            total=self.total_steps,
             initial=self.position.step,
             disable=not c.progress or self.rank != 0,
             desc="train",
             unit="step",
             dynamic_ncols=True,
         )
-        started = time.perf_counter()
+        started = self._started = time.perf_counter()
+        self._last_val_step = self.position.step
+        self._stale = 0  # validations since the best one
         history = []
-        stop = None  # "max_steps" or "max_minutes"
+        stop = None  # "max_steps", "max_minutes", "steps" (the budget) or "early_stop"
         # A resumed run may start exactly at an epoch's end (its last step was checkpointed): it then
         # only validates and logs, with the loss of that last step.
         logged = {"loss": self.position.last_loss, "lr": self.position.last_lr}
-        for epoch in range(self.position.epoch, c.epochs):
+        for epoch in range(self.position.epoch, self.n_epochs):
             batches = self.micro_batches(epoch)
             groups = [batches[i : i + c.grad_accum] for i in range(0, len(batches), c.grad_accum)]
             while self.position.batch < len(batches):
@@ -520,7 +565,7 @@ class Trainer:
                 self.position.step += 1
                 self.position.last_loss, self.position.last_lr = logged["loss"], logged["lr"]
                 bar.update(1)
-                bar.set_postfix(loss=f"{logged['loss']:.3f}", epoch=epoch + 1)
+                bar.set_postfix(self._postfix(logged, epoch), refresh=False)
                 if writer is not None:
                     for name, value in logged.items():
                         writer.add_scalar(f"train/{name}", value, self.position.step)
@@ -528,6 +573,9 @@ class Trainer:
                     self.save_checkpoint("last")
                 if c.max_steps is not None and self.position.step >= c.max_steps:
                     stop = "max_steps"
+                    break
+                if self.budgeted and self.position.step >= self.total_steps:
+                    stop = "steps"
                     break
                 if self._out_of_time(started):
                     stop = "max_minutes"
@@ -538,11 +586,16 @@ class Trainer:
             if finished:
                 self.position.epoch, self.position.batch = epoch + 1, 0
                 progress = epoch + 1
-            else:  # the time budget ran out inside this epoch
+            else:  # the budget ran out inside this epoch
                 progress = round(epoch + self.position.batch / len(batches), 3)
-            history.append(self._end_epoch(progress, logged, started, writer))
+            final = stop is not None or epoch + 1 >= self.n_epochs
+            row = self._end_epoch(progress, logged, started, writer, validate=self._validation_due(final))
+            history.append(row)
+            bar.set_postfix(self._postfix(logged, epoch), refresh=True)
             if self.world > 1:
                 dist.barrier()
+            if stop is None and self._early_stop():
+                stop = "early_stop"
             if stop is not None:
                 break
         bar.close()
@@ -550,25 +603,48 @@ class Trainer:
             self.save_checkpoint("last")
         if writer is not None:
             writer.close()
+        mask_sources = self._choose_mask_sources() if self.rank == 0 else None
         summary = {
             "history": history,
             "position": asdict(self.position),
-            "stopped_early": stop is not None,
-            "stop_reason": stop or ("completed" if history else "nothing to do"),
+            "stopped_early": stop not in (None, "steps"),
+            "stop_reason": stop if stop not in (None, "steps") else ("completed" if history else "nothing to do"),
             "minutes": round((time.perf_counter() - started) / 60.0, 4),
             "max_minutes": c.max_minutes,
+            "budget": {"epochs": c.epochs, "steps": self.total_steps, "val_every": c.val_every, "patience": c.patience}
+            if self.budgeted
+            else {"epochs": c.epochs},
             "best": "best" if (self.out_dir / "best").is_dir() else None,
             "best_val_dice": self.position.best_dice if self.position.best_dice >= 0 else None,
             "validated": bool(self.val_data),
             "train_set": self.train_set,
+            "mask_sources": mask_sources,
         }
         if self.rank == 0:
             self._write_summary(summary)
         return summary
 
-    def _end_epoch(self, progress: float, logged: dict, started: float, writer) -> dict:
-        """Validate, log a metrics row, write best/ (when better, or always without validation) and last/."""
-        val = self.validate() if self.rank == 0 else None
+    def _postfix(self, logged: dict, epoch: int) -> dict:
+        postfix = {"loss": f"{logged['loss']:.3f}" if logged.get("loss") is not None else "-", "epoch": epoch + 1}
+        if self.position.best_dice >= 0:
+            postfix["val"] = f"{self._last_val:.3f}" if self._last_val is not None else "-"
+            postfix["best"] = f"{self.position.best_dice:.3f}"
+        return postfix
+
+    _last_val: float | None = None
+    _last_val_step: int = 0
+    _stale: int = 0
+
+    def _early_stop(self) -> bool:
+        """Under a budget: stop after ``patience`` validations that did not beat the best by ``min_delta``."""
+        return self.budgeted and bool(self.val_data) and self.config.patience > 0 and self._stale >= self.config.patience
+
+    def _end_epoch(self, progress: float, logged: dict, started: float, writer, validate: bool = True) -> dict:
+        """Validate (when due), log a metrics row, write best/ (when better, or always without
+        validation) and last/."""
+        val = self.validate() if self.rank == 0 and validate else None
+        if validate:
+            self._last_val_step = self.position.step
         row = {
             "epoch": progress,
             "step": self.position.step,
@@ -579,13 +655,45 @@ class Trainer:
         }
         if self.rank == 0:
             self._log_row(row, writer)
-            if val is not None and val > self.position.best_dice:
-                self.position.best_dice = val
-                self.save_checkpoint("best", {"val_dice": val, "selected_by": "validation Dice"})
+            if val is not None:
+                self._last_val = val
+                if val > self.position.best_dice + (self.config.min_delta if self.position.best_dice >= 0 else 0):
+                    self._stale = 0
+                else:
+                    self._stale += 1
+                if val > self.position.best_dice:
+                    self.position.best_dice = val
+                    self.save_checkpoint("best", {"val_dice": val, "selected_by": "validation Dice"})
             elif not self.val_data:
                 self.save_checkpoint("best", {"selected_by": "latest checkpoint (no validation samples)"})
             self.save_checkpoint("last")
         return row
+
+    def _choose_mask_sources(self) -> dict | None:
+        """Each concept's mask source, measured on the validation split with the best weights, written
+        into ``best/adapter.json`` (``mask_sources``); None when off or nothing to measure on."""
+        best = self.out_dir / "best"
+        if not self.config.choose_mask_sources or not self.val_data or not (best / "adapter.json").is_file():
+            return None
+        from medsam3.train.mask_choice import choose_mask_sources, record_mask_sources
+
+        current = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        self._load_weights(best)
+        try:
+            choice = choose_mask_sources(self.loaded, self.val_data, cache=self.cache, limit=self.config.val_limit)
+        finally:  # the trainer's model stays at the last step (what the optimizer state belongs to)
+            own = dict(self.model.named_parameters())
+            for name, value in current.items():
+                own[name].data.copy_(value)
+        record_mask_sources(best, choice)
+        return choice
+
+    def _load_weights(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        own = dict(self.model.named_parameters())
+        for name, tensor in load_file(str(folder / "adapter.safetensors")).items():
+            own[name].data.copy_(tensor.to(own[name].device, own[name].dtype))
 
     def _write_summary(self, summary: dict) -> None:
         from medsam3.utils.files import write_json_atomic
