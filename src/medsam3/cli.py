@@ -658,7 +658,8 @@ def train(
     elif run.summary["stop_reason"] == "early_stop":
         _echo(f"stopped early after {steps_done} step(s): validation Dice stopped improving")
     for concept, choice in (run.summary.get("mask_sources") or {}).items():
-        _echo(f"mask source for '{concept}': {choice['source']} (validation Dice {choice['dice'][choice['source']]:.3f})")
+        best = choice["dice"][choice["source"]]
+        _echo(f"mask source for '{concept}': {choice['source']} (validation Dice {best:.3f})")
     _echo(
         f"adapter: {run.adapter} ({run.adapter_note}; use: medsam3 segment IMAGE --model {base} "
         f"--adapter {run.adapter} ...)"

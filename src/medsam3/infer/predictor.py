@@ -47,7 +47,8 @@ class Sam3Predictor:
     components plus every confident detection they do not cover; ``auto`` is each concept's source as
     measured on validation data when the model was trained (``loaded.mask_sources``), else the
     backbone's default (SAM 3: detector; lite: semantic); under ``auto`` a concept whose source finds
-    nothing while the detector has confident instances gets those (never silently dropped). With a box decoder and ``auto`` or
+    nothing while the detector has confident instances gets those (never silently dropped).
+    With a box decoder and ``auto`` or
     ``box-decoder``, a user's positive box is drawn by it (see ``_outline_prompt_boxes``); with an
     explicit ``semantic`` or ``detector`` boxes are exemplars only, as in SAM 3.
     """

@@ -65,6 +65,23 @@ def _drop_unreadable(dataset, skipped: list[str]):
     return dataset.select(cases=[case for case in dataset.cases if case not in bad_cases])
 
 
+MIN_CASES_TO_HOLD_OUT = 5
+
+
+def hold_out_validation(train_set, seed: int = 0):
+    """(train, val) from a training split alone: ~15% of its cases (at least one) for validation.
+
+    Early stopping, picking the best checkpoint and choosing each concept's mask source all need
+    images the detector did not train on; a few-shot dataset (10-16 slices) often gets no case in
+    the hashed val split. Cases are ranked by a stable hash, so the choice is reproducible.
+    """
+    from medsam3.data.splits import stable_fraction
+
+    cases = sorted(train_set.cases, key=lambda case: stable_fraction("holdout", seed, case))
+    n_val = max(1, round(0.15 * len(cases)))
+    return train_set.select(cases=cases[n_val:]), train_set.select(cases=cases[:n_val])
+
+
 def train_path(
     data: str | Path,
     base: str = DEFAULT_MODEL,
@@ -86,7 +103,9 @@ def train_path(
     ``settings`` override fields of ``config`` (a :class:`TrainConfig`; defaults if None), e.g.
     ``epochs=5, batch_size=2, max_minutes=10``. ``augment``: "views" (default: a fixed bank of
     augmented views per image, each encoded once, so it works with the feature cache), "flips" (flips
-    only), "full" (fresh random views every step: no feature cache) or "none". ``resume`` continues ``out/last`` exactly. ``say`` receives progress lines.
+    only), "full" (fresh random views every step: no feature cache) or "none". ``resume`` continues
+    ``out/last`` exactly. ``say`` receives progress lines. A training split without a val split gets
+    one held out of it (see :func:`hold_out_validation`).
     """
     from medsam3.data.dataset import open_dataset
     from medsam3.data.vocabulary import check_phrase
@@ -113,6 +132,11 @@ def train_path(
         train_set, val_set = _drop_unreadable(train_set, skipped), _drop_unreadable(val_set, skipped)
     for line in skipped:
         say(f"warning: skipped {line}")
+    held_out = ""
+    if len(val_set) == 0 and len(train_set.cases) >= MIN_CASES_TO_HOLD_OUT:
+        train_set, val_set = hold_out_validation(train_set, config.seed)
+        total = len(train_set.cases) + len(val_set.cases)
+        held_out = f" (held out of the {total} training cases: the dataset has no val split)"
     for concept in train_set.concepts:
         check_phrase(concept, allow_long=allow_long_phrases)
 
@@ -130,7 +154,9 @@ def train_path(
     trainer = Trainer(loaded, train_set, out, config, val_data=val_set if len(val_set) else None, augment=augmentation)
     if resume:
         trainer.resume()
-    validation = f"validating on {len(val_set)}" if len(val_set) else "no validation samples (best/ = last/)"
+    validation = (
+        f"validating on {len(val_set)}{held_out}" if len(val_set) else "no validation samples (best/ = last/)"
+    )
     say(f"training {len(train_set)} samples ({', '.join(train_set.concepts)}), {validation}")
     summary = trainer.fit()
 

@@ -637,7 +637,8 @@ class Trainer:
 
     def _early_stop(self) -> bool:
         """Under a budget: stop after ``patience`` validations that did not beat the best by ``min_delta``."""
-        return self.budgeted and bool(self.val_data) and self.config.patience > 0 and self._stale >= self.config.patience
+        patience = self.config.patience
+        return self.budgeted and bool(self.val_data) and patience > 0 and self._stale >= patience
 
     def _end_epoch(self, progress: float, logged: dict, started: float, writer, validate: bool = True) -> dict:
         """Validate (when due), log a metrics row, write best/ (when better, or always without

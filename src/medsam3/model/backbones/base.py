@@ -17,8 +17,6 @@ import numpy as np
 import torch
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
-
-
 #: Where the instances of a text prompt can come from (the predictor's ``mask_source``, besides "auto"):
 #: the dense semantic map's components, the detector's per-query masks, the backbone's pretrained
 #: box decoder on the detected boxes, or a fusion (semantic components plus every confident detection

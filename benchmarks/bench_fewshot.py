@@ -1,0 +1,158 @@
+"""Few-shot fine-tuning benchmark: a new concept from <= 16 real slices, against a U-Net at equal wall clock.
+
+    python benchmarks/bench_fewshot.py --out runs/bench_fewshot            # the defaults' own budget
+    python benchmarks/bench_fewshot.py --out runs/quick --minutes 3 --tasks "insular cortex"
+
+Tasks (medsam3.data.fewshot_sets): concepts the bundled ``lite`` never saw, on the real MNI152 T1
+template: "external capsule", "superior longitudinal fasciculus" (JHU atlas), "insular cortex",
+"precentral gyrus" (Harvard-Oxford). Each: <= 16 axial training slices, a test split of other
+axial slices, and coronal slices (a view training never shows). Rows, per task:
+
+- ``lite defaults``: ``medsam3 train DATA --out RUN`` with nothing else (library: ``train_path``);
+  ``--minutes`` overrides only its time budget.
+- ``lite old recipe``: the recipe before issue 17 at the same wall clock as the defaults took
+  (10 epochs' worth of settings: lr 1e-4, cosine over the run, BCE semantic term on every image,
+  queries pushed to 0 in absent images, mask loss on the prediction grid, no augmentation,
+  semantic-map masks).
+- ``U-Net``: ``medsam3 baseline unet`` (MONAI) for the same wall clock as the defaults took.
+- ``LiteMedSAM + GT box``: the pretrained box decoder on the ground-truth boxes, no training (a
+  zero-shot reference for text+box).
+
+Scores: mean Dice / NSD (2 px = 2 mm) over the test slices, text prompts (T) and text + ground-truth
+box (T+I), on the trained view (axial) and the unseen view (coronal). Table to stdout and
+``OUT/results.md`` (+ ``results.json``). The budgets are wall clock: run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from medsam3.data.fewshot_sets import TASKS, build_fewshot_sets
+from medsam3.evaluate.baseline_unet import train_unet_baseline
+from medsam3.evaluate.runner import evaluate_path
+from medsam3.train.run import train_path
+from medsam3.train.trainer import TrainConfig
+
+#: The recipe before issue 17 (the loss options that reproduce it, see medsam3.train.losses.LossWeights).
+OLD_LOSS = {
+    "semantic_form": "bce",
+    "semantic_on_absent": True,
+    "negatives_in_absent_images": True,
+    "mask_at_target": False,
+    "semantic_at_target": False,
+    "pad_n_queries": 0,
+}
+
+
+def old_recipe(minutes: float, seed: int) -> TrainConfig:
+    return TrainConfig(
+        epochs=100_000,
+        lr=1e-4,
+        seed=seed,
+        cache_features=True,
+        max_minutes=minutes,
+        progress=False,
+        choose_mask_sources=False,
+        loss_weights=dict(OLD_LOSS),
+        optimizer_groups=False,
+    )
+
+
+def score(data: Path, model: str, adapter: Path | None, mode: str, out: Path, mask_source: str = "auto") -> dict:
+    result = evaluate_path(
+        data, model, adapter=adapter, prompt_mode=mode, out_dir=out, device="cpu", progress=False,
+        mask_source=mask_source,
+    )  # fmt: skip
+    overall = result.summary["overall"]
+    return {
+        "dice": overall["dice"]["mean"] or 0.0,
+        "nsd": overall["nsd"]["mean"] or 0.0,
+        "cases": result.summary["n_cases"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_fewshot"))
+    parser.add_argument("--data", type=Path, default=None, help="where the task folders go (default OUT/data)")
+    parser.add_argument("--tasks", nargs="*", default=[t.concept for t in TASKS])
+    parser.add_argument("--minutes", type=float, default=None, help="override the defaults' time budget")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out (e.g. 'lite old recipe')")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data_root = args.data or args.out / "data"
+    folders = build_fewshot_sets(data_root)
+    rows = []
+    for concept in args.tasks:
+        axial, coronal = folders[concept]["axial"], folders[concept]["coronal"]
+        work = args.out / axial.name
+        models: dict[str, tuple[str, Path | None, float, str]] = {}
+        started = time.perf_counter()
+        settings = {} if args.minutes is None else {"max_minutes": args.minutes}
+        run = train_path(axial, "lite", work / "defaults", device="cpu", seed=args.seed, progress=False, **settings)
+        budget = time.perf_counter() - started
+        models["lite defaults"] = ("lite", run.adapter, budget, "auto")
+        if "lite old recipe" not in args.skip:
+            started = time.perf_counter()
+            old = train_path(axial, "lite", work / "old", config=old_recipe(budget / 60.0, args.seed), augment="none",
+                             device="cpu")  # fmt: skip
+            models["lite old recipe"] = ("lite", old.adapter, time.perf_counter() - started, "semantic")
+        if "U-Net" not in args.skip:
+            started = time.perf_counter()
+            unet = work / "unet"
+            train_unet_baseline(axial, unet, epochs=100_000, max_minutes=budget / 60.0, seed=args.seed, progress=False)
+            models["U-Net"] = (str(unet), None, time.perf_counter() - started, "auto")
+        models["LiteMedSAM + GT box"] = ("lite", None, 0.0, "auto")
+        for label, (model, adapter, seconds, source) in models.items():
+            row = {"task": concept, "method": label, "train_s": round(seconds, 1)}
+            if label == "lite defaults":
+                row["stop"] = run.summary["stop_reason"]
+                row["steps"] = run.summary["position"]["step"]
+                row["mask_sources"] = {c: v["source"] for c, v in (run.summary.get("mask_sources") or {}).items()}
+            modes = {"U-Net": ("text",), "LiteMedSAM + GT box": ("text+box",)}.get(label, ("text", "text+box"))
+            for mode in modes:
+                for view, folder in (("axial", axial), ("coronal", coronal)):
+                    tag = f"{label}_{mode}_{view}".replace(" ", "_").replace("+", "")
+                    row[f"{mode} {view}"] = score(folder, model, adapter, mode, work / "eval" / tag, source)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    table = markdown(rows, args)
+    (args.out / "results.md").write_text(table + "\n")
+    print(table)
+
+
+def markdown(rows: list[dict], args) -> str:
+    def cell(row, key):
+        value = row.get(key)
+        return "–" if value is None else f"{value['dice']:.3f} / {value['nsd']:.3f}"
+
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        f"Few-shot benchmark, Dice / NSD (2 mm) over the test slices; {cpu}, {args.threads} threads, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}"
+        + (f"; time budget {args.minutes:g} min" if args.minutes is not None else "; the defaults' own budget"),
+        "",
+        "| task | method | train s | T axial | T coronal (unseen) | T+I axial | T+I coronal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['task']} | {row['method']} | {row['train_s']:.0f} | {cell(row, 'text axial')} | "
+            f"{cell(row, 'text coronal')} | {cell(row, 'text+box axial')} | {cell(row, 'text+box coronal')} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Issue 17: defaults that learn (a step/time budget with early stopping), cached augmented views,
+each concept's mask source chosen on validation and used by the predictor, loss options reachable."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medsam3.cli import main
+from medsam3.data.masks import masks_to_boxes
+from medsam3.data.sample import Sample
+from medsam3.data.transforms import Rot90, annotate, view_augmentation
+from medsam3.errors import MedSAM3Error
+from medsam3.infer.postprocess import fuse_results
+from medsam3.infer.predictor import Sam3Predictor
+from medsam3.infer.types import Prompt, PromptResult
+from medsam3.model import load_model
+from medsam3.model.adapter import read_adapter_metadata
+from medsam3.train.loss_options import parse_loss_options
+from medsam3.train.run import hold_out_validation
+from medsam3.train.trainer import TrainConfig, Trainer
+from train_helpers import disk_samples
+
+FAST = dict(batch_size=2, lr=1e-3, grad_clip=1.0, progress=False, val_limit=2, max_minutes=None)
+
+
+# -- the budget ----------------------------------------------------------------------------------------
+
+
+def test_default_config_is_a_budget_not_epochs():
+    config = TrainConfig()
+    assert config.epochs is None and config.steps >= 1000 and config.max_minutes == 10.0
+    assert config.patience > 0 and config.cache_features is None and config.choose_mask_sources
+
+
+def test_step_budget_stops_mid_epoch_validates_and_writes(tmp_path):
+    loaded = load_model("tiny", device="cpu")
+    out = tmp_path / "run"
+    config = TrainConfig(steps=5, val_every=2, patience=0, **FAST)  # 6 samples, batch 2: 3 steps an epoch
+    summary = Trainer(loaded, disk_samples(6), out, config, val_data=disk_samples(2, seed=9)).fit()
+    assert summary["position"]["step"] == 5 and summary["stop_reason"] == "completed"
+    rows = (out / "metrics.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["1", "1.667"]  # an epoch end, then the budget's end
+    assert all(row.split(",")[3] != "" for row in rows)  # both validated (3 >= 2 steps, and the end)
+    assert (out / "best" / "adapter.json").is_file() and summary["budget"]["steps"] == 5
+
+
+def test_validation_every_n_steps_and_early_stop_on_a_plateau(tmp_path, monkeypatch):
+    loaded = load_model("tiny", device="cpu")
+    config = TrainConfig(steps=200, val_every=3, patience=2, min_delta=0.01, choose_mask_sources=False, **FAST)
+    trainer = Trainer(loaded, disk_samples(4), tmp_path / "run", config, val_data=disk_samples(2, seed=9))
+    scores = iter([0.5, 0.505, 0.508, 0.9])  # no gain of 0.01 twice in a row: stop before 0.9
+    calls = []
+    monkeypatch.setattr(trainer, "validate", lambda: calls.append(trainer.position.step) or next(scores))
+    summary = trainer.fit()
+    assert summary["stop_reason"] == "early_stop" and summary["stopped_early"]
+    assert calls == [4, 8, 12]  # 2 steps an epoch: validated at the first epoch end >= 3 steps after the last
+    assert summary["best_val_dice"] == pytest.approx(0.508)
+
+
+def test_time_budget_bends_the_schedule():
+    import torch
+
+    from medsam3.train.schedule import warmup_cosine
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    spent = {"fraction": 0.0}
+    schedule = warmup_cosine(optimizer, 1000, 0, time_fraction=lambda: spent["fraction"])
+    optimizer.step()
+    schedule.step()
+    assert schedule.get_last_lr()[0] > 0.99  # step 1 of 1000, no time spent
+    spent["fraction"] = 1.0
+    optimizer.step()
+    schedule.step()
+    assert schedule.get_last_lr()[0] == pytest.approx(0.01)  # the time budget is spent: the floor
+
+
+def test_few_shot_training_set_gets_a_held_out_validation_split():
+
+    class Split:
+        def __init__(self, cases):
+            self.cases = list(cases)
+
+        def select(self, cases):
+            return Split(cases)
+
+    train, val = hold_out_validation(Split([f"z{i:03d}" for i in range(10)]), seed=0)
+    assert len(val.cases) == 2 and len(train.cases) == 8 and not set(val.cases) & set(train.cases)
+    again, _ = hold_out_validation(Split([f"z{i:03d}" for i in range(10)]), seed=0)
+    assert again.cases == train.cases
+
+
+# -- cached views ---------------------------------------------------------------------------------------
+
+
+def _sample(concept: str, mask: np.ndarray, image: np.ndarray) -> Sample:
+    masks = mask[None]
+    return Sample(image=image, concept=concept, masks=masks, boxes=masks_to_boxes(masks), case_id="c")
+
+
+def test_view_bank_gives_each_image_a_fixed_set_of_views_shared_by_its_concepts():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (48, 64, 3)).astype(np.uint8)
+    a, b = np.zeros((48, 64), bool), np.zeros((48, 64), bool)
+    a[5:20, 10:30], b[25:40, 35:60] = True, True
+    bank = view_augmentation(views=6, seed=3)
+    assert bank.cacheable
+    seen_a, seen_b = {}, {}
+    for step in range(80):
+        out_a = bank(_sample("left", a, image), np.random.default_rng([1, step]))
+        out_b = bank(_sample("right", b, image), np.random.default_rng([2, step]))
+        seen_a[out_a.meta.get("view", 0)] = out_a.image.tobytes()
+        seen_b[out_b.meta.get("view", 0)] = out_b.image.tobytes()
+        assert out_a.masks.shape[1:] == out_a.image.shape[:2]
+    assert set(seen_a) == set(range(6))  # every view drawn, never more than 6 distinct images
+    assert seen_a[0] == image.tobytes()
+    assert all(seen_a[v] == seen_b[v] for v in seen_a)  # one view = the same pixels whatever the concept
+    assert len(set(seen_a.values())) >= 5  # and the views do differ
+
+
+def test_quarter_turn_moves_masks_and_boxes_together():
+    mask = np.zeros((1, 30, 50), bool)
+    mask[0, 2:8, 10:25] = True
+    item = annotate(np.zeros((30, 50), np.uint8), mask)
+    for seed in range(6):
+        out = Rot90(p=1.0)(item, np.random.default_rng(seed))
+        assert out.masks[0].sum() == mask.sum()
+        assert np.allclose(out.boxes, masks_to_boxes(out.masks))
+        assert out.image.shape in ((30, 50), (50, 30))
+
+
+def test_cache_refuses_fresh_random_views_but_takes_the_bank(tmp_path):
+    from medsam3.data.transforms import default_augmentation
+
+    loaded = load_model("tiny", device="cpu")
+    with pytest.raises(MedSAM3Error, match="cannot be combined with random image augmentation"):
+        Trainer(loaded, disk_samples(4), tmp_path / "a", TrainConfig(cache_features=True, **FAST),
+                augment=default_augmentation())  # fmt: skip
+    trainer = Trainer(loaded, disk_samples(4), tmp_path / "b", TrainConfig(**FAST), augment=view_augmentation())
+    assert trainer.use_cache  # on by default: frozen towers and a cacheable augmentation
+    assert not Trainer(loaded, disk_samples(4), tmp_path / "c", TrainConfig(**FAST),
+                       augment=default_augmentation()).use_cache  # fmt: skip
+
+
+# -- mask sources ---------------------------------------------------------------------------------------
+
+
+def _result(masks: list[np.ndarray], scores: list[float]) -> PromptResult:
+    stack = np.asarray(masks, bool).reshape(len(masks), 20, 20)
+    return PromptResult(Prompt("x"), 0.9, np.asarray(scores, np.float32), masks_to_boxes(stack), stack)
+
+
+def test_fusion_keeps_every_detection_the_dense_map_missed():
+    comp, dup, other = (np.zeros((20, 20), bool) for _ in range(3))
+    comp[2:8, 2:8], dup[3:8, 3:8], other[12:18, 12:18] = True, True, True
+    fused = fuse_results(_result([comp], [0.6]), _result([dup, other], [0.95, 0.7]))
+    assert len(fused) == 2  # the duplicate of the component is not added twice
+    assert list(fused.scores) == pytest.approx([0.7, 0.6])
+    assert fused.masks[0].sum() == other.sum()
+    empty = fuse_results(_result([], []), _result([other], [0.8]))
+    assert len(empty) == 1  # the dense map found nothing: the detection stays
+
+
+def test_training_records_each_concepts_mask_source_and_the_predictor_uses_it(tmp_path):
+    loaded = load_model("tiny", device="cpu")
+    out = tmp_path / "run"
+    config = TrainConfig(epochs=1, **FAST)
+    summary = Trainer(loaded, disk_samples(4), out, config, val_data=disk_samples(2, seed=9)).fit()
+    meta = read_adapter_metadata(out / "best")
+    chosen = meta["mask_sources"]["blob"]
+    assert chosen["source"] in ("semantic", "fusion", "detector") and set(chosen["dice"]) == {
+        "semantic", "fusion", "detector"}  # fmt: skip
+    assert summary["mask_sources"]["blob"]["source"] == chosen["source"]
+    reloaded = load_model("tiny", device="cpu", adapter=out / "best")
+    predictor = Sam3Predictor(reloaded)
+    assert predictor.source_for("blob") == chosen["source"]
+    assert predictor.source_for("other") == reloaded.backbone.default_mask_source
+    assert Sam3Predictor(reloaded, mask_source="detector").source_for("blob") == "detector"
+
+
+def test_a_bad_mask_source_in_adapter_json_is_one_line(tmp_path):
+    loaded = load_model("tiny", device="cpu")
+    out = tmp_path / "run"
+    Trainer(loaded, disk_samples(4), out, TrainConfig(epochs=1, choose_mask_sources=False, **FAST)).fit()
+    meta_file = out / "best" / "adapter.json"
+    meta = json.loads(meta_file.read_text())
+    meta["mask_sources"] = {"blob": {"source": "crystal ball"}}
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(MedSAM3Error, match="mask_sources.blob' must name one of semantic"):
+        load_model("tiny", device="cpu", adapter=out / "best")
+
+
+# -- loss options from the CLI --------------------------------------------------------------------------
+
+
+def test_loss_options_are_typed_and_checked():
+    assert parse_loss_options(["semantic_dice=0", "cls_iou_aware=false", "aux=0.5"]) == {
+        "semantic_dice": 0.0, "cls_iou_aware": False, "aux": 0.5}  # fmt: skip
+    for bad, words in (("nonsense=1", "unknown loss option 'nonsense'"), ("aux", "expected KEY=VALUE"),
+                       ("aux=lots", "'aux' takes a float"), ("cls_iou_aware=maybe", "takes a bool")):  # fmt: skip
+        with pytest.raises(MedSAM3Error, match=words):
+            parse_loss_options([bad])
+
+
+def test_train_cli_refuses_an_unknown_loss_option_in_one_line(tmp_path, capsys):
+    code = main(["train", str(tmp_path), "--out", str(tmp_path / "run"), "--loss", "bogus=1", "--base", "tiny"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "unknown loss option 'bogus'" in err[0]
+    assert not (tmp_path / "run").exists()
