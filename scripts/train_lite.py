@@ -48,6 +48,12 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--export-only", action="store_true", help="export RUN/last of a finished run")
+    parser.add_argument(
+        "--choose-mask-sources-only",
+        action="store_true",
+        help="measure each concept's text mask source for the model folder at --export on the validation split "
+        "and record it in its medsam3.json (what export does at the end of training)",
+    )
     args = parser.parse_args()
 
     if args.threads:
@@ -57,6 +63,11 @@ def main() -> None:
     phantoms = make_phantom_corpus(args.out / "phantoms", args.n_per_kind, seed=args.seed, kinds=LITE_PHANTOM_KINDS)
     splits = lite_splits(args.real, phantoms, exclude={HELD_OUT_CONCEPT})
     print({name: len(data) for name, data in splits.items()}, flush=True)
+    if args.choose_mask_sources_only:
+        if args.export is None:
+            raise SystemExit("--export DIR is needed")
+        record_mask_sources(args.export, splits["val"])
+        return
     if args.export_only:
         history = list(csv.DictReader((args.out / "metrics.csv").open()))
         export(args, splits, history, minutes=float(history[-1]["seconds"]) / 60)
@@ -115,7 +126,24 @@ def export(args, splits, history: list[dict], minutes: float) -> None:
         "history": history,
     }
     export_model(final, args.export, final.concepts, info)
+    record_mask_sources(args.export, splits["val"])
     print(f"exported {args.export}")
+
+
+def record_mask_sources(folder: Path, val) -> None:
+    """Each concept's text mask source, measured on the validation split, into the folder's medsam3.json."""
+    from medsam3.train.mask_choice import choose_mask_sources
+    from medsam3.utils.files import write_json_atomic
+
+    model = load_model(str(folder), device="cpu")
+    choice = choose_mask_sources(model, val)
+    meta_file = folder / "medsam3.json"
+    meta = json.loads(meta_file.read_text())
+    meta["mask_sources"] = choice
+    meta["mask_sources_measured_on"] = f"the validation split ({len(val)} samples)"
+    write_json_atomic(meta_file, meta)
+    for concept, picked in choice.items():
+        print(f"{concept}: {picked['source']} {picked['dice']}", flush=True)
 
 
 if __name__ == "__main__":

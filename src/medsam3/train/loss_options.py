@@ -28,6 +28,12 @@ def parse_loss_options(items: list[str]) -> dict:
         if key not in types:
             raise MedSAM3Error(f"--loss '{item}': unknown loss option '{key}' (known: {', '.join(sorted(types))})")
         kind = types[key]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if args and len(args) < len(typing.get_args(kind)):  # "X | None": none/null, or an X
+            if text.lower() in ("none", "null"):
+                options[key] = None
+                continue
+            kind = args[0]
         try:
             if kind is bool:
                 if text.lower() not in ("true", "false", "1", "0", "yes", "no"):

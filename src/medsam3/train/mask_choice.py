@@ -61,15 +61,28 @@ def measure_mask_sources(
 def choose_mask_sources(
     loaded: LoadedModel, samples: Sequence[Sample], cache=None, limit: int | None = None
 ) -> dict[str, dict]:
-    """concept -> {"source": the best, "dice": {source: validation Dice}, "samples": count}."""
+    """concept -> {"source": the best, "dice": {source: validation Dice}, "samples", "positives"}.
+
+    A concept with no validation sample that holds it is left out (nothing to tell the sources apart
+    by): the predictor then uses the backbone's default for it.
+    """
     measured = measure_mask_sources(loaded, samples, cache=cache, limit=limit)
     counts: dict[str, int] = defaultdict(int)
+    positives: dict[str, int] = defaultdict(int)
     for index in range(len(samples) if limit is None else min(limit, len(samples))):
         counts[samples[index].concept] += 1
+        positives[samples[index].concept] += int(len(samples[index].masks) > 0)
     choice = {}
     for concept, per in sorted(measured.items()):
+        if positives[concept] == 0:
+            continue
         best = max(PREFERENCE, key=lambda s: (round(per.get(s, -1.0), 4), -PREFERENCE.index(s)))
-        choice[concept] = {"source": best, "dice": {s: round(d, 4) for s, d in per.items()}, "samples": counts[concept]}
+        choice[concept] = {
+            "source": best,
+            "dice": {s: round(d, 4) for s, d in per.items()},
+            "samples": counts[concept],
+            "positives": positives[concept],
+        }
     return choice
 
 
