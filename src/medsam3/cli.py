@@ -585,6 +585,7 @@ def train(
         rebuild_cache=rebuild_cache,
         checkpoint_every=checkpoint_every,
         max_minutes=max_minutes,
+        progress=sys.stderr.isatty(),  # a progress bar on a terminal, not in a log or a pipe
     )
     run = train_path(
         data,
