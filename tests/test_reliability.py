@@ -486,6 +486,7 @@ _TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
 def _dicom_series(folder, n=4, drop=()):
     """A CT series of ``n`` 4x5 slices, 2 mm apart (tests/test_volume_io.py's), without the ``drop`` attributes."""
     import pydicom
+
     from test_volume_io import _series
 
     _series(folder, n)
@@ -785,9 +786,7 @@ def test_training_on_one_image_works_and_says_there_is_no_validation(tmp_path, c
     assert (run / "best" / "adapter.safetensors").read_bytes() == (run / "last" / "adapter.safetensors").read_bytes()
 
 
-def test_training_on_one_image_that_the_split_puts_in_val_is_refused_before_the_model_loads(
-    tmp_path, capfd, no_model
-):
+def test_training_on_one_image_that_the_split_puts_in_val_is_refused_before_the_model_loads(tmp_path, capfd, no_model):
     data = _disk_dataset(tmp_path / "data", ["c01"])
     before = _hashes(tmp_path)
     code, _, err = _train(data, tmp_path / "run", capfd, "--epochs", "1")

@@ -457,19 +457,21 @@ def _check_left_out_files(folder: Path, series_uid: str, files: list[str]) -> No
             media_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
         except Exception as error:
             raise InputFileError(
-                path, f"truncated or corrupt DICOM file in the series folder ({_first_sentence(error)}); "
-                "replace it or move it out of the folder"
+                path,
+                f"truncated or corrupt DICOM file in the series folder ({_first_sentence(error)}); "
+                "replace it or move it out of the folder",
             ) from None
         if media_class == _DICOMDIR_CLASS or (uid and uid != series_uid):
             continue
         try:
-            pydicom.dcmread(path).pixel_array
+            _ = pydicom.dcmread(path).pixel_array  # decoding is the test
             reason = "its pixel data cannot be read"
         except Exception as error:
             reason = _first_sentence(error)
         raise InputFileError(
-            path, f"truncated or corrupt DICOM file of this series, which the reader left out ({reason}); "
-            "replace it or move it out of the folder"
+            path,
+            f"truncated or corrupt DICOM file of this series, which the reader left out ({reason}); "
+            "replace it or move it out of the folder",
         )
 
 
