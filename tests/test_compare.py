@@ -80,7 +80,7 @@ def test_compare_errors(tmp_path):
         compare_runs([tmp_path / "empty"])
     a = write_run(tmp_path / "a", [rec("x", 0.2)])
     with pytest.raises(MedSAM3Error, match="metric"):
-        compare_runs([a], metric="hd95")
+        compare_runs([a], metric="hausdorff")
 
 
 def test_paired_test_exact_values():

@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -474,3 +475,330 @@ def test_a_bug_is_one_line_with_a_hint_and_the_traceback_with_debug(tmp_path, pn
     assert code == 1 and "ZeroDivisionError" in line and "--debug" in line
     with pytest.raises(ZeroDivisionError):
         main(["segment", str(png), "-p", "liver", "--out", str(tmp_path / "o"), "--debug"])
+
+
+# ----------------------------------------------------------------------------- 7. issue 22: the last seven
+
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+          "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName")  # fmt: skip
+
+
+def _dicom_series(folder, n=4, drop=()):
+    """A CT series of ``n`` 4x5 slices, 2 mm apart (tests/test_volume_io.py's), without the ``drop`` attributes."""
+    import pydicom
+
+    from test_volume_io import _series
+
+    _series(folder, n)
+    files = sorted(folder.iterdir())
+    for path in files if drop else ():
+        ds = pydicom.dcmread(path)
+        for keyword in drop:
+            delattr(ds, keyword)
+        ds.save_as(path)
+    return files
+
+
+def _segment_volume(series, out, capfd, *extra):
+    return _run(["segment-volume", series, "-p", "liver", "--model", "tiny", "--out", out, *extra], capfd)
+
+
+def test_dicom_slices_of_different_sizes_are_named(tmp_path, capfd):
+    import pydicom
+
+    files = _dicom_series(tmp_path / "series", 5)
+    for odd in (files[1], files[3]):
+        ds = pydicom.dcmread(odd)
+        ds.Rows, ds.Columns = 6, 7
+        ds.PixelData = np.zeros((6, 7), np.uint16).tobytes()
+        ds.save_as(odd)
+    before = _hashes(tmp_path)
+    code, _, err = _segment_volume(tmp_path / "series", tmp_path / "m.nii.gz", capfd)
+    line = _one_line(err)
+    assert code == 2 and "slices of different sizes" in line and "3 slices are 4x5" in line, line
+    assert f"{files[1].name} is 6x7" in line and f"{files[3].name} is 6x7" in line
+    assert _hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("which", [0, 2])  # the first slice (no gap betrays it) and a middle one
+def test_a_truncated_file_in_a_dicom_series_is_named_not_dropped(tmp_path, capfd, which):
+    files = _dicom_series(tmp_path / "series", 5)
+    data = files[which].read_bytes()
+    files[which].write_bytes(data[: len(data) - 20])  # half of its pixel data is gone
+    before = _hashes(tmp_path)
+    code, _, err = _segment_volume(tmp_path / "series", tmp_path / "m.nii.gz", capfd)
+    line = _one_line(err)
+    assert code == 2 and line.startswith(f"medsam3: error: {files[which]}: truncated or corrupt DICOM file"), line
+    assert "gap" not in line and "missing slices" not in line
+    assert _hashes(tmp_path) == before
+
+
+def test_dicom_seg_of_a_series_without_type_2_attributes_writes_them_empty(tmp_path, capfd):
+    import highdicom as hd
+    import pydicom
+
+    files = _dicom_series(tmp_path / "series", drop=_TYPE2)
+    before = _hashes(tmp_path / "series")
+    seg_path, mask_path = tmp_path / "out" / "seg.dcm", tmp_path / "out" / "m.nii.gz"
+    code, out, err = _segment_volume(tmp_path / "series", mask_path, capfd, "--threshold", "0",
+                                     "--dicom-seg", seg_path)  # fmt: skip
+    assert code == 0 and "Traceback" not in err, err
+    assert out.strip().endswith(f"and {seg_path}")
+    seg = hd.seg.segread(seg_path)
+    assert all(keyword in seg and seg[keyword].value in ("", None) for keyword in _TYPE2)
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    back = seg.get_pixels_by_source_instance(uids, segment_numbers=[1], combine_segments=True)
+    mask = np.asarray(nib.load(str(mask_path)).dataobj).T  # (z, y, x), as the series
+    np.testing.assert_array_equal(back, mask)
+    assert _hashes(tmp_path / "series") == before  # the empty values were added in memory only
+
+
+def test_dicom_seg_refuses_a_series_without_a_required_attribute_by_name(tmp_path, capfd):
+    files = _dicom_series(tmp_path / "series", drop=("SliceThickness",))  # type 2 in CT, needed by the SEG
+    before = _hashes(tmp_path)
+    out = tmp_path / "out"
+    code, _, err = _segment_volume(tmp_path / "series", out / "m.nii.gz", capfd, "--dicom-seg", out / "seg.dcm")
+    line = _one_line(err)
+    assert code == 2 and f"{files[0]}: has no SliceThickness (0018,0050)" in line, line
+    assert "seg.dcm cannot be written" in line and "3 other files" in line
+    assert _hashes(tmp_path) == before and not out.exists()
+
+
+def test_dicom_seg_of_an_empty_result_is_a_valid_empty_seg_and_said(tmp_path, capfd):
+    import highdicom as hd
+    import pydicom
+
+    files = _dicom_series(tmp_path / "series")
+    seg_path, mask_path = tmp_path / "seg.dcm", tmp_path / "m.nii.gz"
+    code, _, err = _segment_volume(tmp_path / "series", mask_path, capfd, "--threshold", "1",  # nothing passes
+                                   "--dicom-seg", seg_path)  # fmt: skip
+    assert code == 0 and _one_line(err) == f"note: nothing was found; {seg_path} is a DICOM-SEG with empty segments"
+    seg = hd.seg.segread(seg_path)
+    assert seg.number_of_segments == 1 and seg.get_segment_description(1).segment_label == "liver"
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    back = seg.get_pixels_by_source_instance(uids, segment_numbers=[1], combine_segments=True)
+    assert back.shape == (4, 4, 5) and not back.any()
+    assert json.loads((tmp_path / "m.json").read_text())["dicom_seg"] == str(seg_path)
+
+
+def _runs_with_hd95(root):
+    from medsam3.evaluate.report import CaseRecord, write_case_csv
+
+    runs = []
+    for name, distances in (("a", (2.0, 4.0, math.inf)), ("b", (1.0, 3.0, 5.0))):
+        records = [CaseRecord(f"c{i}", "liver", "test", 0.5, 0.4, 0.6, hd, 1.0, True, 1, 1, 0.1)
+                   for i, hd in enumerate(distances)]  # fmt: skip
+        write_case_csv(records, root / name / "per_case.csv")
+        runs.append(root / name)
+    return runs
+
+
+def test_compare_accepts_every_metric_its_help_lists_and_hd95_counts_inf_apart(tmp_path, capfd):
+    import re
+
+    import typer
+
+    from medsam3.cli import app
+
+    evaluate = typer.main.get_command(app).commands["evaluate"]
+    listed = re.findall(r"[a-z0-9]+", next(p.help for p in evaluate.params if p.name == "metric").split(":")[1])
+    listed = [word for word in listed if word != "or"]
+    assert "hd95" in listed
+    runs = _runs_with_hd95(tmp_path)
+    for metric in listed:
+        code, _, err = _run(["evaluate", "compare", *runs, "--metric", metric, "--out", tmp_path / metric], capfd)
+        assert code == 0 and err == "", (metric, err)
+    table = (tmp_path / "hd95.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| liver"))
+    assert "3.0000 (1 inf)" in row and "-1.0000 (p: too few, n=2)" in row  # (1-2 + 3-4) / 2, inf pair left out
+    assert "Lower hd95 is better" in table
+    assert json.loads((tmp_path / "hd95.json").read_text())["rows"][0]["infinite"] == [1, 0]
+    before = _hashes(tmp_path)
+    code, _, err = _run(["evaluate", "compare", *runs, "--metric", "hausdorff", "--out", tmp_path / "x"], capfd)
+    line = _one_line(err)
+    assert code == 2 and "'hausdorff'" in line and "hd95" in line
+    assert _hashes(tmp_path) == before
+
+
+def test_an_instance_has_at_least_one_pixel(tmp_path, capfd):
+    image = _png(tmp_path / "in" / "dot.png", shape=(1, 1, 3))
+    found = []
+    for mask_threshold in ("0.5", "0.99"):
+        out = tmp_path / mask_threshold
+        code, stdout, err = _run(["segment", image, "-p", "liver", "--model", "tiny", "--threshold", "0",
+                                  "--mask-threshold", mask_threshold, "--out", out], capfd)  # fmt: skip
+        assert code == 0 and "Traceback" not in err, err
+        instances = json.loads((out / "result.json").read_text())["prompts"][0]["instances"]
+        assert all(entry["area"] >= 1 for entry in instances), instances
+        assert f"liver: {len(instances)} instance(s)" in stdout
+        found.append(len(instances))
+    assert found[1] <= found[0]
+
+
+def test_queries_whose_mask_vanishes_are_no_instances():
+    from medsam3.infer.postprocess import to_prompt_result
+    from medsam3.infer.types import Prompt
+
+    masks = torch.full((3, 8, 8), -10.0)
+    masks[0, :4, :4] = 10.0  # the best query has a mask; the other two, high-scoring too, have none
+    masks[2, 0, 0] = 10.0  # ... except one pixel, which at a 2x2 size is below threshold everywhere
+    result = to_prompt_result(
+        Prompt("liver"), torch.tensor([5.0, 4.0, 3.0]), torch.tensor([[0.1, 0.1, 0.6, 0.6]] * 3), masks,
+        None, None, (2, 2), score_threshold=0.5, mask_threshold=0.5,
+    )  # fmt: skip
+    assert len(result) == len(result.boxes) == len(result.masks) == 1
+    assert result.masks.reshape(len(result), -1).any(axis=1).all() and result.scores[0] == pytest.approx(0.9933, 1e-3)
+
+
+# ----------------------------------------------------------------------------- 8. a full disk while training
+
+
+class _Disk:
+    """``free`` bytes left under ``root`` (None: no limit), for every writer training uses.
+
+    Python's writes there fail as on a full disk (OSError ENOSPC, naming no file); ``torch.save`` and
+    safetensors' ``save_file``, which write in C++ and Rust, fail with what they really raise there
+    (measured on a full tmpfs). TensorBoard's event log is left out: its writer thread reports its own.
+    """
+
+    def __init__(self, root, monkeypatch):
+        import builtins
+        import io
+
+        import safetensors.torch
+
+        self.root, self.free = os.path.abspath(root), None
+        real_open, real_save, real_save_file = builtins.open, torch.save, safetensors.torch.save_file
+        disk = self
+
+        class Metered:
+            def __init__(self, handle):
+                self._handle = handle
+
+            def write(self, data):
+                if disk.free is not None:
+                    if len(data) > disk.free:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    disk.free -= len(data)
+                return self._handle.write(data)
+
+            def __getattr__(self, name):
+                return getattr(self._handle, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self._handle.close()
+
+        def metered_open(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
+            return Metered(handle) if set(mode) & set("wax+") and self._full_here(file) else handle
+
+        def full_save(obj, f, *args, **kwargs):
+            if self._full_here(f) and self.free is not None:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            return real_save(obj, f, *args, **kwargs)
+
+        def full_save_file(tensors, filename, *args, **kwargs):
+            if self._full_here(filename) and self.free is not None:
+                raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device")
+            return real_save_file(tensors, filename, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", metered_open)
+        monkeypatch.setattr(io, "open", metered_open)
+        monkeypatch.setattr(torch, "save", full_save)
+        monkeypatch.setattr(safetensors.torch, "save_file", full_save_file)
+
+    def _full_here(self, file) -> bool:
+        if not isinstance(file, (str, bytes, os.PathLike)):
+            return False
+        path = os.path.abspath(os.fsdecode(file))
+        return path.startswith(self.root + os.sep) and "tensorboard" not in path
+
+
+def _disk_dataset(root, cases):
+    """A 2D nnU-Net set of bright disks (one concept, 'blob'); case c01 is hashed to val, c00 c02 c03 to train."""
+    from train_helpers import disk_samples
+
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "dataset.json").write_text(json.dumps(
+        {"labels": {"background": 0, "blob": 1}, "channel_names": {"0": "x"}, "file_ending": ".png"}
+    ))  # fmt: skip
+    for case, sample in zip(cases, disk_samples(len(cases), size=40, negatives=0)):
+        Image.fromarray(sample.image).save(root / "imagesTr" / f"{case}_0000.png")
+        Image.fromarray(sample.masks[0].astype(np.uint8)).save(root / "labelsTr" / f"{case}.png")
+    return root
+
+
+def _train(data, run, capfd, *extra):
+    return _run(["train", data, "--base", "tiny", "--out", run, "--batch-size", "2", "--lr", "1e-3",
+                 "--device", "cpu", *extra], capfd)  # fmt: skip
+
+
+def _metrics(run):
+    import csv
+
+    with (run / "metrics.csv").open(newline="") as handle:
+        return [(row["epoch"], row["step"]) for row in csv.DictReader(handle)]
+
+
+def test_a_full_disk_while_training_is_one_line_and_resume_logs_each_epoch_once(tmp_path, capfd, monkeypatch):
+    from medsam3.train.trainer import Trainer
+
+    data, run = _disk_dataset(tmp_path / "data", ["c00", "c02"]), tmp_path / "run"
+    disk, saved, snapshot = _Disk(run, monkeypatch), [], {}
+    real_save_checkpoint = Trainer.save_checkpoint
+
+    def then_full(trainer, name, extra=None):  # epoch 1 writes best/ and last/; then 4 KB are left
+        folder = real_save_checkpoint(trainer, name, extra)
+        saved.append(name)
+        if len(saved) == 2:
+            snapshot.update(_hashes(run / "best", run / "last"))
+            disk.free = 4096  # enough for a metrics.csv row, not for a checkpoint
+        return folder
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", then_full)
+    code, _, err = _train(data, run, capfd, "--epochs", "2")
+    line = _one_line(err)
+    assert code == 2 and line == f"medsam3: error: {run / 'best' / 'adapter.safetensors'}: No space left on device"
+    assert _hashes(run / "best", run / "last") == snapshot  # epoch 1's checkpoints, untouched
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    assert _metrics(run) == [("1", "1"), ("2", "2")]  # epoch 2 was logged before its checkpoint failed
+
+    disk.free = None  # space freed: resume from epoch 1's last/
+    code, stdout, err = _train(data, run, capfd, "--epochs", "2", "--resume")
+    assert code == 0 and err == "", err
+    assert _metrics(run) == [("1", "1"), ("2", "2")]  # once each, not epoch 2 twice
+    assert json.loads((run / "last" / "adapter.json").read_text())["position"]["step"] == 2
+
+
+# ----------------------------------------------------------------------------- 9. training defaults, hostile data
+
+
+def test_training_on_one_image_works_and_says_there_is_no_validation(tmp_path, capfd):
+    data, run = _disk_dataset(tmp_path / "data", ["c00"]), tmp_path / "run"
+    code, stdout, err = _train(data, run, capfd, "--epochs", "1", "--batch-size", "4")  # a batch larger than the set
+    assert code == 0 and err == "", err
+    assert "training 1 samples (blob), no validation samples (best/ = last/)" in stdout
+    assert f"adapter: {run / 'best'}" in stdout and _metrics(run) == [("1", "1")]
+    assert (run / "best" / "adapter.safetensors").read_bytes() == (run / "last" / "adapter.safetensors").read_bytes()
+
+
+def test_training_on_one_image_that_the_split_puts_in_val_is_refused_before_the_model_loads(tmp_path, capfd, no_model):
+    data = _disk_dataset(tmp_path / "data", ["c01"])
+    before = _hashes(tmp_path)
+    code, _, err = _train(data, tmp_path / "run", capfd, "--epochs", "1")
+    line = _one_line(err)
+    assert code == 2 and f"{data}: nothing to train on: no case is in the training split (1 in val)" in line, line
+    assert _hashes(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+def test_training_on_one_concept_with_a_validation_case_validates_it(tmp_path, capfd):
+    data, run = _disk_dataset(tmp_path / "data", ["c00", "c01", "c02"]), tmp_path / "run"
+    code, stdout, err = _train(data, run, capfd, "--epochs", "1")
+    assert code == 0 and err == "", err
+    assert "training 2 samples (blob), validating on 1" in stdout and "adapter: " in stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["validated"] and 0.0 <= summary["history"][0]["val_dice"] <= 1.0

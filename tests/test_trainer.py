@@ -86,7 +86,7 @@ def test_checkpoint_survives_disk_full(tmp_path, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("medsam3.model.adapter.save_file", full_disk)
+    monkeypatch.setattr("medsam3.utils.files.write_bytes", full_disk)  # where every tensor file is written
     with pytest.raises(OSError, match="No space left"):
         trainer.save_checkpoint("last")
     assert (tmp_path / "run" / "last" / "adapter.safetensors").read_bytes() == good

@@ -305,8 +305,8 @@ def test_write_dicom_seg_references_the_series_and_round_trips(tmp_path):
     assert sorted(p.name for p in out.parent.iterdir()) == ["mask.dcm"]
     with pytest.raises(MedSAM3Error, match=r"label\(s\) \[5\] have no name"):
         write_dicom_seg(tmp_path / "x.dcm", mask, vol, ["a", "b"])
-    with pytest.raises(MedSAM3Error, match="the mask is empty"):
-        write_dicom_seg(tmp_path / "x.dcm", np.zeros(vol.shape, np.uint8), vol, ["a"])
+    with pytest.raises(MedSAM3Error, match="no labels to describe"):
+        write_dicom_seg(tmp_path / "x.dcm", np.zeros(vol.shape, np.uint8), vol, [])
     nifti = read_volume(_write(tmp_path / "v.nii.gz", np.zeros((2, 3, 4), np.int16)))
     with pytest.raises(MedSAM3Error, match="needs a volume read from a DICOM series folder"):
         write_dicom_seg(tmp_path / "x.dcm", np.ones((2, 3, 4), np.uint8), nifti, ["a"])

@@ -372,10 +372,13 @@ def test_dicom_series_in_dicom_seg_out(tmp_path):
     back = dataset.get_pixels_by_source_instance(uids, segment_numbers=[1, 2], combine_segments=True)
     np.testing.assert_array_equal(back, seg.label_map)
     assert json.loads((tmp_path / "m.json").read_text())["dicom_seg"] == str(tmp_path / "seg.dcm")
-    # nothing found: the NIfTI and legend are written, the DICOM-SEG is skipped with a note
+    # nothing found: the NIfTI, legend and an empty DICOM-SEG (one empty segment per prompt), with a note
     none = segment_volume_file(tmp_path / "series", ["liver"], ScriptedPredictor(volume, {"liver": (
         found["liver"][0], lambda v, i: 0.0)}), tmp_path / "e.nii.gz", dicom_seg=tmp_path / "e.dcm")  # fmt: skip
-    assert not (tmp_path / "e.dcm").exists() and "DICOM-SEG cannot be empty" in none.notes[-1]
+    empty = hd.seg.segread(tmp_path / "e.dcm")
+    assert empty.number_of_segments == 1 and empty.get_segment_description(1).segment_label == "liver"
+    assert not empty.get_pixels_by_source_instance(uids, segment_numbers=[1], combine_segments=True).any()
+    assert "holds only empty segments" in none.notes[-1]
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -275,7 +275,10 @@ def segment_volume_cmd(
 
     for entry in json.loads(legend_path(out).read_text()).get("prompts", seg.to_json()["prompts"]):
         _echo(f"{entry['prompt']}: {entry['voxels']} voxels, {entry['volume_ml']} mL")
-    _echo(f"wrote {out} and {legend_path(out)}")
+    if dicom_seg is not None and not seg.label_map.any():
+        _say(f"note: nothing was found; {dicom_seg} is a DICOM-SEG with empty segments")
+    written = [str(out), str(legend_path(out))] + ([str(dicom_seg)] if dicom_seg is not None else [])
+    _echo(f"wrote {', '.join(written[:-1])} and {written[-1]}")
 
 
 @app.command("segment-video")
@@ -629,6 +632,7 @@ def train(
         rebuild_cache=rebuild_cache,
         checkpoint_every=checkpoint_every,
         max_minutes=max_minutes,
+        progress=sys.stderr.isatty(),  # a progress bar on a terminal, not in a log or a pipe
     )
     run = train_path(
         data,

@@ -125,6 +125,14 @@ def _one_line(error: object, limit: int = 200) -> str:
     return " ".join(str(error).split())[:limit]
 
 
+def _first_sentence(error: object) -> str:
+    """A library's error text cut at its first sentence (pydicom adds advice after ' - ' or '. ')."""
+    text = _one_line(error)
+    for stop in (". ", " - "):
+        text = text.split(stop)[0]
+    return text.rstrip(".")
+
+
 def _itk_reason(error: Exception) -> str:
     """The most telling line of a multi-line ITK exception, as a short phrase."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
@@ -352,29 +360,35 @@ def describe_dicom_series(folder: str | Path) -> list[SeriesInfo]:
     return infos
 
 
-def _check_slice_positions(folder: Path, files: list[str]) -> str | None:
-    """Refuse a series with missing or duplicated slices (uneven steps along the slice normal).
+def _check_slice_headers(folder: Path, files: list[str]) -> str | None:
+    """Refuse a series whose slices differ in size, or with missing or duplicated slices.
 
-    Returns the series' modality. GDCM sorts the files by position; we re-read the positions with
-    pydicom (headers only) because SimpleITK merely warns about uneven sampling.
+    Returns the series' modality. GDCM sorts the files by position; we re-read the headers with
+    pydicom (no pixels) because SimpleITK only says "Size mismatch" for the first odd file and
+    merely warns about uneven sampling.
     """
     import pydicom
 
     positions: list[float] = []
+    sizes: dict[tuple[int, int], list[str]] = {}
+    geometry = True
     modality: str | None = None
     for name in files:
         try:
             ds = pydicom.dcmread(name, stop_before_pixels=True)
         except Exception as error:
-            raise InputFileError(name, f"unreadable DICOM file in series ({error})") from None
+            raise InputFileError(name, f"unreadable DICOM file in series ({_one_line(error)})") from None
         modality = modality or (str(getattr(ds, "Modality", "")).strip() or None)
+        sizes.setdefault((int(getattr(ds, "Rows", 0) or 0), int(getattr(ds, "Columns", 0) or 0)), []).append(name)
         ipp = getattr(ds, "ImagePositionPatient", None)
         iop = getattr(ds, "ImageOrientationPatient", None)
         if ipp is None or iop is None:
-            return modality  # no geometry to check (secondary capture); SimpleITK stacks them in order
-        row, col = np.asarray(iop[:3], float), np.asarray(iop[3:6], float)
-        positions.append(float(np.dot(np.cross(row, col), np.asarray(ipp, float))))
-    if len(positions) < 3:
+            geometry = False  # no geometry to check (secondary capture); SimpleITK stacks them in order
+        elif geometry:
+            row, col = np.asarray(iop[:3], float), np.asarray(iop[3:6], float)
+            positions.append(float(np.dot(np.cross(row, col), np.asarray(ipp, float))))
+    _check_slice_sizes(folder, sizes)
+    if not geometry or len(positions) < 3:
         return modality
     order = np.sort(np.asarray(positions))
     steps = np.diff(order)
@@ -391,6 +405,76 @@ def _check_slice_positions(folder: Path, files: list[str]) -> str | None:
     return modality
 
 
+def _check_slice_sizes(folder: Path, sizes: dict[tuple[int, int], list[str]]) -> None:
+    """One volume needs one slice size: name the files that differ from the most common size."""
+    if len(sizes) <= 1:
+        return
+    common = max(sizes, key=lambda size: len(sizes[size]))
+    odd = [(Path(name).name, size) for size, names in sizes.items() if size != common for name in names]
+    shown = ", ".join(f"{name} is {rows}x{cols}" for name, (rows, cols) in odd[:5])
+    more = f" and {len(odd) - 5} more" if len(odd) > 5 else ""
+    raise InputFileError(
+        folder,
+        f"DICOM series has slices of different sizes (rows x columns): {len(sizes[common])} slices are "
+        f"{common[0]}x{common[1]}, but {shown}{more}; one volume needs one slice size",
+    )
+
+
+#: Media Storage Directory (DICOMDIR): an index, not an image of any series.
+_DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    """A DICOM name ending, or the 'DICM' magic after the 128-byte preamble."""
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    try:
+        with path.open("rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _check_left_out_files(folder: Path, series_uid: str, files: list[str]) -> None:
+    """Refuse a DICOM file in ``folder`` that GDCM left out of the series because it cannot read it.
+
+    GDCM skips a truncated or corrupt file without a word, so the series would silently lose a
+    slice (or, in the middle, look like a gap). A file of another series, a DICOMDIR and files that
+    are not DICOM at all (notes, JSON) are left alone.
+    """
+    import pydicom
+
+    listed = {str(Path(name).resolve()) for name in files}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or str(path.resolve()) in listed:
+            continue
+        if path.name.upper() == "DICOMDIR" or not _looks_like_dicom(path):
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            uid = str(getattr(ds, "SeriesInstanceUID", "") or "")
+            media_class = str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "") or "")
+        except Exception as error:
+            raise InputFileError(
+                path,
+                f"truncated or corrupt DICOM file in the series folder ({_first_sentence(error)}); "
+                "replace it or move it out of the folder",
+            ) from None
+        if media_class == _DICOMDIR_CLASS or (uid and uid != series_uid):
+            continue
+        try:
+            _ = pydicom.dcmread(path).pixel_array  # decoding is the test
+            reason = "its pixel data cannot be read"
+        except Exception as error:
+            reason = _first_sentence(error)
+        raise InputFileError(
+            path,
+            f"truncated or corrupt DICOM file of this series, which the reader left out ({reason}); "
+            "replace it or move it out of the folder",
+        )
+
+
 def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
     uids = list_dicom_series(folder)
     if not uids:
@@ -405,7 +489,8 @@ def _read_dicom_series(folder: Path, series_uid: str | None) -> Volume:
         raise MedSAM3Error(f"{folder}: no DICOM series with UID {series_uid}; found: {listing}")
     with quiet_native_stderr():
         files = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid))
-    modality = _check_slice_positions(folder, files)
+    _check_left_out_files(folder, series_uid, files)
+    modality = _check_slice_headers(folder, files)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
@@ -525,6 +610,16 @@ def write_mask(path: str | Path, mask: np.ndarray, like: Volume) -> Path:
     return path
 
 
+#: Type 2 attributes (Patient and General Study modules) a SEG copies from its source images: the
+#: standard lets them be empty, and real exports often leave them out; absent ones are copied empty.
+_SEG_EMPTY_ALLOWED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
+#: Attributes a SEG cannot do without: type 1 in the SEG, or what places its frames in the patient.
+_SEG_REQUIRED = ("StudyInstanceUID", "SOPInstanceUID", "Modality", "FrameOfReferenceUID", "PixelSpacing")
+
+
 def write_dicom_seg(
     path: str | Path,
     mask: np.ndarray,
@@ -536,9 +631,12 @@ def write_dicom_seg(
     """Write a (Z, Y, X) label mask as a DICOM Segmentation object referencing ``like``'s series.
 
     ``like`` must come from a DICOM series folder (its slice files are the source images).
-    ``labels`` names each label value (a list names values 1, 2, ...): the concept phrase becomes
-    the segment label; the coded property is the generic SNOMED "Tissue", since free-text concepts
-    have no code. Empty slices are omitted, as the standard allows. Written atomically.
+    ``labels`` names each label value (a list names values 1, 2, ...); every named label becomes a
+    segment, in label order, found or not: the concept phrase is the segment label, the coded
+    property the generic SNOMED "Tissue", since free-text concepts have no code. Empty slices are
+    omitted, as the standard allows; an all-empty mask keeps every frame (a valid, empty SEG).
+    Patient/study attributes the series lacks but the standard lets be empty are written empty;
+    a missing required one is refused by name. Written atomically.
     """
     import highdicom as hd
     import pydicom
@@ -561,11 +659,12 @@ def write_dicom_seg(
     unnamed = [v for v in present if v not in names]
     if unnamed:
         raise MedSAM3Error(f"{path}: mask label(s) {unnamed} have no name in labels {names}")
-    if not present:
-        raise MedSAM3Error(f"{path}: the mask is empty; DICOM-SEG cannot store an empty segmentation")
-    # highdicom numbers segments 1..N: map each present label onto its rank.
-    lookup = np.zeros(int(pixels.max()) + 1, dtype=np.uint16)
-    for number, value in enumerate(present, start=1):
+    values = sorted(int(v) for v in names)
+    if not values:
+        raise MedSAM3Error(f"{path}: no labels to describe; a DICOM-SEG needs at least one segment")
+    # highdicom numbers segments 1..N: map each named label onto its rank.
+    lookup = np.zeros(max(values[-1], int(pixels.max())) + 1, dtype=np.uint16)
+    for number, value in enumerate(values, start=1):
         lookup[value] = number
     label_map = lookup[pixels]
     algorithm = hd.AlgorithmIdentificationSequence(
@@ -580,12 +679,13 @@ def write_dicom_seg(
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
         )
-        for number, value in enumerate(present, start=1)
+        for number, value in enumerate(values, start=1)
     ]
     try:
         sources = [pydicom.dcmread(name) for name in like.source_files]
     except Exception as error:
         raise InputFileError(like.path, f"cannot re-read the DICOM series ({_one_line(error)})") from None
+    _complete_seg_sources(sources, like.source_files, path)
     try:
         seg = _build_seg(hd, sources, label_map, descriptions, series_description)
     except (AttributeError, ValueError, TypeError) as error:
@@ -593,6 +693,44 @@ def write_dicom_seg(
     with atomic_path(path, suffix=".dcm") as tmp:
         seg.save_as(tmp)
     return path
+
+
+def check_dicom_seg_sources(like: Volume, path: str | Path) -> None:
+    """Refuse, from the headers alone and before any work, a series a DICOM-SEG cannot reference."""
+    import pydicom
+
+    try:
+        headers = [pydicom.dcmread(name, stop_before_pixels=True) for name in like.source_files]
+    except Exception as error:
+        raise InputFileError(like.path, f"cannot re-read the DICOM series ({_one_line(error)})") from None
+    _complete_seg_sources(headers, like.source_files, Path(path))
+
+
+def _complete_seg_sources(sources: list, files: tuple[str, ...], path: Path) -> None:
+    """Add the type 2 attributes a SEG copies, empty, to the in-memory sources that lack them; refuse
+    a source without a required one, naming the attribute and the file. The files are not touched."""
+    from pydicom.datadict import tag_for_keyword
+
+    def refuse(keyword: str) -> None:
+        missing = [name for ds, name in zip(sources, files) if ds.get(keyword) in (None, "")]
+        tag = tag_for_keyword(keyword) or 0
+        others = f", nor do {len(missing) - 1} other files of the series" if len(missing) > 1 else ""
+        raise InputFileError(
+            missing[0],
+            f"has no {keyword} ({tag >> 16:04X},{tag & 0xFFFF:04X}){others}; "
+            f"a DICOM-SEG needs it, so {path.name} cannot be written",
+        )
+
+    for ds in sources:
+        for keyword in _SEG_REQUIRED:
+            if ds.get(keyword) in (None, ""):
+                refuse(keyword)
+        placed = ds.get("ImagePositionPatient") is not None and ds.get("ImageOrientationPatient") is not None
+        if placed and ds.get("SliceThickness") in (None, ""):
+            refuse("SliceThickness")  # type 2 in the image, but the SEG's pixel measures need a value
+        for keyword in _SEG_EMPTY_ALLOWED:
+            if keyword not in ds:
+                setattr(ds, keyword, "")
 
 
 def _build_seg(hd: Any, sources: list, label_map: np.ndarray, descriptions: list, series_description: str) -> Any:
@@ -612,6 +750,7 @@ def _build_seg(hd: Any, sources: list, label_map: np.ndarray, descriptions: list
         software_versions=__version__,
         device_serial_number="0",
         content_description=series_description[:64],
+        omit_empty_frames=bool(label_map.any()),  # all empty: keep the frames (highdicom would say so itself)
     )
     seg.SeriesDescription = series_description[:64]
     return seg

@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceFocalLoss
 from monai.networks.nets import UNet
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from medsam3.data.masks import components, masks_to_boxes
 from medsam3.errors import DatasetError, MedSAM3Error, ModelSpecError, PromptError
 from medsam3.infer.types import Prompt, PromptResult
-from medsam3.utils.files import atomic_files, write_json_atomic, write_text_atomic
+from medsam3.utils.files import atomic_files, save_tensors, write_json_atomic, write_text_atomic
 from medsam3.utils.outputs import check_output_folder
 from medsam3.utils.terminal import one_line as _one_line
 
@@ -303,7 +303,7 @@ def save_unet(
     writer.writerow(["epoch", "loss"])
     writer.writerows([i + 1, f"{v:.6f}"] for i, v in enumerate(history))
     with atomic_files() as files:
-        save_file(state, str(files.path(out_dir / WEIGHTS_NAME)), metadata={"kind": KIND})
+        save_tensors(files.path(out_dir / WEIGHTS_NAME), state, metadata={"kind": KIND})
         write_text_atomic(files.path(out_dir / LOG_NAME), buf.getvalue())
         write_json_atomic(files.path(out_dir / CONFIG_NAME), config.to_json())
 

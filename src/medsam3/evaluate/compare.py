@@ -24,7 +24,9 @@ from medsam3.evaluate.report import CSV_NAME, SUMMARY_NAME, CaseRecord, read_cas
 from medsam3.utils.files import atomic_files, write_json_atomic, write_text_atomic
 from medsam3.utils.outputs import check_output_file
 
-METRICS = ("dice", "iou", "nsd")
+METRICS = ("dice", "iou", "nsd", "hd95")
+#: Metrics where a smaller value is better (a distance); the others are overlaps, higher is better.
+LOWER_IS_BETTER = ("hd95",)
 OVERALL = "overall"
 
 
@@ -108,10 +110,13 @@ class ConceptComparison:
     paired_n: list[int]
     diffs: list[float | None]
     p_values: list[float | None]
+    infinite: list[int] = field(default_factory=list)
+    """Per run, the cases whose value is infinite (HD95 with exactly one mask empty): left out of the mean."""
 
 
 def _mean(values: Sequence[float]) -> float | None:
-    finite = [v for v in values if not math.isnan(v)]
+    """Mean of the finite values: NaN (not scored) and inf (HD95 with one mask empty) are left out."""
+    finite = [v for v in values if math.isfinite(v)]
     return float(np.mean(finite)) if finite else None
 
 
@@ -125,7 +130,7 @@ def _compare_concept(runs: Sequence[Run], concept: str | None, metric: str, min_
     paired_n, diffs, p_values = [], [], []
     for run, recs in zip(runs[1:], selected[1:], strict=True):
         pairs = pair_records(base, Run(run.path, run.label, recs, run.summary))
-        pairs = [(p, q) for p, q in pairs if not (math.isnan(getattr(p, metric)) or math.isnan(getattr(q, metric)))]
+        pairs = [(p, q) for p, q in pairs if math.isfinite(getattr(p, metric)) and math.isfinite(getattr(q, metric))]
         x = [getattr(p, metric) for p, _ in pairs]
         y = [getattr(q, metric) for _, q in pairs]
         paired_n.append(len(pairs))
@@ -138,6 +143,7 @@ def _compare_concept(runs: Sequence[Run], concept: str | None, metric: str, min_
         paired_n=paired_n,
         diffs=diffs,
         p_values=p_values,
+        infinite=[sum(math.isinf(getattr(r, metric)) for r in recs) for recs in selected],
     )
 
 
@@ -159,10 +165,10 @@ class Comparison:
         lines.append("|" + "---|" * len(head))
         for row in self.rows:
             name = f"**{row.concept}**" if row.concept == OVERALL else row.concept
-            cells = [name, str(row.counts[0]), _fmt(row.means[0])]
+            cells = [name, str(row.counts[0]), _fmt(row.means[0], row.infinite[0])]
             for k in range(1, len(self.runs)):
                 cells += [
-                    _fmt(row.means[k]),
+                    _fmt(row.means[k], row.infinite[k]),
                     _fmt_diff(row.diffs[k - 1], row.p_values[k - 1], row.paired_n[k - 1]),
                 ]
             lines.append("| " + " | ".join(cells) + " |")
@@ -170,7 +176,7 @@ class Comparison:
             "",
             f"Mean {self.metric} over the cases that contain the concept; Δ is the mean paired difference "
             "on the cases both runs scored; p: two-sided Wilcoxon signed-rank test "
-            f"(with >= {self.min_pairs} pairs).",
+            f"(with >= {self.min_pairs} pairs).{self._direction()}",
             "",
             "Runs:",
         ]
@@ -184,6 +190,14 @@ class Comparison:
         if published:
             lines += ["", published.rstrip("\n")]
         return "\n".join(lines) + "\n"
+
+    def _direction(self) -> str:
+        if self.metric not in LOWER_IS_BETTER:
+            return ""
+        return (
+            f" Lower {self.metric} is better (mm, or pixels without spacing). It is infinite where exactly one "
+            "mask is empty: such cases are counted apart (inf) and left out of the means and the paired differences."
+        )
 
     def published(self) -> str:
         """The paper's numbers for the runs' datasets, one block per dataset name."""
@@ -219,8 +233,9 @@ class Comparison:
         }
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
+def _fmt(value: float | None, infinite: int = 0) -> str:
+    text = "–" if value is None else f"{value:.4f}"
+    return text + (f" ({infinite} inf)" if infinite else "")
 
 
 def _fmt_diff(diff: float | None, p: float | None, n: int) -> str:

@@ -54,7 +54,9 @@ def to_prompt_result(
     ``box_masks(boxes_xyxy_normalised) -> (N, h', w') logits`` redraws each kept instance's mask from
     its box (lite's pretrained box decoder) instead of using the detector's own mask.
     ``semantic_instances``: instances are the connected components of the semantic (dense union) map
-    instead of the queries' masks (see :func:`semantic_result`).
+    instead of the queries' masks (see :func:`semantic_result`). Either way every instance has at
+    least one pixel: a query whose mask is empty at the original size (a 1x1 image, a high
+    ``mask_threshold``) is dropped, whatever its score.
     """
     height, width = original_size
     canvas_h, canvas_w = canvas_size or original_size
@@ -77,12 +79,15 @@ def to_prompt_result(
     presence = float(presence_logit.float().sigmoid()) if presence_logit is not None else float("nan")
     if semantic_instances and semantic is not None:
         return semantic_result(prompt, presence, semantic, score_threshold, mask_threshold)
+    masks = probs > mask_threshold
+    filled = masks.flatten(1).any(dim=1)  # an instance has at least one pixel: a mask that vanished
+    keep, boxes, masks = keep[filled], boxes[filled], masks[filled]  # at this size is no instance
     return PromptResult(
         prompt=prompt,
         presence=presence,
         scores=scores[keep].cpu().numpy().astype(np.float32),
         boxes=boxes.cpu().numpy().astype(np.float32),
-        masks=(probs > mask_threshold).cpu().numpy(),
+        masks=masks.cpu().numpy(),
         semantic=semantic,
     )
 

@@ -518,27 +518,27 @@ def segment_volume_file(
     (none may be, or lie inside, the input; none may be a folder; they must differ from each other),
     and the DICOM-SEG request too. The mask, DICOM-SEG and legend are written to temporaries and
     moved into place together (legend last): a failure leaves earlier files untouched. An empty
-    result writes an empty mask and legend, and skips the DICOM-SEG (the standard cannot hold an
-    empty segmentation) with a note.
+    result writes an empty mask, legend and DICOM-SEG (one empty segment per prompt), with a note.
     """
-    from medsam3.data.volume_io import read_volume, write_dicom_seg, write_mask
+    from medsam3.data.volume_io import check_dicom_seg_sources, read_volume, write_dicom_seg, write_mask
     from medsam3.utils.files import atomic_files, write_json_atomic
 
     out = check_volume_outputs(volume_path, out, dicom_seg)
     volume = read_volume(volume_path, series_uid=series_uid)
     if dicom_seg is not None and not volume.source_files:
         raise MedSAM3Error(f"{dicom_seg}: DICOM-SEG needs a DICOM series folder as input, not {volume.path}")
+    if dicom_seg is not None:
+        check_dicom_seg_sources(volume, dicom_seg)
     seg = segment_volume(volume, prompts, predictor, **options)
     seg.notes[:0] = list(notes)
     with atomic_files() as files:
         write_mask(files.path(out), seg.label_map, volume)
         written_seg = None
         if dicom_seg is not None:
-            if seg.label_map.any():
-                write_dicom_seg(files.path(dicom_seg), seg.label_map, volume, dict(seg.legend))
-                written_seg = str(dicom_seg)
-            else:
-                seg.notes.append(f"{dicom_seg} not written: nothing was found, and DICOM-SEG cannot be empty")
+            write_dicom_seg(files.path(dicom_seg), seg.label_map, volume, dict(seg.legend))
+            written_seg = str(dicom_seg)
+            if not seg.label_map.any():
+                seg.notes.append(f"nothing was found: {dicom_seg} holds only empty segments")
         legend = seg.to_json(volume)
         loaded = getattr(predictor, "loaded", None)
         model = getattr(loaded, "spec", None)

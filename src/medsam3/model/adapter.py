@@ -16,13 +16,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import medsam3
 from medsam3.errors import ModelSpecError
 from medsam3.model.loaded import LoadedModel
 from medsam3.model.policy import LoraSettings, apply_policy, trainable_state_dict
-from medsam3.utils.files import atomic_dir
+from medsam3.utils.files import atomic_dir, save_tensors
 
 WEIGHTS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
@@ -60,7 +60,7 @@ def save_adapter(
         raise ModelSpecError("nothing to save: the model has no trainable parameters")
     meta = adapter_metadata(loaded, policy, concepts, extra)
     with atomic_dir(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_tensors(tmp / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if write_extra is not None:
             write_extra(tmp)

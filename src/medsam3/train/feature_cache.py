@@ -23,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from medsam3.errors import MedSAM3Error
 from medsam3.model.seam import ModelSeam
-from medsam3.utils.files import atomic_path, write_json_atomic
+from medsam3.utils.files import atomic_path, save_tensors, write_json_atomic
 
 MANIFEST = "manifest.json"
 
@@ -98,7 +98,7 @@ class FeatureCache:
                     f"part{j}": t[row].detach().to("cpu", self.stored_dtype).contiguous() for j, t in enumerate(fresh)
                 }
                 with atomic_path(self._path(keys[index])) as tmp:
-                    save_file(parts, str(tmp))
+                    save_tensors(tmp, parts)
         self.misses += len(missing)
         self.hits += len(keys) - len(missing)
         stored = [load_file(str(self._path(key))) for key in keys]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medsam3.errors import MedSAM3Error
+from medsam3.errors import DatasetError, MedSAM3Error
 from medsam3.model.presets import DEFAULT_MODEL
 from medsam3.train.trainer import TrainConfig, Trainer, seed_everything
 
@@ -132,6 +132,12 @@ def train_path(
         train_set, val_set = _drop_unreadable(train_set, skipped), _drop_unreadable(val_set, skipped)
     for line in skipped:
         say(f"warning: skipped {line}")
+    if not len(train_set):  # before the model is loaded: a tiny dataset whose cases all hashed elsewhere
+        held = ", ".join(f"{len(dataset.split(n).cases)} in {n}" for n in ("val", "test") if len(dataset.split(n)))
+        raise DatasetError(
+            f"{data}: nothing to train on: no case is in the training split ({held or 'no usable case'}); "
+            "cases are split by a hash of their id (about 80% train), so a dataset this small can have none: add cases"
+        )
     held_out = ""
     if len(val_set) == 0 and len(train_set.cases) >= MIN_CASES_TO_HOLD_OUT:
         train_set, val_set = hold_out_validation(train_set, config.seed)

@@ -432,6 +432,8 @@ class Trainer:
 
     def save_checkpoint(self, name: str, extra: dict | None = None) -> Path:
         """Write ``out_dir/name`` atomically: the previous checkpoint survives any failure."""
+        from medsam3.utils.files import save_torch
+
         state = self._state()
         meta = {
             "position": asdict(self.position),
@@ -446,7 +448,7 @@ class Trainer:
             self.config.policy,
             self.concepts,
             extra=meta,
-            write_extra=lambda folder: torch.save(state, folder / STATE_FILE),
+            write_extra=lambda folder: save_torch(folder / STATE_FILE, state),  # a full disk: an OSError
         )
 
     def resume(self, checkpoint: str | Path | None = None) -> None:
@@ -488,6 +490,44 @@ class Trainer:
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.position = position
+        self._drop_unsaved_rows()
+
+    def _drop_unsaved_rows(self) -> None:
+        """Drop the ``metrics.csv`` rows the resumed checkpoint does not know of.
+
+        An epoch's row is logged before its checkpoint is written: a run stopped in between (a full
+        disk) resumes from the checkpoint before, and would list that epoch twice. Kept: rows up to the
+        checkpoint's step, except one at that very step when the run resumes exactly at an epoch's end
+        (it logs that epoch again).
+        """
+        path = self.out_dir / "metrics.csv"
+        if self.rank != 0 or not path.is_file():
+            return
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            fields, rows = reader.fieldnames or [], list(reader)
+        step, epoch = self.position.step, self.position.epoch
+        again = epoch < self.config.epochs and self.position.batch >= len(self.micro_batches(epoch))
+
+        def known(row: dict) -> bool:
+            try:
+                logged = int(float(row.get("step") or ""))
+            except ValueError:
+                return True  # not ours to judge
+            return logged < step or (logged == step and not again)
+
+        kept = [row for row in rows if known(row)]
+        if len(kept) == len(rows):
+            return
+        import io
+
+        from medsam3.utils.files import write_text_atomic
+
+        text = io.StringIO()
+        out = csv.DictWriter(text, fieldnames=fields)
+        out.writeheader()
+        out.writerows(kept)
+        write_text_atomic(path, text.getvalue())
 
     def _check_same_run(self, folder: Path, meta: dict) -> None:
         """Refuse a checkpoint of another training set, or one whose position means another order."""

@@ -2,7 +2,12 @@
 
 Every output goes to a temporary file in the destination folder, then ``os.replace`` moves it
 into place (atomic on POSIX within one file system). If anything fails, the temporary file is
-removed and the previous file, if any, survives untouched.
+removed and the previous file, if any, survives untouched; an ``OSError`` (a full disk) then names
+the destination, not the temporary.
+
+Tensors are written through :func:`save_tensors` and :func:`save_torch`: serialised in memory, then
+written by Python, because ``torch.save`` and safetensors' ``save_file`` report a full disk as a
+``RuntimeError``/``SafetensorError`` without errno, which reads as a bug instead of "No space left".
 """
 
 from __future__ import annotations
@@ -42,6 +47,51 @@ def _umask() -> int:
     return mask
 
 
+def _named_for(exc: OSError, tmp: Path, destination: Path) -> OSError:
+    """``exc`` with a file name inside the temporary ``tmp`` shown at ``destination`` instead."""
+    name = exc.filename
+    if name is None:
+        return exc
+    try:
+        inside = Path(os.fsdecode(name)).relative_to(tmp)
+    except ValueError:
+        return exc
+    shown = destination if str(inside) == "." else destination / inside
+    renamed = OSError(exc.errno, exc.strerror or str(exc), str(shown))  # errno picks the subclass
+    renamed.__traceback__ = exc.__traceback__
+    return renamed
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` with Python's own I/O: a full disk is an ``OSError`` (ENOSPC) naming ``path``."""
+    path = Path(path)
+    try:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write or close names no file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from None
+        raise
+
+
+def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file, written by :func:`write_bytes` (a full disk is an ``OSError``)."""
+    from safetensors.torch import save
+
+    write_bytes(path, save(tensors, metadata=metadata))
+
+
+def save_torch(path: str | Path, obj: Any) -> None:
+    """A ``torch.save`` file (state of plain tensors and numbers), written by :func:`write_bytes`."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
 def _public(path: Path, directory: bool = False) -> None:
     """mkstemp/mkdtemp create private (0600/0700) entries; give outputs the usual umask permissions."""
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
@@ -64,6 +114,12 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
         if tmp_path.exists():
             _public(tmp_path)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        renamed = _named_for(exc, tmp_path, path)
+        if renamed is exc:
+            raise
+        raise renamed from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -88,6 +144,12 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        renamed = _named_for(exc, tmp, path)
+        if renamed is exc:
+            raise
+        raise renamed from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

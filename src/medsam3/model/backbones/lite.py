@@ -382,10 +382,10 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lite_folder(model: LiteSam3Model, folder: Path) -> None:
     """config.json + model.safetensors of the trained parts (the frozen towers stay in their packages)."""
-    from safetensors.torch import save_file
+    from medsam3.utils.files import save_tensors
 
     model.config.to_json_file(str(folder / "config.json"))
-    save_file(trained_state(model), str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_tensors(folder / WEIGHTS_FILE, trained_state(model), metadata={"format": "pt"})
 
 
 def load_lite_folder(folder: Path, config: Sam3Config) -> LiteSam3Model:
