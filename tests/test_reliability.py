@@ -760,7 +760,8 @@ def test_a_full_disk_while_training_is_one_line_and_resume_logs_each_epoch_once(
         return folder
 
     monkeypatch.setattr(Trainer, "save_checkpoint", then_full)
-    code, _, err = _train(data, run, capfd, "--epochs", "2")
+    # no feature cache: it lives in the run folder, and its files would meet the full disk first
+    code, _, err = _train(data, run, capfd, "--epochs", "2", "--no-cache-features")
     line = _one_line(err)
     assert code == 2 and line == f"medsam3: error: {run / 'best' / 'adapter.safetensors'}: No space left on device"
     assert _hashes(run / "best", run / "last") == snapshot  # epoch 1's checkpoints, untouched
@@ -768,7 +769,7 @@ def test_a_full_disk_while_training_is_one_line_and_resume_logs_each_epoch_once(
     assert _metrics(run) == [("1", "1"), ("2", "2")]  # epoch 2 was logged before its checkpoint failed
 
     disk.free = None  # space freed: resume from epoch 1's last/
-    code, stdout, err = _train(data, run, capfd, "--epochs", "2", "--resume")
+    code, stdout, err = _train(data, run, capfd, "--epochs", "2", "--resume", "--no-cache-features")
     assert code == 0 and err == "", err
     assert _metrics(run) == [("1", "1"), ("2", "2")]  # once each, not epoch 2 twice
     assert json.loads((run / "last" / "adapter.json").read_text())["position"]["step"] == 2

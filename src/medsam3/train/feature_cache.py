@@ -79,10 +79,15 @@ class FeatureCache:
                     )
                 for entry in self.root.glob("*.safetensors"):
                     entry.unlink()
+        self._manifest_written = False  # written with the first entry: a run that fails early leaves nothing
+
+    def _write_manifest(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
-            manifest, {"encoder_fingerprint": self.fingerprint, "dtype": str(self.stored_dtype).split(".")[-1]}
+            self.root / MANIFEST,
+            {"encoder_fingerprint": self.fingerprint, "dtype": str(self.stored_dtype).split(".")[-1]},
         )
+        self._manifest_written = True
 
     def _path(self, key: str) -> Path:
         return self.root / f"{key}.safetensors"
@@ -92,6 +97,8 @@ class FeatureCache:
         keys = [image_key(rgb) for rgb in rgbs]
         missing = [i for i, key in enumerate(keys) if not self._path(key).is_file()]
         if missing:
+            if not self._manifest_written:
+                self._write_manifest()
             fresh = self.seam.embed_images([rgbs[i] for i in missing])
             for row, index in enumerate(missing):
                 parts = {
