@@ -107,22 +107,6 @@ def test_more_targets_than_queries_matches_every_query_once():
     assert dict(zip(query_idx.tolist(), target_idx.tolist(), strict=True)) == {0: 2, 1: 0}
 
 
-def test_one_to_many_gives_k_distinct_nearest_queries_per_target():
-    target = torch.tensor([[0.4, 0.4, 0.6, 0.6]])
-    offsets = torch.tensor([0.0, 0.3, 0.01, 0.2, 0.02, 0.03])  # queries 0, 2, 4, 5 are the nearest
-    pred = (target + offsets[:, None])[None].clamp(0, 1)
-    (query_idx, target_idx), = HungarianMatcher().one_to_many(torch.zeros(1, 6), pred, [target], k=4)
-    assert sorted(query_idx.tolist()) == [0, 2, 4, 5]
-    assert target_idx.tolist() == [0, 0, 0, 0]
-
-    two = torch.tensor([[0.0, 0.0, 0.2, 0.2], [0.7, 0.7, 0.9, 0.9]])
-    pred = torch.cat([two[0] + offsets[:3, None] * 0.1, two[1] + offsets[:3, None] * 0.1])[None]
-    (query_idx, target_idx), = HungarianMatcher().one_to_many(torch.zeros(1, 6), pred, [two], k=4)
-    assert sorted(query_idx.tolist()) == list(range(6))  # 8 slots, 6 queries: every query used once
-    pairs = dict(zip(query_idx.tolist(), target_idx.tolist(), strict=True))
-    assert pairs == {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
-
-
 def test_bad_inputs_fail_clearly():
     matcher = HungarianMatcher()
     with pytest.raises(ValueError, match="pred_boxes"):

@@ -1,0 +1,76 @@
+"""Seconds per Sam3DetectionLoss call (forward + backward of the loss alone) for lite-like shapes.
+
+A batch of 4 images, 32 queries, 64 x 64 mask and semantic logits (lite's grid), 3 instances in
+three images and one image without the concept, targets at the canvas size given on the command
+line. Compares the mask/semantic terms at the target size (SAM 3) with the prediction grid.
+
+    python benchmarks/bench_losses.py --sizes 256 512 1024 2048 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from medsam3.train.boxes import masks_to_normalized_boxes
+from medsam3.train.losses import LossWeights, Sam3DetectionLoss
+
+
+def _batch(side: int, batch: int = 4, queries: int = 32, grid: int = 64, instances: int = 3):
+    generator = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    targets = []
+    for b in range(batch):
+        if b == batch - 1:
+            targets.append({"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, side, side, dtype=torch.bool)})
+            continue
+        masks = []
+        for _ in range(instances):
+            cy, cx = (torch.rand(2, generator=generator) * 0.6 + 0.2) * side
+            r = (torch.rand(1, generator=generator).item() * 0.1 + 0.03) * side
+            masks.append((yy - cy) ** 2 + (xx - cx) ** 2 < r**2)
+        masks = torch.stack(masks)
+        targets.append({"boxes": masks_to_normalized_boxes(masks), "masks": masks})
+    corners = torch.rand(batch, queries, 2, 2, generator=generator).sort(dim=2).values
+    outputs = {
+        "pred_logits": torch.randn(batch, queries, generator=generator),
+        "pred_boxes": corners.permute(0, 1, 3, 2).reshape(batch, queries, 4)[..., [0, 2, 1, 3]],
+        "pred_masks": torch.randn(batch, queries, grid, grid, generator=generator),
+        "presence_logits": torch.randn(batch, 1, generator=generator),
+        "semantic_seg": torch.randn(batch, 1, grid, grid, generator=generator),
+    }
+    return outputs, targets
+
+
+def seconds_per_call(loss: Sam3DetectionLoss, side: int, repeats: int) -> float:
+    outputs, targets = _batch(side)
+    times = []
+    for _ in range(repeats + 1):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in outputs.items()}
+        start = time.perf_counter()
+        total, _ = loss(leaves, targets)
+        total.backward()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[len(times[1:]) // 2]  # median, first call (warm-up) dropped
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"| target side | target (s) | prediction grid (s) | target capped at 1024 (s) |")
+    print("|---|---|---|---|")
+    for side in args.sizes:
+        target = seconds_per_call(Sam3DetectionLoss(LossWeights(max_mask_side=0)), side, args.repeats)
+        grid = seconds_per_call(Sam3DetectionLoss(LossWeights(mask_resolution="prediction")), side, args.repeats)
+        capped = seconds_per_call(Sam3DetectionLoss(LossWeights(max_mask_side=1024)), side, args.repeats)
+        print(f"| {side} | {target:.4f} | {grid:.4f} | {capped:.4f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
