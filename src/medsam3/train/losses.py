@@ -89,8 +89,9 @@ class LossWeights:
     256 for lite), 0 = no cap, N = N px. SAM 3's targets are resized with the image to its 1008 px
     input, so "the target size" there is the input side; our targets live on the original canvas
     (512 px for a CT slice, 2000+ for a pathology tile), and supervising finer than the model's input
-    costs time without adding anything the model saw (measured: 4 x 32 queries, 64 px logits, one
-    thread: 0.013 s per loss call at the prediction grid, 0.10 s at a 512 px target, 4.0 s at 2048).
+    costs time without adding anything the model saw (``benchmarks/bench_losses.py``: 4 images x 32
+    queries, 64 px logits, one thread on the shared 2-core machine: 0.1-0.3 s per loss call at a
+    512 px target, 4-9 s at 2048, against 0.02-0.05 s on the 64 px grid).
 
     Semantic map: ``semantic`` 20 and ``semantic_dice`` 30 (SAM 3's pre-training values; 0 and 0 is
     SAM 3's released fine-tuning recipe), ``semantic_form`` "focal" with ``semantic_alpha`` 0.6,
