@@ -151,15 +151,53 @@ class LossWeights:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> LossWeights:
-        """`LossWeights(**options)` with a one-line error naming an unknown option (a typo in a config)."""
+        """`LossWeights(**options)` with one-line errors for an unknown option (a typo in a config) or a
+        value of the wrong type. Strings are converted to the option's type, so command-line
+        ``KEY=VALUE`` pairs can be passed as they are ("true"/"false" for flags, "none" for
+        ``max_mask_side``)."""
         options = dict(options or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
+        defaults = {f.name: f.default for f in fields(cls)}
+        unknown = sorted(set(options) - set(defaults))
         if unknown:
             raise MedSAM3Error(
-                f"unknown loss option(s) {', '.join(unknown)}: choose from {', '.join(sorted(known))}"
+                f"unknown loss option(s) {', '.join(unknown)}: choose from {', '.join(sorted(defaults))}"
             )
-        return cls(**options)
+        return cls(**{name: _coerce(name, value, defaults[name]) for name, value in options.items()})
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    """`value` as the type of the option's default (int options also take None when the default is None)."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+                return words[value.strip().lower()]
+            if isinstance(value, (bool, int)) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if default is None:  # max_mask_side: a whole number or None
+            if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+                return None
+            return _whole(value)
+        if isinstance(default, int):
+            return _whole(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (KeyError, TypeError, ValueError):
+        kind = "true or false" if isinstance(default, bool) else type(default).__name__ if default is not None else "int or none"
+        raise MedSAM3Error(f"loss option {name} must be {kind}, got {value!r}") from None
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError
+    return int(number)
 
 
 # This project's loss before it followed SAM 3 (issue 17), which trained the bundled lite and nano:
