@@ -543,7 +543,8 @@ def test_masks_are_focal_and_dice_at_the_target_size():
     focal = dice = 0.0
     for b, matches in enumerate(_MATCHES):
         for q, t in matches.items():
-            f, d = _focal_and_dice(outputs["pred_masks"][b, q].tolist(), targets[b]["masks"][t].float().tolist(), 0.25, 2)
+            logits, target = outputs["pred_masks"][b, q].tolist(), targets[b]["masks"][t].float().tolist()
+            f, d = _focal_and_dice(logits, target, 0.25, 2)
             focal, dice = focal + f, dice + d
     assert terms["loss_mask"].item() == pytest.approx(focal / 3, rel=1e-5)
     assert terms["loss_dice"].item() == pytest.approx(dice / 3, rel=1e-5)

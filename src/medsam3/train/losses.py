@@ -26,9 +26,10 @@ under torch.distributed, at least 1), as SAM 3 does. Losses run in float32 even 
 
 Where we differ from SAM 3, and why (each difference is an option of `LossWeights`):
 - the semantic term is on by default. SAM 3's released fine-tuning config and the MedSAM3 authors'
-  trainer switch it off, but SAM 3's pre-training uses it, and dense supervision converges far
-  faster than matched instance losses for our small detectors trained from scratch (``lite``,
-  ``nano``); set ``semantic=0, semantic_dice=0`` for the released fine-tuning recipe;
+  trainer switch it off (the config keeps it, with these values, commented out; the pre-training
+  configs are not public), but dense supervision converges far faster than matched instance losses
+  for our small detectors trained from scratch (``lite``, ``nano``); set ``semantic=0,
+  semantic_dice=0`` for the released fine-tuning recipe;
 - no one-to-many ("DAC") supervision: SAM 3 duplicates its queries in training, the copies skip
   self-attention, and a one-to-many matcher supervises them. transformers' Sam3DetrDecoderLayer has
   no such copies; the earlier substitute (extra one-to-many targets on the one-to-one queries) was
@@ -93,7 +94,7 @@ class LossWeights:
     queries, 64 px logits, one thread on the shared 2-core machine: 0.1-0.3 s per loss call at a
     512 px target, 4-9 s at 2048, against 0.02-0.05 s on the 64 px grid).
 
-    Semantic map: ``semantic`` 20 and ``semantic_dice`` 30 (SAM 3's pre-training values; 0 and 0 is
+    Semantic map: ``semantic`` 20 and ``semantic_dice`` 30 (SAM 3's values for this term; 0 and 0 is
     SAM 3's released fine-tuning recipe), ``semantic_form`` "focal" with ``semantic_alpha`` 0.6,
     ``semantic_gamma`` 2 (SAM 3), ``semantic_on_absent`` False (SAM 3: images without the concept
     give no semantic term). ``semantic_form="bce"`` with ``semantic_on_absent=True`` is this
@@ -130,9 +131,8 @@ class LossWeights:
 
     def __post_init__(self) -> None:
         if self.mask_resolution not in MASK_RESOLUTIONS:
-            raise MedSAM3Error(
-                f"loss option mask_resolution must be one of {', '.join(MASK_RESOLUTIONS)}, got {self.mask_resolution!r}"
-            )
+            choices = ", ".join(MASK_RESOLUTIONS)
+            raise MedSAM3Error(f"loss option mask_resolution must be one of {choices}, got {self.mask_resolution!r}")
         if self.semantic_form not in SEMANTIC_FORMS:
             raise MedSAM3Error(
                 f"loss option semantic_form must be one of {', '.join(SEMANTIC_FORMS)}, got {self.semantic_form!r}"
@@ -187,7 +187,10 @@ def _coerce(name: str, value: Any, default: Any) -> Any:
             return float(value)
         return str(value)
     except (KeyError, TypeError, ValueError):
-        kind = "true or false" if isinstance(default, bool) else type(default).__name__ if default is not None else "int or none"
+        if isinstance(default, bool):
+            kind = "true or false"
+        else:
+            kind = type(default).__name__ if default is not None else "int or none"
         raise MedSAM3Error(f"loss option {name} must be {kind}, got {value!r}") from None
 
 
@@ -512,7 +515,9 @@ class Sam3DetectionLoss(nn.Module):
             else:
                 union = src.new_zeros(src.shape)
             if w.semantic_form == "focal":
-                pixels = sigmoid_focal_loss(src, union, alpha=w.semantic_alpha, gamma=w.semantic_gamma, reduction="mean")
+                pixels = sigmoid_focal_loss(
+                    src, union, alpha=w.semantic_alpha, gamma=w.semantic_gamma, reduction="mean"
+                )
             else:
                 pixels = F.binary_cross_entropy_with_logits(src, union)
             pixel_term = pixel_term + pixels
