@@ -589,7 +589,7 @@ def test_legacy_semantic_form_is_bce_on_every_image():
 
 def test_loss_grid_is_capped_at_the_model_input_side():
     outputs, targets = _parity_case()
-    at_grid = Sam3DetectionLoss(LossWeights(mask_resolution="prediction"))(outputs, targets)[1]
+    at_grid = Sam3DetectionLoss(LossWeights(mask_at_target=False, semantic_at_target=False))(outputs, targets)[1]
     capped = Sam3DetectionLoss(input_side=4)(outputs, targets)[1]  # 8 px targets, 4 px input: the 4 px grid
     full = Sam3DetectionLoss(input_side=8)(outputs, targets)[1]
     for name in ("loss_mask", "loss_dice", "loss_semantic", "loss_semantic_dice"):
@@ -610,27 +610,10 @@ def test_zero_weighted_dense_terms_are_skipped_and_bad_options_fail_clearly():
 
     with pytest.raises(MedSAM3Error, match="semantic_form"):
         LossWeights(semantic_form="dice")
-    with pytest.raises(MedSAM3Error, match="mask_resolution"):
-        LossWeights(mask_resolution="full")
+    with pytest.raises(MedSAM3Error, match="max_mask_side"):
+        LossWeights(max_mask_side=-4)
     with pytest.raises(MedSAM3Error, match="pad_n_queries"):
         LossWeights(pad_n_queries=-1)
     with pytest.raises(MedSAM3Error, match="unknown loss option.*one_to_many"):
         LossWeights.from_options({"one_to_many": 2.0})
     assert LossWeights.from_options({"cls": 5}).cls == 5 and LossWeights.from_options(None) == LossWeights()
-
-
-def test_options_from_strings_as_a_command_line_gives_them():
-    weights = LossWeights.from_options(
-        {"semantic": "0", "semantic_on_absent": "true", "pad_n_queries": "0", "max_mask_side": "none",
-         "mask_resolution": "prediction", "cls": 5}
-    )
-    assert weights == LossWeights(semantic=0.0, semantic_on_absent=True, pad_n_queries=0, max_mask_side=None,
-                                  mask_resolution="prediction", cls=5.0)
-    assert LossWeights.from_options({"max_mask_side": "512"}).max_mask_side == 512
-    from medsam3.errors import MedSAM3Error
-
-    for bad, match in (({"negatives_in_absent_images": "maybe"}, "true or false"),
-                       ({"pad_n_queries": "2.5"}, "pad_n_queries must be int"),
-                       ({"cls": "heavy"}, "cls must be float")):
-        with pytest.raises(MedSAM3Error, match=match):
-            LossWeights.from_options(bad)

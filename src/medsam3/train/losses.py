@@ -61,7 +61,6 @@ from medsam3.errors import MedSAM3Error
 from medsam3.train.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, check_xyxy, paired_box_iou_and_giou
 from medsam3.train.matcher import HungarianMatcher, Match
 
-MASK_RESOLUTIONS = ("target", "prediction")
 SEMANTIC_FORMS = ("focal", "bce")
 
 
@@ -82,10 +81,10 @@ class LossWeights:
     Boxes: ``bbox_l1`` 5, ``giou`` 2. Auxiliary decoder layers: ``aux`` 1 (0 turns them off).
 
     Masks: ``mask_focal`` 200, ``mask_dice`` 10, focal ``mask_alpha`` 0.25, ``mask_gamma`` 2.
-    ``mask_resolution`` "target" (SAM 3: logits upsampled bilinearly to the target masks) or
-    "prediction" (targets area-downsampled to the logits' grid: cheaper by the upsampling factor
-    squared, coarser supervision of thin and tiny structures); applies to the semantic map too.
-    ``max_mask_side`` caps the long side of the "target" grid (targets area-downsampled to it first):
+    ``mask_at_target`` True (SAM 3: logits upsampled bilinearly to the target masks' grid) or False
+    (targets area-downsampled to the logits' grid: cheaper by the upsampling factor squared, coarser
+    supervision of thin and tiny structures); ``semantic_at_target`` the same for the semantic map.
+    ``max_mask_side`` caps the long side of the target grid (targets area-downsampled to it first):
     None (default) = the model's input side (``Sam3DetectionLoss(input_side=...)``: 1008 for SAM 3,
     256 for lite), 0 = no cap, N = N px. SAM 3's targets are resized with the image to its 1008 px
     input, so "the target size" there is the input side; our targets live on the original canvas
@@ -119,7 +118,7 @@ class LossWeights:
     mask_dice: float = 10.0
     mask_alpha: float = 0.25
     mask_gamma: float = 2.0
-    mask_resolution: str = "target"
+    mask_at_target: bool = True
     max_mask_side: int | None = None
     semantic: float = 20.0
     semantic_dice: float = 30.0
@@ -127,12 +126,10 @@ class LossWeights:
     semantic_alpha: float = 0.6
     semantic_gamma: float = 2.0
     semantic_on_absent: bool = False
+    semantic_at_target: bool = True
     aux: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.mask_resolution not in MASK_RESOLUTIONS:
-            choices = ", ".join(MASK_RESOLUTIONS)
-            raise MedSAM3Error(f"loss option mask_resolution must be one of {choices}, got {self.mask_resolution!r}")
         if self.semantic_form not in SEMANTIC_FORMS:
             raise MedSAM3Error(
                 f"loss option semantic_form must be one of {', '.join(SEMANTIC_FORMS)}, got {self.semantic_form!r}"
@@ -151,56 +148,14 @@ class LossWeights:
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> LossWeights:
-        """`LossWeights(**options)` with one-line errors for an unknown option (a typo in a config) or a
-        value of the wrong type. Strings are converted to the option's type, so command-line
-        ``KEY=VALUE`` pairs can be passed as they are ("true"/"false" for flags, "none" for
-        ``max_mask_side``)."""
+        """`LossWeights(**options)` (e.g. ``TrainConfig.loss_weights``) with a one-line error naming an
+        unknown option (a typo in a config) instead of a TypeError."""
         options = dict(options or {})
-        defaults = {f.name: f.default for f in fields(cls)}
-        unknown = sorted(set(options) - set(defaults))
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
         if unknown:
-            raise MedSAM3Error(
-                f"unknown loss option(s) {', '.join(unknown)}: choose from {', '.join(sorted(defaults))}"
-            )
-        return cls(**{name: _coerce(name, value, defaults[name]) for name, value in options.items()})
-
-
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    """`value` as the type of the option's default (int options also take None when the default is None)."""
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-                return words[value.strip().lower()]
-            if isinstance(value, (bool, int)) and value in (0, 1):
-                return bool(value)
-            raise ValueError
-        if default is None:  # max_mask_side: a whole number or None
-            if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
-                return None
-            return _whole(value)
-        if isinstance(default, int):
-            return _whole(value)
-        if isinstance(default, float):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
-    except (KeyError, TypeError, ValueError):
-        if isinstance(default, bool):
-            kind = "true or false"
-        else:
-            kind = type(default).__name__ if default is not None else "int or none"
-        raise MedSAM3Error(f"loss option {name} must be {kind}, got {value!r}") from None
-
-
-def _whole(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError
-    number = float(value)
-    if not number.is_integer():
-        raise ValueError
-    return int(number)
+            raise MedSAM3Error(f"unknown loss option(s) {', '.join(unknown)}: choose from {', '.join(sorted(known))}")
+        return cls(**options)
 
 
 # This project's loss before it followed SAM 3 (issue 17), which trained the bundled lite and nano:
@@ -211,7 +166,8 @@ LEGACY_LOSS: dict[str, Any] = {
     "semantic_on_absent": True,
     "negatives_in_absent_images": True,
     "pad_n_queries": 0,
-    "mask_resolution": "prediction",
+    "mask_at_target": False,
+    "semantic_at_target": False,
 }
 
 
@@ -268,7 +224,7 @@ def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Binary masks (N, H, W) -> float {0, 1} masks (N, h, w) on a coarser grid.
 
     Area interpolation gives each output pixel the fraction of it the mask covers; >= 0.5 is inside.
-    Used for ``mask_resolution="prediction"`` and to bring targets down to ``max_mask_side``. An
+    Used for ``mask_at_target=False`` (and the semantic twin) and to bring targets down to ``max_mask_side``. An
     instance too small to cover half of any output pixel keeps its best-covered pixel, so no target
     silently becomes empty.
     """
@@ -464,10 +420,12 @@ class Sam3DetectionLoss(nn.Module):
         add(f"loss_bbox{suffix}", l1, scale * w.bbox_l1)
         add(f"loss_giou{suffix}", (1 - giou).sum() / num_boxes, scale * w.giou)
 
-    def loss_grid(self, target_size: tuple[int, int] | None, prediction_size: tuple[int, int]) -> tuple[int, int]:
-        """The (H, W) grid mask and semantic terms are computed on for one image."""
+    def loss_grid(
+        self, target_size: tuple[int, int] | None, prediction_size: tuple[int, int], at_target: bool = True
+    ) -> tuple[int, int]:
+        """The (H, W) grid a mask or semantic term is computed on for one image."""
         w = self.weights
-        if w.mask_resolution == "prediction" or target_size is None:
+        if not at_target or target_size is None:
             return tuple(prediction_size)
         height, width = target_size
         cap = w.max_mask_side if w.max_mask_side is not None else (self.input_side or 0)
@@ -485,7 +443,7 @@ class Sam3DetectionLoss(nn.Module):
         for b, (query_idx, target_idx) in enumerate(matches):
             if query_idx.numel() == 0:
                 continue
-            grid = self.loss_grid(prepared[b].size, prediction_size)
+            grid = self.loss_grid(prepared[b].size, prediction_size, w.mask_at_target)
             src = upsample_logits(pred_masks[b, query_idx], grid)
             tgt = resize_masks(prepared[b].masks[target_idx], grid)
             per_mask = sigmoid_focal_loss(src, tgt, alpha=w.mask_alpha, gamma=w.mask_gamma, reduction="none")
@@ -508,7 +466,7 @@ class Sam3DetectionLoss(nn.Module):
             if not target.present and not w.semantic_on_absent:
                 continue
             counted += 1
-            grid = self.loss_grid(target.size, prediction_size)
+            grid = self.loss_grid(target.size, prediction_size, w.semantic_at_target)
             src = upsample_logits(logits[b : b + 1], grid)
             if target.present:
                 union = resize_masks(target.masks.bool().any(0, keepdim=True), grid)
