@@ -35,8 +35,8 @@ def _disk(size: int, cy: float, cx: float, r: float) -> torch.Tensor:
 
 
 def _case() -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """A perfect prediction for two images: image 0 holds a disk and a square (labels at 32 px, predictions
-    at 16 px), image 1 does not contain the concept. Queries 3 and 1 answer image 0's instances."""
+    """A perfect prediction for two images: image 0 holds a disk and a square (labels and predictions at
+    32 px), image 1 does not contain the concept. Queries 3 and 1 answer image 0's instances."""
     disk = _disk(32, 10, 10, 6)
     square = torch.zeros(32, 32, dtype=torch.bool)
     square[20:28, 16:30] = True
@@ -45,7 +45,7 @@ def _case() -> tuple[dict[str, torch.Tensor], list[dict]]:
         {"boxes": masks_to_normalized_boxes(masks), "masks": masks, "present": True},
         {"boxes": torch.zeros(0, 4), "masks": torch.zeros(0, 32, 32, dtype=torch.bool), "present": False},
     ]
-    b, q, h = 2, 5, 16
+    b, q, h = 2, 5, 32
     logits = torch.full((b, q), -12.0)
     boxes = torch.tensor([0.4, 0.4, 0.6, 0.6]).repeat(b, q, 1)
     pred_masks = torch.full((b, q, h, h), -20.0)
@@ -89,10 +89,16 @@ def test_perfect_prediction_is_near_zero_and_every_mistake_costs_more():
     worse(lambda o: o["pred_masks"][0, 1].neg_(), "loss_mask")
     worse(lambda o: o["pred_masks"][0, 1].neg_(), "loss_dice")
     worse(lambda o: o["pred_logits"][0, 3].fill_(-2.0), "loss_cls")  # a true instance scored low
-    worse(lambda o: o["pred_logits"][1, 0].fill_(3.0), "loss_cls")  # a query fires on an absent concept
+    worse(lambda o: o["pred_logits"][0, 0:5:2].fill_(6.0), "loss_cls")  # queries fire on background
     worse(lambda o: o["presence_logits"][1].fill_(5.0), "loss_presence")
-    worse(lambda o: o["semantic_seg"].neg_(), "loss_semantic_bce")
+    worse(lambda o: o["semantic_seg"].neg_(), "loss_semantic")
     worse(lambda o: o["semantic_seg"].neg_(), "loss_semantic_dice")
+    # SAM 3: in an image without the concept a firing query is left to the presence head
+    absent_fires = _clone(outputs)
+    absent_fires["pred_logits"][1].fill_(6.0)
+    assert loss(absent_fires, targets)[0].item() == pytest.approx(best.item(), abs=1e-6)
+    legacy = Sam3DetectionLoss(LossWeights(negatives_in_absent_images=True))
+    assert legacy(absent_fires, targets)[0].item() > legacy(outputs, targets)[0].item() + 0.5
 
 
 def test_permuting_queries_gives_the_same_loss():
@@ -143,9 +149,11 @@ def test_classification_and_presence_match_hand_values():
     mask[:2, :2] = True
     box = [0.0, 0.0, 0.5, 0.5]
     outputs, targets = _single([0.0, 0.0], [box, [0.5, 0.5, 1.0, 1.0]], torch.zeros(2, 4, 4), box, mask)
-    _, terms = Sam3DetectionLoss()(outputs, targets)
+    _, terms = Sam3DetectionLoss(LossWeights(pad_n_queries=0))(outputs, targets)
     # logit 0: BCE is ln 2 whatever the soft target; positive x pos_weight 10, negative x p^gamma = 1/4
     assert terms["loss_cls"].item() == pytest.approx((10 * LN2 + 0.25 * LN2) / 2, abs=1e-6)
+    _, terms = Sam3DetectionLoss()(outputs, targets)  # SAM 3: the sum over 200 (padded) queries
+    assert terms["loss_cls"].item() == pytest.approx((10 * LN2 + 0.25 * LN2) / 200, abs=1e-6)
     # presence: focal with alpha .5, gamma 0 = half a BCE
     assert terms["loss_presence"].item() == pytest.approx(0.5 * LN2, abs=1e-6)
 
@@ -170,13 +178,17 @@ def test_absent_concept_has_no_matches_and_pushes_presence_and_queries_down():
     assert terms["loss_bbox"].item() == 0 and terms["loss_mask"].item() == 0
     total.backward()
     assert absent_out["presence_logits"].grad.item() > 0  # descent lowers presence
-    assert (absent_out["pred_logits"].grad > 0).all()  # every query is a negative
+    assert absent_out["pred_logits"].grad.abs().sum() == 0  # SAM 3: left to the presence head
     assert absent_out["pred_boxes"].grad.abs().sum() == 0  # nothing to regress to
     assert absent_out["pred_masks"].grad.abs().sum() == 0
+    assert absent_out["semantic_seg"].grad.abs().sum() == 0  # SAM 3: no semantic term without the concept
 
-    absent_out["pred_logits"].grad = None
-    Sam3DetectionLoss(negatives_in_absent_images=False)(absent_out, targets[1:])[0].backward()
-    assert absent_out["pred_logits"].grad.abs().sum() == 0  # left to the presence head
+    for grad in ("pred_logits", "presence_logits", "semantic_seg"):
+        absent_out[grad].grad = None
+    legacy = LossWeights(negatives_in_absent_images=True, semantic_on_absent=True)
+    Sam3DetectionLoss(legacy)(absent_out, targets[1:])[0].backward()
+    assert (absent_out["pred_logits"].grad > 0).all()  # every query is a negative
+    assert absent_out["semantic_seg"].grad.abs().sum() > 0
 
 
 def test_present_concept_pushes_presence_up():
@@ -192,7 +204,7 @@ def test_box_and_mask_sums_are_normalised_by_the_number_of_boxes():
     torch.manual_seed(0)
     outputs, targets = _case()
     outputs["pred_boxes"][0, 3] += 0.03
-    outputs["pred_masks"][0, 1] += torch.randn(16, 16) * 10
+    outputs["pred_masks"][0, 1] += torch.randn(32, 32) * 10
     _, one = Sam3DetectionLoss()({k: v[:1] for k, v in outputs.items()}, targets[:1])
     twice = {k: torch.cat([v[:1], v[:1]]) for k, v in outputs.items()}
     _, two = Sam3DetectionLoss()(twice, [targets[0], targets[0]])
@@ -226,16 +238,6 @@ def test_bad_targets_fail_with_clear_messages():
         loss(outputs, [{**targets[0], "masks": targets[0]["masks"][:1]}, targets[1]])
     with pytest.raises(ValueError, match="2 predictions"):
         loss(outputs, targets[:1])
-
-
-def test_one_to_many_terms_use_more_queries():
-    outputs, targets = _case()
-    weights = LossWeights(one_to_many=2.0, one_to_many_k=2)
-    total, terms = Sam3DetectionLoss(weights)(outputs, targets)
-    base, _ = Sam3DetectionLoss()(outputs, targets)
-    # the extra queries have the default box and empty masks, so the one-to-many terms are positive
-    assert terms["loss_bbox_o2m"].item() > 0.1 and terms["loss_dice_o2m"].item() > 0.5
-    assert total.item() > base.item() + 1.0
 
 
 def test_box_count_is_averaged_over_processes(tmp_path):
@@ -386,3 +388,232 @@ def test_hard_classification_targets_for_training_from_scratch():
     assert grad_soft.item() > 0  # descent lowers the score towards p^.25 * IoU^.75 ~ 0.1
     assert grad_hard.item() < 0  # descent raises it towards 1
     assert hard.item() == pytest.approx(math.log1p(math.exp(-2.0)), abs=1e-6)
+
+
+# ---- parity with SAM 3's formulas (reference.md section 3), written out by hand -----------------
+# Plain-Python versions of each term, independent of the implementation: the matched pairs are made
+# obvious by the boxes, so the expected values follow from the formulas alone.
+
+_TARGET_BOXES = [
+    [[0.1, 0.1, 0.4, 0.5], [0.5, 0.5, 0.9, 0.8]],  # image 0: two instances
+    [[0.2, 0.3, 0.6, 0.7]],  # image 1: one instance
+    [],  # image 2: the concept is absent
+]
+_PRED_BOXES = [
+    [[0.52, 0.5, 0.88, 0.82], [0.0, 0.8, 0.1, 0.95], [0.12, 0.08, 0.41, 0.5], [0.7, 0.0, 0.95, 0.2]],
+    [[0.8, 0.8, 0.95, 0.95], [0.0, 0.0, 0.1, 0.1], [0.85, 0.1, 0.95, 0.3], [0.22, 0.3, 0.58, 0.72]],
+    [[0.1, 0.1, 0.3, 0.3], [0.4, 0.4, 0.6, 0.6], [0.2, 0.5, 0.5, 0.9], [0.6, 0.1, 0.9, 0.4]],
+]
+_MATCHES = [{2: 0, 0: 1}, {3: 0}, {}]  # per image: query -> target, by construction of the boxes
+_LOGITS = [[1.0, -2.0, 0.5, -1.0], [-0.5, 0.3, -3.0, 2.0], [0.7, -1.2, 0.1, 1.5]]
+_PRESENCE = [1.2, -0.4, 0.8]
+
+
+def _parity_case():
+    generator = torch.Generator().manual_seed(7)
+    target_masks = []
+    for boxes in _TARGET_BOXES:
+        masks = torch.rand(len(boxes), 8, 8, generator=generator) > 0.6
+        masks[:, 3, 3] = True  # never empty
+        target_masks.append(masks)
+    targets = [
+        {"boxes": torch.tensor(boxes).reshape(-1, 4), "masks": masks}
+        for boxes, masks in zip(_TARGET_BOXES, target_masks, strict=True)
+    ]
+    outputs = {
+        "pred_logits": torch.tensor(_LOGITS),
+        "pred_boxes": torch.tensor(_PRED_BOXES),
+        "pred_masks": torch.randn(3, 4, 4, 4, generator=generator) * 2,  # 4 x 4 logits, 8 x 8 targets
+        "presence_logits": torch.tensor(_PRESENCE)[:, None],
+        "semantic_seg": torch.randn(3, 1, 4, 4, generator=generator) * 2,
+    }
+    return outputs, targets
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def _bce(p: float, t: float) -> float:
+    return -(t * math.log(p) + (1 - t) * math.log(1 - p))
+
+
+def _area(b) -> float:
+    return max(b[2] - b[0], 0) * max(b[3] - b[1], 0)
+
+
+def _iou_giou(a, b) -> tuple[float, float]:
+    inter = _area([max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])])
+    union = _area(a) + _area(b) - inter
+    hull = _area([min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3])])
+    return inter / union, inter / union - (hull - union) / hull
+
+
+def _cxcywh(b) -> list[float]:
+    return [(b[0] + b[2]) / 2, (b[1] + b[3]) / 2, b[2] - b[0], b[3] - b[1]]
+
+
+def _bilinear(grid: list[list[float]], size: int) -> list[list[float]]:
+    """Bilinear resize without corner alignment (source = (i + .5) * h / H - .5, clamped at 0)."""
+    h = len(grid)
+
+    def taps(i: int) -> tuple[int, int, float]:
+        src = max((i + 0.5) * h / size - 0.5, 0.0)
+        lo = int(src)
+        return lo, min(lo + 1, h - 1), src - lo
+
+    out = []
+    for i in range(size):
+        y0, y1, fy = taps(i)
+        row = []
+        for j in range(size):
+            x0, x1, fx = taps(j)
+            top = grid[y0][x0] * (1 - fx) + grid[y0][x1] * fx
+            bottom = grid[y1][x0] * (1 - fx) + grid[y1][x1] * fx
+            row.append(top * (1 - fy) + bottom * fy)
+        out.append(row)
+    return out
+
+
+def _focal_and_dice(logit_grid, target_grid, alpha: float, gamma: float) -> tuple[float, float]:
+    """Sigmoid focal (mean over pixels) and +1-smoothed Dice of one mask, logits upsampled to the target."""
+    logits = _bilinear(logit_grid, len(target_grid))
+    focal, inter, prob_sum, target_sum, n = 0.0, 0.0, 0.0, 0.0, 0
+    for logit_row, target_row in zip(logits, target_grid, strict=True):
+        for x, t in zip(logit_row, target_row, strict=True):
+            p = _sig(x)
+            p_t = p if t else 1 - p
+            alpha_t = alpha if t else 1 - alpha
+            focal += alpha_t * (1 - p_t) ** gamma * _bce(p, t)
+            inter, prob_sum, target_sum, n = inter + p * t, prob_sum + p, target_sum + t, n + 1
+    return focal / n, 1 - (2 * inter + 1) / (prob_sum + target_sum + 1)
+
+
+def _expected_cls(pad: int, absent_queries: bool) -> float:
+    total = 0.0
+    for b, logits in enumerate(_LOGITS):
+        if not _TARGET_BOXES[b] and not absent_queries:
+            continue  # SAM 3: an image without the concept has no query term
+        for q, x in enumerate(logits):
+            p = _sig(x)
+            if q in _MATCHES[b]:
+                iou, _ = _iou_giou(_PRED_BOXES[b][q], _TARGET_BOXES[b][_MATCHES[b][q]])
+                soft = max(p**0.25 * iou**0.75, 0.01)
+                total += 10 * _bce(p, soft)
+            else:
+                total += p**2 * _bce(p, 0.0)
+    return total / (len(_LOGITS) * max(len(_LOGITS[0]), pad))
+
+
+def test_classification_is_sam3_iabce_with_soft_targets_and_padded_queries():
+    outputs, targets = _parity_case()
+    _, terms = Sam3DetectionLoss()(outputs, targets)
+    assert terms["loss_cls"].item() == pytest.approx(_expected_cls(pad=200, absent_queries=False), rel=1e-5)
+    _, terms = Sam3DetectionLoss(LossWeights(pad_n_queries=0))(outputs, targets)
+    assert terms["loss_cls"].item() == pytest.approx(_expected_cls(pad=0, absent_queries=False), rel=1e-5)
+    _, terms = Sam3DetectionLoss(LossWeights(pad_n_queries=3))(outputs, targets)  # Q = 4 >= 3: the mean
+    assert terms["loss_cls"].item() == pytest.approx(_expected_cls(pad=0, absent_queries=False), rel=1e-5)
+    _, terms = Sam3DetectionLoss(LossWeights(negatives_in_absent_images=True))(outputs, targets)
+    assert terms["loss_cls"].item() == pytest.approx(_expected_cls(pad=200, absent_queries=True), rel=1e-5)
+
+
+def test_presence_is_half_a_bce_averaged_over_images():
+    outputs, targets = _parity_case()
+    _, terms = Sam3DetectionLoss()(outputs, targets)
+    expected = sum(0.5 * _bce(_sig(z), float(bool(boxes))) for z, boxes in zip(_PRESENCE, _TARGET_BOXES)) / 3
+    assert terms["loss_presence"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_boxes_are_l1_on_cxcywh_and_giou_over_the_number_of_boxes():
+    outputs, targets = _parity_case()
+    _, terms = Sam3DetectionLoss()(outputs, targets)
+    l1 = giou = 0.0
+    for b, matches in enumerate(_MATCHES):
+        for q, t in matches.items():
+            pred, target = _PRED_BOXES[b][q], _TARGET_BOXES[b][t]
+            l1 += sum(abs(u - v) for u, v in zip(_cxcywh(pred), _cxcywh(target), strict=True))
+            giou += 1 - _iou_giou(pred, target)[1]
+    assert terms["loss_bbox"].item() == pytest.approx(l1 / 3, rel=1e-5)
+    assert terms["loss_giou"].item() == pytest.approx(giou / 3, rel=1e-5)
+
+
+def test_masks_are_focal_and_dice_at_the_target_size():
+    outputs, targets = _parity_case()
+    _, terms = Sam3DetectionLoss()(outputs, targets)
+    focal = dice = 0.0
+    for b, matches in enumerate(_MATCHES):
+        for q, t in matches.items():
+            logits, target = outputs["pred_masks"][b, q].tolist(), targets[b]["masks"][t].float().tolist()
+            f, d = _focal_and_dice(logits, target, 0.25, 2)
+            focal, dice = focal + f, dice + d
+    assert terms["loss_mask"].item() == pytest.approx(focal / 3, rel=1e-5)
+    assert terms["loss_dice"].item() == pytest.approx(dice / 3, rel=1e-5)
+
+
+def test_semantic_map_is_focal_and_dice_on_images_with_the_concept_only():
+    outputs, targets = _parity_case()
+    _, terms = Sam3DetectionLoss()(outputs, targets)
+    focal = dice = 0.0
+    for b in (0, 1):  # image 2 has no instance: no semantic term
+        union = targets[b]["masks"].any(0).float().tolist()
+        f, d = _focal_and_dice(outputs["semantic_seg"][b, 0].tolist(), union, 0.6, 2)
+        focal, dice = focal + f, dice + d
+    assert terms["loss_semantic"].item() == pytest.approx(focal / 2, rel=1e-5)
+    assert terms["loss_semantic_dice"].item() == pytest.approx(dice / 2, rel=1e-5)
+
+
+def test_total_is_the_weighted_sum_with_sam3_weights():
+    outputs, targets = _parity_case()
+    total, terms = Sam3DetectionLoss()(outputs, targets)
+    weights = {"loss_cls": 20, "loss_presence": 20, "loss_bbox": 5, "loss_giou": 2, "loss_mask": 200,
+               "loss_dice": 10, "loss_semantic": 20, "loss_semantic_dice": 30}
+    assert set(terms) == set(weights)
+    assert total.item() == pytest.approx(sum(w * terms[k].item() for k, w in weights.items()), rel=1e-6)
+
+
+def test_legacy_semantic_form_is_bce_on_every_image():
+    outputs, targets = _parity_case()
+    legacy = LossWeights(semantic_form="bce", semantic_on_absent=True)
+    _, terms = Sam3DetectionLoss(legacy)(outputs, targets)
+    bce = dice = 0.0
+    for b in range(3):
+        logits = _bilinear(outputs["semantic_seg"][b, 0].tolist(), 8)
+        union = targets[b]["masks"].any(0).float().tolist() if len(targets[b]["masks"]) else [[0.0] * 8] * 8
+        pixels = [(_sig(x), t) for lr, tr in zip(logits, union) for x, t in zip(lr, tr)]
+        bce += sum(_bce(p, t) for p, t in pixels) / 64
+        inter, psum, tsum = sum(p * t for p, t in pixels), sum(p for p, _ in pixels), sum(t for _, t in pixels)
+        dice += 1 - (2 * inter + 1) / (psum + tsum + 1)
+    assert terms["loss_semantic"].item() == pytest.approx(bce / 3, rel=1e-5)
+    assert terms["loss_semantic_dice"].item() == pytest.approx(dice / 3, rel=1e-5)
+
+
+def test_loss_grid_is_capped_at_the_model_input_side():
+    outputs, targets = _parity_case()
+    at_grid = Sam3DetectionLoss(LossWeights(mask_at_target=False, semantic_at_target=False))(outputs, targets)[1]
+    capped = Sam3DetectionLoss(input_side=4)(outputs, targets)[1]  # 8 px targets, 4 px input: the 4 px grid
+    full = Sam3DetectionLoss(input_side=8)(outputs, targets)[1]
+    for name in ("loss_mask", "loss_dice", "loss_semantic", "loss_semantic_dice"):
+        assert capped[name].item() == pytest.approx(at_grid[name].item(), rel=1e-6), name
+        assert full[name].item() != pytest.approx(at_grid[name].item(), rel=1e-3), name
+    explicit = Sam3DetectionLoss(LossWeights(max_mask_side=4), input_side=8)(outputs, targets)[1]
+    assert explicit["loss_mask"].item() == pytest.approx(at_grid["loss_mask"].item(), rel=1e-6)
+    loss = Sam3DetectionLoss(LossWeights(max_mask_side=0), input_side=4)
+    assert loss.loss_grid((1000, 500), (64, 64)) == (1000, 500)  # 0: no cap
+    assert Sam3DetectionLoss(input_side=256).loss_grid((1000, 500), (64, 64)) == (256, 128)
+
+
+def test_zero_weighted_dense_terms_are_skipped_and_bad_options_fail_clearly():
+    outputs, targets = _parity_case()
+    _, terms = Sam3DetectionLoss(LossWeights(semantic=0, semantic_dice=0, mask_focal=0, mask_dice=0))(outputs, targets)
+    assert not {"loss_mask", "loss_dice", "loss_semantic", "loss_semantic_dice"} & set(terms)
+    from medsam3.errors import MedSAM3Error
+
+    with pytest.raises(MedSAM3Error, match="semantic_form"):
+        LossWeights(semantic_form="dice")
+    with pytest.raises(MedSAM3Error, match="max_mask_side"):
+        LossWeights(max_mask_side=-4)
+    with pytest.raises(MedSAM3Error, match="pad_n_queries"):
+        LossWeights(pad_n_queries=-1)
+    with pytest.raises(MedSAM3Error, match="unknown loss option.*one_to_many"):
+        LossWeights.from_options({"one_to_many": 2.0})
+    assert LossWeights.from_options({"cls": 5}).cls == 5 and LossWeights.from_options(None) == LossWeights()

@@ -1,32 +1,55 @@
 """SAM 3 detection losses for fine-tuning transformers' Sam3Model, which ships without a loss.
 
-Per image the queries are matched one-to-one to the ground-truth instances (HungarianMatcher); then
+The defaults are SAM 3's own recipe (Meta's trainer, facebookresearch/sam3 ``sam3/train/loss``, and
+the released fine-tuning config ``roboflow_v100_full_ft_100_images.yaml``; the term-by-term review is
+in the project's shared notes). Per image the queries are matched one-to-one to the ground-truth
+instances (HungarianMatcher: focal class cost 2, L1 5, GIoU 2), then
 
-- classification: IoU-aware BCE (SAM 3's "IABCE"): a matched query's target is the soft score
-  p^alpha * IoU^(1 - alpha) (at least 0.01), weighted by pos_weight; unmatched queries are negatives
-  down-weighted by p^gamma; averaged over all queries of the batch;
-- presence: sigmoid focal form (alpha 0.5, gamma 0, i.e. half a BCE) on the presence logit, target
-  "the image has at least one instance"; an absent concept trains presence towards 0;
-- boxes: L1 on normalised cxcywh plus 1 - GIoU, matched queries only;
-- masks: sigmoid focal (mean over pixels) plus Dice, matched queries only, at the prediction's
-  resolution (targets are area-downsampled and thresholded: see `resize_masks`);
-- semantic: BCE plus Dice of `semantic_seg` against the union of the instance masks.
+- classification, IoU-aware BCE ("IABCE"): a matched query's target is the detached soft score
+  p^0.25 * IoU^0.75 (at least 0.01), weighted by pos_weight 10; unmatched queries are negatives,
+  BCE towards 0 down-weighted by p^2. Images without the concept contribute no query term (the
+  presence head alone says "absent"). Summed and divided by max(Q, 200) x B (SAM 3's
+  ``pad_n_queries``: a model with fewer than 200 queries gets the per-query gradient of a 200-query
+  one). Weight 20;
+- presence: sigmoid focal with alpha 0.5, gamma 0 (= half a BCE) on the presence logit, target "the
+  image has at least one instance", mean over images. Weight 20;
+- boxes: L1 on normalised cxcywh (weight 5) plus 1 - GIoU (weight 2), matched queries only;
+- masks: sigmoid focal (alpha 0.25, gamma 2; mean over pixels; weight 200) plus Dice (+1 smoothing;
+  weight 10), matched queries only, the predicted logits upsampled bilinearly to the target masks'
+  size (at most the model's input side, as SAM 3's targets are: see `LossWeights.max_mask_side`);
+- semantic: sigmoid focal (alpha 0.6, gamma 2; weight 20) plus Dice (weight 30) of ``semantic_seg``
+  against the union of the instance masks, at the target size, only on images that contain the
+  concept, divided by their number.
 
 Box and mask sums are divided by the number of target boxes in the batch (summed over processes
-under torch.distributed, at least 1), as DETR does.
+under torch.distributed, at least 1), as SAM 3 does. Losses run in float32 even under autocast.
+
+Where we differ from SAM 3, and why (each difference is an option of `LossWeights`):
+- the semantic term is on by default. SAM 3's released fine-tuning config and the MedSAM3 authors'
+  trainer switch it off (the config keeps it, with these values, commented out; the pre-training
+  configs are not public), but dense supervision converges far faster than matched instance losses
+  for our small detectors trained from scratch (``lite``, ``nano``); set ``semantic=0,
+  semantic_dice=0`` for the released fine-tuning recipe;
+- no one-to-many ("DAC") supervision: SAM 3 duplicates its queries in training, the copies skip
+  self-attention, and a one-to-many matcher supervises them. transformers' Sam3DetrDecoderLayer has
+  no such copies; the earlier substitute (extra one-to-many targets on the one-to-one queries) was
+  removed because it fought the classification loss, which pushes those same queries to 0;
+- SAM 3 multiplies the whole loss by sqrt(batch) in its fine-tuning config; with AdamW and gradient
+  clipping that scale has almost no effect, so it is left out.
 
 Auxiliary losses: Sam3Model returns only the last decoder layer's logits and boxes. The decoder
 itself computes every layer's normalised query states, input reference boxes and presence logits,
 and `dot_product_scoring` is called on all layers at once, so `DecoderLayerRecorder` keeps those with
 forward hooks and rebuilds each layer's boxes with `detr_decoder.box_head` exactly as the model
-does for the last one. Classification, presence and box terms are applied to each earlier layer;
-masks are only decoded for the last layer, so there is no auxiliary mask term.
+does for the last one. Classification, presence and box terms are applied to each earlier layer
+(own matching, weight ``aux``); masks are only decoded for the last layer, so there is no auxiliary
+mask term (SAM 3 has none either).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -34,26 +57,58 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
+from medsam3.errors import MedSAM3Error
 from medsam3.train.boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, check_xyxy, paired_box_iou_and_giou
 from medsam3.train.matcher import HungarianMatcher, Match
+
+SEMANTIC_FORMS = ("focal", "bce")
 
 
 @dataclass
 class LossWeights:
-    """Weights and shape parameters of every term; defaults follow the SAM 3 training recipe.
+    """Every loss option in one place; the defaults are SAM 3's values unless a comment says otherwise.
 
-    The semantic weights (20 / 30) follow another group's SAM 3 medical fine-tune: dense supervision
-    converges much faster than matched instance losses when a small model is trained from scratch.
-    `one_to_many` scales box and mask terms on SAM 3's top-k auxiliary matching; it is off by default
-    because transformers' Sam3Model has no separate one-to-many queries, so these terms land on the
-    same queries the one-to-one loss trains (they still give extra localisation signal).
+    Classification: ``cls`` (20), IoU-aware soft targets ``cls_iou_aware`` (True; False gives matched
+    queries the hard target 1, for a detector trained from scratch whose boxes are poor for a long
+    time), ``cls_pos_weight`` 10, ``cls_alpha`` 0.25 (soft target p^alpha * IoU^(1-alpha)),
+    ``cls_gamma`` 2 (negatives scaled by p^gamma). ``pad_n_queries`` 200: the sum over queries is
+    divided by max(Q, pad_n_queries) x B; 0 averages over the Q queries the model has (heavier by
+    200/Q: 6.25x for lite's 32 queries, 25x for nano's 8). ``negatives_in_absent_images`` False: in
+    an image without the concept no query is trained (SAM 3); True trains all its queries towards 0,
+    which suppresses twice, since the final score is query x presence.
+
+    Presence: ``presence`` 20, focal ``presence_alpha`` 0.5, ``presence_gamma`` 0 (half a BCE).
+    Boxes: ``bbox_l1`` 5, ``giou`` 2. Auxiliary decoder layers: ``aux`` 1 (0 turns them off).
+
+    Masks: ``mask_focal`` 200, ``mask_dice`` 10, focal ``mask_alpha`` 0.25, ``mask_gamma`` 2.
+    ``mask_at_target`` True (SAM 3: logits upsampled bilinearly to the target masks' grid) or False
+    (targets area-downsampled to the logits' grid: cheaper by the upsampling factor squared, coarser
+    supervision of thin and tiny structures); ``semantic_at_target`` the same for the semantic map.
+    ``max_mask_side`` caps the long side of the target grid (targets area-downsampled to it first):
+    None (default) = the model's input side (``Sam3DetectionLoss(input_side=...)``: 1008 for SAM 3,
+    256 for lite), 0 = no cap, N = N px. SAM 3's targets are resized with the image to its 1008 px
+    input, so "the target size" there is the input side; our targets live on the original canvas
+    (512 px for a CT slice, 2000+ for a pathology tile), and supervising finer than the model's input
+    costs time without adding anything the model saw (``benchmarks/bench_losses.py``: 4 images x 32
+    queries, 64 px logits, one thread on the shared 2-core machine: 0.1-0.3 s per loss call at a
+    512 px target, 4-9 s at 2048, against 0.02-0.05 s on the 64 px grid).
+
+    Semantic map: ``semantic`` 20 and ``semantic_dice`` 30 (SAM 3's values for this term; 0 and 0 is
+    SAM 3's released fine-tuning recipe), ``semantic_form`` "focal" with ``semantic_alpha`` 0.6,
+    ``semantic_gamma`` 2 (SAM 3), ``semantic_on_absent`` False (SAM 3: images without the concept
+    give no semantic term). ``semantic_form="bce"`` with ``semantic_on_absent=True`` is this
+    project's earlier form (plain BCE on every image, 9x to 235x stronger than the focal form at
+    equal weight): it is kept because the bundled ``lite`` and ``nano`` detectors were trained with
+    it (``LEGACY_LOSS`` reproduces that whole recipe) and so that the two can be compared.
     """
 
     cls: float = 20.0
-    cls_iou_aware: bool = True  # SAM 3's soft targets; False: matched queries target 1 (from scratch)
+    cls_iou_aware: bool = True
     cls_pos_weight: float = 10.0
     cls_alpha: float = 0.25
     cls_gamma: float = 2.0
+    pad_n_queries: int = 200
+    negatives_in_absent_images: bool = False
     presence: float = 20.0
     presence_alpha: float = 0.5
     presence_gamma: float = 0.0
@@ -63,11 +118,57 @@ class LossWeights:
     mask_dice: float = 10.0
     mask_alpha: float = 0.25
     mask_gamma: float = 2.0
-    semantic_bce: float = 20.0
+    mask_at_target: bool = True
+    max_mask_side: int | None = None
+    semantic: float = 20.0
     semantic_dice: float = 30.0
+    semantic_form: str = "focal"
+    semantic_alpha: float = 0.6
+    semantic_gamma: float = 2.0
+    semantic_on_absent: bool = False
+    semantic_at_target: bool = True
     aux: float = 1.0
-    one_to_many: float = 0.0
-    one_to_many_k: int = 4
+
+    def __post_init__(self) -> None:
+        if self.semantic_form not in SEMANTIC_FORMS:
+            raise MedSAM3Error(
+                f"loss option semantic_form must be one of {', '.join(SEMANTIC_FORMS)}, got {self.semantic_form!r}"
+            )
+        for name in ("pad_n_queries", "max_mask_side"):
+            value = getattr(self, name)
+            if value is None and name == "max_mask_side":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise MedSAM3Error(f"loss option {name} must be a whole number >= 0, got {value!r}")
+        weights = ("cls", "cls_pos_weight", "presence", "bbox_l1", "giou", "mask_focal", "mask_dice",
+                   "semantic", "semantic_dice", "aux")
+        for name in weights:
+            if not float(getattr(self, name)) >= 0:
+                raise MedSAM3Error(f"loss weight {name} must be >= 0, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> LossWeights:
+        """`LossWeights(**options)` (e.g. ``TrainConfig.loss_weights``) with a one-line error naming an
+        unknown option (a typo in a config) instead of a TypeError."""
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise MedSAM3Error(f"unknown loss option(s) {', '.join(unknown)}: choose from {', '.join(sorted(known))}")
+        return cls(**options)
+
+
+# This project's loss before it followed SAM 3 (issue 17), which trained the bundled lite and nano:
+# BCE semantic term on every image, all queries negative in absent images, the mean over the model's
+# queries, masks at the prediction grid. For comparisons: LossWeights(**LEGACY_LOSS).
+LEGACY_LOSS: dict[str, Any] = {
+    "semantic_form": "bce",
+    "semantic_on_absent": True,
+    "negatives_in_absent_images": True,
+    "pad_n_queries": 0,
+    "mask_at_target": False,
+    "semantic_at_target": False,
+}
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -88,15 +189,18 @@ def iou_aware_bce(
     gamma: float,
     query_weight: torch.Tensor | None = None,
     iou_aware: bool = True,
+    pad_n_queries: int = 0,
 ) -> torch.Tensor:
-    """SAM 3's IoU-aware classification loss, averaged over all (B, Q) entries.
+    """SAM 3's IoU-aware classification loss over (B, Q) logits, summed and divided by B x max(Q, pad_n_queries).
 
     `positive` (B, Q) bool marks matched queries; `positive_iou` (B, Q) their box IoU with the target.
     Positives regress to the detached soft target p^alpha * IoU^(1 - alpha) (floor 0.01), so a query's
     score learns to reflect how well it localises; negatives are BCE towards 0 scaled by p^gamma.
-    `query_weight` (B, Q) masks entries out (0) without changing the denominator.
+    `query_weight` (B, Q) masks entries out (0) without changing the denominator (SAM 3 zeroes the
+    query terms of images without the concept the same way).
     ``iou_aware=False`` gives matched queries the hard target 1: a network trained from scratch has
     poor boxes for a long time, and soft targets then keep every score low.
+    ``pad_n_queries`` 0 is the plain mean over B x Q.
     """
     prob = logits.sigmoid()
     is_pos = positive.to(logits.dtype)
@@ -111,18 +215,18 @@ def iou_aware_bce(
     loss = pos + neg * (1 - is_pos) * prob.pow(gamma)
     if query_weight is not None:
         loss = loss * query_weight
-    return loss.mean()
+    batch, queries = logits.shape
+    return loss.sum() / (batch * max(queries, pad_n_queries))
 
 
 @torch.no_grad()
 def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Binary masks (N, H, W) -> float {0, 1} masks (N, h, w) on the prediction's grid.
+    """Binary masks (N, H, W) -> float {0, 1} masks (N, h, w) on a coarser grid.
 
     Area interpolation gives each output pixel the fraction of it the mask covers; >= 0.5 is inside.
-    Losses are computed at the prediction's resolution (288 px for 1008 px input) rather than
-    upsampling logits to the label's: that is where the model decides, it is ~12x cheaper per matched
-    mask, and the label resize needs no gradient. An instance too small to cover half of any
-    output pixel keeps its best-covered pixel, so no target silently becomes empty.
+    Used for ``mask_at_target=False`` (and the semantic twin) and to bring targets down to ``max_mask_side``. An
+    instance too small to cover half of any output pixel keeps its best-covered pixel, so no target
+    silently becomes empty.
     """
     masks = masks.float()
     if tuple(masks.shape[-2:]) == tuple(size):
@@ -135,6 +239,16 @@ def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     for i in torch.nonzero(lost).flatten().tolist():
         out[i].view(-1)[coverage[i].flatten().argmax()] = True
     return out.float()
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) mask logits -> float32 (N, H, W), bilinear without corner alignment (as SAM 3)."""
+    logits = logits.float()
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    if logits.shape[0] == 0:
+        return logits.new_zeros((0, *size))
+    return F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def _get(outputs: Any, key: str) -> torch.Tensor | None:
@@ -157,6 +271,7 @@ class _Target:
     boxes: torch.Tensor  # (N, 4) xyxy in [0, 1]
     masks: torch.Tensor | None  # (N, H, W) or None when N == 0 and no mask was given
     present: bool
+    size: tuple[int, int] | None  # (H, W) of the masks when given, even with N == 0
 
 
 def _prepare_targets(targets: Sequence[Mapping[str, Any]], batch: int, device: torch.device) -> list[_Target]:
@@ -167,8 +282,11 @@ def _prepare_targets(targets: Sequence[Mapping[str, Any]], batch: int, device: t
         boxes = torch.as_tensor(target["boxes"], dtype=torch.float32, device=device).reshape(-1, 4)
         check_xyxy(boxes, f"target {i} boxes")
         masks = target.get("masks")
+        size = None
         if masks is not None:
             masks = torch.as_tensor(masks, device=device)
+            if masks.ndim == 3:
+                size = (int(masks.shape[1]), int(masks.shape[2]))
             if masks.numel() == 0 and boxes.shape[0] == 0:
                 masks = None
             elif masks.ndim != 3 or masks.shape[0] != boxes.shape[0]:
@@ -180,39 +298,39 @@ def _prepare_targets(targets: Sequence[Mapping[str, Any]], batch: int, device: t
         present = bool(target.get("present", boxes.shape[0] > 0))
         if present != (boxes.shape[0] > 0):
             raise ValueError(f"target {i}: present={present} but it has {boxes.shape[0]} boxes")
-        prepared.append(_Target(boxes, masks, present))
+        prepared.append(_Target(boxes, masks, present, size))
     return prepared
 
 
 class Sam3DetectionLoss(nn.Module):
-    """Matched detection + mask + presence + semantic loss for Sam3Model outputs.
+    """Matched detection + mask + presence + semantic loss for Sam3Model outputs (see the module doc).
 
     `forward(outputs, targets, aux_outputs=None)` returns (total, terms): `total` is the weighted sum
     to backpropagate; `terms` maps each unweighted term ("loss_cls", "loss_presence", "loss_bbox",
-    "loss_giou", "loss_mask", "loss_dice", "loss_semantic_bce", "loss_semantic_dice", auxiliary ones
-    suffixed "_aux{layer}", one-to-many ones "_o2m") to a detached scalar for logging.
+    "loss_giou", "loss_mask", "loss_dice", "loss_semantic", "loss_semantic_dice", auxiliary ones
+    suffixed "_aux{layer}") to a detached scalar for logging.
 
     `outputs` is a Sam3ImageSegmentationOutput or a mapping with pred_logits (B, Q), pred_boxes
     (B, Q, 4) xyxy in [0, 1], pred_masks (B, Q, h, w) logits, presence_logits (B, 1) and
     semantic_seg (B, 1, h', w') logits. `targets` holds one dict per image: "boxes" (N, 4) xyxy in
-    [0, 1], "masks" (N, H, W) at any resolution, optional "present" (must equal N > 0).
+    [0, 1], "masks" (N, H, W) at any resolution (the model's canvas; (0, H, W) for an absent
+    concept), optional "present" (must equal N > 0).
     `aux_outputs` are earlier decoder layers' outputs from `DecoderLayerRecorder.layer_outputs()`.
-
-    `negatives_in_absent_images`: in an image without the concept all queries are trained as
-    negatives (True, default). Meta's trainer instead leaves those queries to the presence head
-    (False), since the final score multiplies query and presence probabilities.
+    All options live in `weights` (`LossWeights`); `input_side` is the model's input side in pixels
+    (``LoadedModel.image_size``), the default cap of the mask and semantic loss grid
+    (``LossWeights.max_mask_side``).
     """
 
     def __init__(
         self,
         weights: LossWeights | None = None,
         matcher: HungarianMatcher | None = None,
-        negatives_in_absent_images: bool = True,
+        input_side: int | None = None,
     ):
         super().__init__()
         self.weights = weights if weights is not None else LossWeights()
         self.matcher = matcher if matcher is not None else HungarianMatcher()
-        self.negatives_in_absent_images = negatives_in_absent_images
+        self.input_side = input_side
 
     def forward(
         self,
@@ -236,25 +354,13 @@ class Sam3DetectionLoss(nn.Module):
             if weight != 0:
                 weighted.append(weight * value)
 
-        matches = self._detection_terms(outputs, prepared, num_boxes, "", 1.0, add)
-        self._mask_terms(_get(outputs, "pred_masks"), prepared, matches, num_boxes, "", 1.0, add)
-        self._semantic_terms(_get(outputs, "semantic_seg"), prepared, add)
-        for layer, layer_outputs in enumerate(aux_outputs or ()):
-            self._detection_terms(layer_outputs, prepared, num_boxes, f"_aux{layer}", w.aux, add)
-        if w.one_to_many > 0:
-            logits = pred_logits.detach().float()
-            presence = _get(outputs, "presence_logits")
-            o2m = self.matcher.one_to_many(
-                logits,
-                pred_boxes.detach().float(),
-                [t.boxes for t in prepared],
-                None if presence is None else presence.detach(),
-                k=w.one_to_many_k,
-            )
-            self._box_terms(pred_boxes.float(), prepared, o2m, num_boxes, "_o2m", w.one_to_many, add)
-            pred_masks = _get(outputs, "pred_masks")
-            self._mask_terms(pred_masks, prepared, o2m, num_boxes, "_o2m", w.one_to_many, add)
-        total = torch.stack(weighted).sum() if weighted else pred_logits.sum() * 0.0
+        with torch.autocast(device.type, enabled=False):  # losses in float32, whatever the model ran in
+            matches = self._detection_terms(outputs, prepared, num_boxes, "", 1.0, add)
+            self._mask_terms(_get(outputs, "pred_masks"), prepared, matches, num_boxes, add)
+            self._semantic_terms(_get(outputs, "semantic_seg"), prepared, add)
+            for layer, layer_outputs in enumerate(aux_outputs or ()):
+                self._detection_terms(layer_outputs, prepared, num_boxes, f"_aux{layer}", w.aux, add)
+            total = torch.stack(weighted).sum() if weighted else pred_logits.float().sum() * 0.0
         return total, terms
 
     def _detection_terms(self, outputs, prepared, num_boxes, suffix, scale, add) -> list[Match]:
@@ -277,7 +383,7 @@ class Sam3DetectionLoss(nn.Module):
                 iou, _ = paired_box_iou_and_giou(boxes[b, query_idx].detach(), prepared[b].boxes[target_idx])
                 positive_iou[b, query_idx] = iou
         query_weight = None
-        if not self.negatives_in_absent_images:
+        if not w.negatives_in_absent_images:
             keep = torch.tensor([t.present for t in prepared], dtype=logits.dtype, device=logits.device)
             query_weight = keep[:, None].expand_as(logits)
         cls = iou_aware_bce(
@@ -289,6 +395,7 @@ class Sam3DetectionLoss(nn.Module):
             w.cls_gamma,
             query_weight,
             iou_aware=w.cls_iou_aware,
+            pad_n_queries=w.pad_n_queries,
         )
         add(f"loss_cls{suffix}", cls, scale * w.cls)
         if presence is not None:
@@ -313,42 +420,69 @@ class Sam3DetectionLoss(nn.Module):
         add(f"loss_bbox{suffix}", l1, scale * w.bbox_l1)
         add(f"loss_giou{suffix}", (1 - giou).sum() / num_boxes, scale * w.giou)
 
-    def _mask_terms(self, pred_masks, prepared, matches, num_boxes, suffix, scale, add) -> None:
-        if pred_masks is None:
-            return
+    def loss_grid(
+        self, target_size: tuple[int, int] | None, prediction_size: tuple[int, int], at_target: bool = True
+    ) -> tuple[int, int]:
+        """The (H, W) grid a mask or semantic term is computed on for one image."""
         w = self.weights
-        size = tuple(pred_masks.shape[-2:])
-        src, tgt = [], []
+        if not at_target or target_size is None:
+            return tuple(prediction_size)
+        height, width = target_size
+        cap = w.max_mask_side if w.max_mask_side is not None else (self.input_side or 0)
+        if cap and max(height, width) > cap:
+            scale = cap / max(height, width)
+            return max(1, round(height * scale)), max(1, round(width * scale))
+        return height, width
+
+    def _mask_terms(self, pred_masks, prepared, matches, num_boxes, add) -> None:
+        w = self.weights
+        if pred_masks is None or w.mask_focal == w.mask_dice == 0:
+            return  # the dense terms are the costly ones: not computed when they do not count
+        prediction_size = tuple(pred_masks.shape[-2:])
+        focal = dice = pred_masks.float().sum() * 0.0
         for b, (query_idx, target_idx) in enumerate(matches):
             if query_idx.numel() == 0:
                 continue
-            src.append(pred_masks[b, query_idx].float())
-            tgt.append(resize_masks(prepared[b].masks[target_idx], size))
-        if src:
-            src_all, tgt_all = torch.cat(src), torch.cat(tgt)
-            focal = sigmoid_focal_loss(src_all, tgt_all, alpha=w.mask_alpha, gamma=w.mask_gamma, reduction="none")
-            focal = focal.flatten(1).mean(1).sum() / num_boxes
-            dice = dice_loss(src_all, tgt_all).sum() / num_boxes
-        else:
-            focal = dice = pred_masks.sum() * 0.0
-        add(f"loss_mask{suffix}", focal, scale * w.mask_focal)
-        add(f"loss_dice{suffix}", dice, scale * w.mask_dice)
+            grid = self.loss_grid(prepared[b].size, prediction_size, w.mask_at_target)
+            src = upsample_logits(pred_masks[b, query_idx], grid)
+            tgt = resize_masks(prepared[b].masks[target_idx], grid)
+            per_mask = sigmoid_focal_loss(src, tgt, alpha=w.mask_alpha, gamma=w.mask_gamma, reduction="none")
+            focal = focal + per_mask.flatten(1).mean(1).sum()
+            dice = dice + dice_loss(src, tgt).sum()
+        add("loss_mask", focal / num_boxes, w.mask_focal)
+        add("loss_dice", dice / num_boxes, w.mask_dice)
 
     def _semantic_terms(self, semantic_seg, prepared, add) -> None:
-        if semantic_seg is None:
-            return
+        """Focal (or BCE) + Dice of the semantic map against the union of the instance masks, per image,
+        averaged over the images that count (those with the concept, or all with ``semantic_on_absent``)."""
         w = self.weights
-        logits = semantic_seg.float()[:, 0]
-        size = tuple(logits.shape[-2:])
-        union = []
-        for target in prepared:
-            if target.masks is None or target.masks.shape[0] == 0:
-                union.append(logits.new_zeros(size))
+        if semantic_seg is None or w.semantic == w.semantic_dice == 0:
+            return
+        logits = semantic_seg[:, 0]
+        prediction_size = tuple(logits.shape[-2:])
+        pixel_term = dice = logits.float().sum() * 0.0
+        counted = 0
+        for b, target in enumerate(prepared):
+            if not target.present and not w.semantic_on_absent:
+                continue
+            counted += 1
+            grid = self.loss_grid(target.size, prediction_size, w.semantic_at_target)
+            src = upsample_logits(logits[b : b + 1], grid)
+            if target.present:
+                union = resize_masks(target.masks.bool().any(0, keepdim=True), grid)
             else:
-                union.append(resize_masks(target.masks.bool().any(0, keepdim=True), size)[0])
-        union_t = torch.stack(union)
-        add("loss_semantic_bce", F.binary_cross_entropy_with_logits(logits, union_t), w.semantic_bce)
-        add("loss_semantic_dice", dice_loss(logits, union_t).mean(), w.semantic_dice)
+                union = src.new_zeros(src.shape)
+            if w.semantic_form == "focal":
+                pixels = sigmoid_focal_loss(
+                    src, union, alpha=w.semantic_alpha, gamma=w.semantic_gamma, reduction="mean"
+                )
+            else:
+                pixels = F.binary_cross_entropy_with_logits(src, union)
+            pixel_term = pixel_term + pixels
+            dice = dice + dice_loss(src, union).sum()
+        counted = max(counted, 1)
+        add("loss_semantic", pixel_term / counted, w.semantic)
+        add("loss_semantic_dice", dice / counted, w.semantic_dice)
 
 
 class DecoderLayerRecorder:

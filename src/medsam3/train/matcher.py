@@ -1,9 +1,14 @@
 """Hungarian matching of SAM 3 queries to ground-truth instances.
 
 DETR-style detectors predict a fixed set of queries; the loss first decides which query answers
-which target. The cost follows the SAM 3 recipe: a focal-form classification cost (2.0), L1 on
-normalised cxcywh boxes (5.0) and negative GIoU (2.0), solved per image with
-`scipy.optimize.linear_sum_assignment`. Matching is done without gradients.
+which target. The cost is SAM 3's (``BinaryHungarianMatcherV2`` with focal=True; weights from its
+model builder): a focal-form classification cost (2.0; alpha 0.25, gamma 2, logs taken with
+logsigmoid so that saturated logits stay finite and exact), L1 on normalised cxcywh boxes (5.0) and
+negative GIoU (2.0), solved per image with `scipy.optimize.linear_sum_assignment`. Images without
+targets get an empty match. Matching is done without gradients.
+
+There is no one-to-many matcher: SAM 3's (top-4 per target, for its duplicated "DAC" queries) needs
+decoder queries that transformers' Sam3 decoder does not have (see `medsam3.train.losses`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from medsam3.train.boxes import box_xyxy_to_cxcywh, pairwise_generalized_box_iou
@@ -26,10 +32,11 @@ def _empty_match(device: torch.device) -> Match:
 
 
 class HungarianMatcher:
-    """One-to-one (and optional one-to-many) assignment of queries to targets, per image.
+    """One-to-one assignment of queries to targets, per image.
 
-    `use_presence` multiplies each query's probability by the image's presence probability in the
-    class cost, as SAM 3 scores detections at inference (score = sigmoid(logit) * sigmoid(presence)).
+    `use_presence` (off, as in SAM 3's image model) multiplies each query's probability by the image's
+    presence probability in the class cost, as detections are scored at inference
+    (score = sigmoid(logit) * sigmoid(presence)).
     """
 
     def __init__(
@@ -59,12 +66,16 @@ class HungarianMatcher:
         presence_logit: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cost (Q, N) of one image: logits (Q,), boxes (Q, 4), targets (N, 4); boxes xyxy in [0, 1]."""
-        prob = pred_logits.float().sigmoid()
+        logits = pred_logits.float()
+        log_p = F.logsigmoid(logits)  # log p and log(1 - p), exact where sigmoid saturates
+        log_not_p = F.logsigmoid(-logits)
         if self.use_presence and presence_logit is not None:
-            prob = prob * presence_logit.float().sigmoid().reshape(())
-        eps = 1e-8
-        pos = self.alpha * (1 - prob) ** self.gamma * -(prob + eps).log()
-        neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + eps).log()
+            log_p = log_p + F.logsigmoid(presence_logit.float().reshape(()))
+            # log(1 - p * presence) = log(-expm1(log(p * presence))), floored away from log(0)
+            log_not_p = torch.log((-torch.expm1(log_p)).clamp(min=torch.finfo(log_p.dtype).tiny))
+        prob = log_p.exp()
+        pos = self.alpha * (1 - prob) ** self.gamma * -log_p
+        neg = (1 - self.alpha) * prob**self.gamma * -log_not_p
         cost_class = (pos - neg)[:, None]
         pred_boxes = pred_boxes.float()
         target_boxes = target_boxes.float().to(pred_boxes.device)
@@ -83,31 +94,6 @@ class HungarianMatcher:
 
         Each target gets exactly one query while Q >= N; an image with no targets gets an empty match.
         """
-        return self._match(pred_logits, pred_boxes, target_boxes, presence_logits, repeats=1)
-
-    def one_to_many(
-        self,
-        pred_logits: torch.Tensor,
-        pred_boxes: torch.Tensor,
-        target_boxes: Sequence[torch.Tensor],
-        presence_logits: torch.Tensor | None = None,
-        k: int = 4,
-    ) -> list[Match]:
-        """Up to `k` distinct queries per target, jointly optimal: the one-to-one problem with each target
-        repeated `k` times (SAM 3's auxiliary one-to-many matcher uses top-k 4). No query serves two
-        targets; when Q < k * N the cheapest Q slots are filled."""
-        if k < 1:
-            raise ValueError(f"k must be at least 1, got {k}")
-        return self._match(pred_logits, pred_boxes, target_boxes, presence_logits, repeats=k)
-
-    def _match(
-        self,
-        pred_logits: torch.Tensor,
-        pred_boxes: torch.Tensor,
-        target_boxes: Sequence[torch.Tensor],
-        presence_logits: torch.Tensor | None,
-        repeats: int,
-    ) -> list[Match]:
         if pred_logits.ndim != 2 or pred_boxes.shape != (*pred_logits.shape, 4):
             raise ValueError(
                 f"expected pred_logits (B, Q) and pred_boxes (B, Q, 4), got {tuple(pred_logits.shape)} "
@@ -128,10 +114,7 @@ class HungarianMatcher:
                 raise FloatingPointError(
                     "non-finite matching cost: the predictions diverged (try a lower learning rate)"
                 )
-            if repeats > 1:
-                cost = np.tile(cost, (1, repeats))
-            query_idx, slot_idx = linear_sum_assignment(cost)
-            target_idx = slot_idx % n_targets
+            query_idx, target_idx = linear_sum_assignment(cost)
             order = np.lexsort((query_idx, target_idx))
             matches.append(
                 (
