@@ -37,18 +37,9 @@ import torch
 from medsam3.data.fewshot_sets import TASKS, build_fewshot_sets
 from medsam3.evaluate.baseline_unet import train_unet_baseline
 from medsam3.evaluate.runner import evaluate_path
+from medsam3.train.losses import LEGACY_LOSS
 from medsam3.train.run import train_path
 from medsam3.train.trainer import TrainConfig
-
-#: The recipe before issue 17 (the loss options that reproduce it, see medsam3.train.losses.LossWeights).
-OLD_LOSS = {
-    "semantic_form": "bce",
-    "semantic_on_absent": True,
-    "negatives_in_absent_images": True,
-    "mask_at_target": False,
-    "semantic_at_target": False,
-    "pad_n_queries": 0,
-}
 
 
 def old_recipe(minutes: float, seed: int) -> TrainConfig:
@@ -60,7 +51,7 @@ def old_recipe(minutes: float, seed: int) -> TrainConfig:
         max_minutes=minutes,
         progress=False,
         choose_mask_sources=False,
-        loss_weights=dict(OLD_LOSS),
+        loss_weights=dict(LEGACY_LOSS),
         optimizer_groups=False,
     )
 

@@ -46,6 +46,7 @@ def run(spec: str, n: int, size: int, batch: int, cache: bool, runtime: str = "t
         policy="paper",
         prompt_mode="text",
         epochs=2,
+        max_minutes=None,
         batch_size=batch,
         progress=False,
         cache_features=cache,

@@ -24,6 +24,7 @@ from medsam3.data.real_sets import build_real_sets
 from medsam3.data.transforms import flip_augmentation
 from medsam3.model import load_model
 from medsam3.model.export import export_model
+from medsam3.train.losses import LEGACY_LOSS
 from medsam3.train.recipes import (
     HELD_OUT_CONCEPT,
     LITE_PHANTOM_KINDS,
@@ -87,7 +88,11 @@ def main() -> None:
         checkpoint_every=100,
         val_limit=150,
         max_steps=args.max_steps,
-        loss_weights={"cls_iou_aware": False},  # hard targets while the new detector's boxes are poor
+        # the recipe the bundled weights were trained with (before issue 17's SAM 3 losses and budget):
+        # hard targets while the new detector's boxes are poor, the legacy loss, one optimizer group
+        loss_weights={**LEGACY_LOSS, "cls_iou_aware": False},
+        optimizer_groups=False,
+        max_minutes=None,
     )
     trainer = Trainer(loaded, splits["train"], args.out, config, val_data=splits["val"], augment=flip_augmentation())
     if args.resume:

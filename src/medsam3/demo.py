@@ -156,6 +156,7 @@ def _finetune(settings: DemoSettings, out: Path, report: DemoReport) -> None:
         cache_features=True,
         progress=settings.progress,
         val_limit=50,
+        max_minutes=None,  # the demo's epochs are its budget
     )
     started = time.perf_counter()
     Trainer(loaded, train, out / "finetune", config, val_data=val).fit()

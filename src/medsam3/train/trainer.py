@@ -61,6 +61,7 @@ from medsam3.model.policy import apply_policy, check_policy
 from medsam3.train.batches import TrainItem, check_prompt_mode, make_item, sample_rng
 from medsam3.train.feature_cache import FeatureCache
 from medsam3.train.losses import DecoderLayerRecorder, LossWeights, Sam3DetectionLoss
+from medsam3.train.optim import build_optimizer
 from medsam3.train.schedule import warmup_cosine
 
 STATE_FILE = "trainer_state.pt"
@@ -108,7 +109,8 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast on GPU (fp32 master weights)
     cpu_autocast: bool = False  # bf16 autocast on CPU too (benchmarks/bench_cpu.py measures whether it pays)
     progress: bool = True
-    loss_weights: dict = field(default_factory=dict)
+    loss_weights: dict = field(default_factory=dict)  # LossWeights fields (SAM 3's values by default)
+    optimizer_groups: bool = True  # SAM 3's parameter groups (train.optim); False: one AdamW group
 
 
 @dataclass
@@ -239,7 +241,13 @@ class Trainer:
         seed_everything(config.seed)  # before the policy: LoRA's initial weights come from torch's RNG
         apply_policy(self.model, config.policy)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        if config.optimizer_groups:  # SAM 3's groups: detector / vision with layer decay / text; no decay on norms
+            self.optimizer, self.param_groups = build_optimizer(self.model, config.lr, config.weight_decay)
+        else:  # one group, decay on everything (the recipe before issue 17)
+            self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+            self.param_groups = []
+        names = [group.get("name") for group in self.optimizer.param_groups]
+        self._lr_group = names.index("detector") if "detector" in names else 0
         self.steps_per_epoch = math.ceil(self._shard_size() / config.batch_size / config.grad_accum)
         self.budgeted = config.epochs is None
         if self.budgeted:
@@ -255,7 +263,7 @@ class Trainer:
             int(config.warmup_fraction * self.total_steps),
             time_fraction=self._time_fraction if self.budgeted and config.max_minutes else None,
         )
-        self.loss = Sam3DetectionLoss(LossWeights(**config.loss_weights))
+        self.loss = Sam3DetectionLoss(LossWeights.from_options(config.loss_weights), input_side=loaded.image_size)
         self.aux_losses = self.loss.weights.aux != 0 and _records_decoder_layers(self.model)
         self.cache = None
         if self.use_cache:
@@ -392,7 +400,7 @@ class Trainer:
             logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
-        logged["lr"] = self.scheduler.get_last_lr()[0]
+        logged["lr"] = self.scheduler.get_last_lr()[self._lr_group]
         return logged
 
     # -- validation ----------------------------------------------------------------------------
