@@ -872,14 +872,9 @@ def _error(message: object) -> None:
 
 
 def _os_error(exc: OSError) -> str:
-    """'PATH: reason' for an OSError (a permission problem, a full disk), temporary names made readable."""
-    import re
+    from medsam3.utils.files import describe_os_error
 
-    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
-    names = [n for n in (exc.filename, getattr(exc, "filename2", None)) if n is not None]
-    temporary = re.compile(r"\.{1,2}medsam3-\w+?-(?P<name>[^/\\]+?)(?:\.\w{8}\.\w+)?$")  # FileGroup's names
-    shown = [temporary.sub(r"\g<name>", os.fsdecode(n)) for n in names]
-    return f"{' -> '.join(shown)}: {reason}" if shown else reason
+    return describe_os_error(exc)
 
 
 def _run(args: list[str], debug: bool) -> int:

@@ -177,7 +177,8 @@ def is_cohort_source(path: str | Path, kind: str) -> bool:
 
 
 def find_cases(source: str | Path, kind: str, *, out: str | Path | None = None) -> list[CohortCase]:
-    """The cases of ``source`` (folder, list file, or nnU-Net/MSD dataset), sorted, with unique names.
+    """The cases of ``source`` (folder, list file, or nnU-Net/MSD dataset) with unique names; a
+    folder's sorted by name, a list file's in its order.
 
     Names are the file stems (nnU-Net's ``_0000`` channel suffix dropped); two inputs with one stem
     get ``_2``, ``_3``; no name may be ``summary`` (the summary files). ``out`` is never a case.
@@ -189,11 +190,13 @@ def find_cases(source: str | Path, kind: str, *, out: str | Path | None = None) 
     source = Path(source)
     if not source.exists():
         raise InputFileError(source, "no such file or folder")
-    found = _list_file_cases(source) if source.is_file() else _folder_cases(source, kind, Path(out) if out else None)
+    if source.is_file():
+        found = _list_file_cases(source)  # in the list's own order
+    else:
+        found = sorted(_folder_cases(source, kind, Path(out) if out else None), key=lambda f: (f[0].lower(), str(f[1])))
     if not found:
         what = "volumes (NIfTI, NRRD, MHA, DICOM series folders)" if kind == "volume" else "2D images"
         raise InputFileError(source, f"holds no {what} to segment")
-    found.sort(key=lambda item: (item[0].lower(), str(item[1])))
     names = unique_stems([n for n, _, _ in found], reserved=SUMMARY_FILES)
     return [CohortCase(name, str(path), dicom) for name, (_, path, dicom) in zip(names, found, strict=True)]
 
@@ -279,7 +282,8 @@ class CaseResult:
     def summary_rows(self) -> list[dict]:
         if self.status == "failed" or not self.rows:
             return [_row(self.case, "", None, None, None, None, self.seconds, self.status, self.reason)]
-        return [{**row, "case": self.case, "seconds": round(self.seconds, 3), "status": self.status} for row in self.rows]
+        done = {"case": self.case, "seconds": round(self.seconds, 3), "status": self.status}
+        return [{**row, **done} for row in self.rows]
 
 
 def _row(case, concept, voxels, volume_ml, instances, presence, seconds, status, reason="") -> dict:
@@ -301,8 +305,9 @@ def failure_reason(error: BaseException) -> str:
     if isinstance(error, MedSAM3Error):
         return one_line(error)
     if isinstance(error, OSError):
-        where = f"{error.filename}: " if error.filename else ""
-        return one_line(f"{where}{error.strerror or error}")
+        from medsam3.utils.files import describe_os_error
+
+        return one_line(describe_os_error(error))
     if isinstance(error, MemoryError):
         return "out of memory"
     return one_line(f"internal error: {type(error).__name__}: {error}")
