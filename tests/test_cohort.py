@@ -362,6 +362,8 @@ def test_dicom_series_folders_give_dicom_seg_and_outputs_never_go_over_inputs(tm
         assert code == 2
         assert "--out" in capsys.readouterr().err
     assert sorted(p.name for p in (folder / "patient1").iterdir()) == [f"{k:03d}.dcm" for k in range(4)]
+    code = main(["segment-volume", str(folder), "-p", "liver", "--out", str(tmp_path / "mask.nii.gz"), *TINY])
+    assert code == 2 and "--out must be a folder" in capsys.readouterr().err
     # per-case options make no sense for a folder
     code = main(["segment-volume", str(folder), "-p", "liver", "--out", str(out), "--box", "1,1,5,5",
                  "--box-slice", "0", *TINY])  # fmt: skip
@@ -391,6 +393,20 @@ def test_segment_a_folder_of_2d_images(tmp_path, capsys):
         mask = read_image(out / f"img{k}" / "nucleus.png").rgb[..., 0] > 0
         assert int(rows[k + 1]["voxels"]) == int(mask.sum())
     assert not (out / "bad").exists() and _leftovers(out) == []
+
+
+def test_a_model_that_cannot_load_stops_the_run_once_with_workers(cohort, tmp_path, capsys):
+    """Not one failure per case: the workers' setup error is the run's, one line, exit 2."""
+    from medsam3.infer.cohort import _init_worker, _work
+
+    bad = CohortSettings(**{**SETTINGS.__dict__, "model": str(tmp_path / "no_such_model")})
+    _init_worker(bad, str(tmp_path / "out"), 1)  # what each spawned worker runs first
+    result = _work(find_cases(cohort, "volume")[0])
+    assert result.status == "setup-failed" and "no_such_model" in result.reason
+    code = main(["segment-volume", str(cohort), "-p", "liver", "--out", str(tmp_path / "out"), "-m",
+                 str(tmp_path / "no_such_model")])  # fmt: skip
+    assert code == 2 and "no_such_model" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "summary.csv").exists() or "ok" not in (tmp_path / "out" / "summary.csv").read_text()
 
 
 def test_threads_are_split_between_workers():

@@ -502,20 +502,26 @@ def split_threads(workers: int, cores: int | None = None) -> int:
     return max(1, cores // max(1, workers))
 
 
-# a spawned worker's own segmenter (one model per process)
+# a spawned worker's own segmenter (one model per process), or why it could not be made
 _WORKER: CaseSegmenter | None = None
+_WORKER_ERROR = ""
+_SETUP_FAILED = "setup-failed"  # a worker could not load the model: a user error for the whole run
 
 
 def _init_worker(settings: CohortSettings, out: str, threads: int) -> None:
     import torch
 
-    global _WORKER
+    global _WORKER, _WORKER_ERROR
     torch.set_num_threads(threads)
-    _WORKER = CaseSegmenter(settings, out)
+    try:
+        _WORKER = CaseSegmenter(settings, out)
+    except MedSAM3Error as error:  # an unknown model, a bad adapter: said once by the driver, not per case
+        _WORKER_ERROR = one_line(error)
 
 
 def _work(case: CohortCase) -> CaseResult:
-    assert _WORKER is not None
+    if _WORKER is None:
+        return CaseResult(case.name, _SETUP_FAILED, 0.0, reason=_WORKER_ERROR, input=case.path)
     return _WORKER.run(case)
 
 
@@ -546,10 +552,14 @@ def _run_pool(cases: list[CohortCase], settings, out, workers: int, threads: int
                 for future in done:
                     case = pending.pop(future)
                     try:
-                        yield future.result()
+                        result = future.result()
                     except BrokenProcessPool:
                         broken = True
                         pending[future] = case
+                        continue
+                    if result.status == _SETUP_FAILED:
+                        raise MedSAM3Error(result.reason)
+                    yield result
                 if broken:
                     break
         finally:
@@ -588,9 +598,13 @@ def segment_cohort(
     source, out = Path(source), Path(out)
     if workers < 1:
         raise MedSAM3Error(f"--workers must be at least 1, got {workers}")
+    from medsam3.utils.files import file_suffix
+
+    cases = find_cases(source, settings.kind, out=out)  # a source with no cases is named first
+    if file_suffix(out) in (*_case_suffixes("volume"), *_case_suffixes("image")):
+        raise OutputError(f"{out}: a cohort writes one output per case, so --out must be a folder, not a file name")
     if same_path(source, out):
         raise OutputError(f"{out}: --out is the input folder; choose another folder, the inputs stay untouched")
-    cases = find_cases(source, settings.kind, out=out)
     for case in cases:
         if same_path(case.path, out) or is_inside(out, case.path):
             raise OutputError(f"{out}: --out lies inside the input {case.path}; choose a folder outside it")
