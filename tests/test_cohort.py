@@ -409,6 +409,17 @@ def test_a_model_that_cannot_load_stops_the_run_once_with_workers(cohort, tmp_pa
     assert not (tmp_path / "out" / "summary.csv").exists() or "ok" not in (tmp_path / "out" / "summary.csv").read_text()
 
 
+def test_the_summary_names_a_replaced_phrase_as_typed_and_as_answered(tmp_path):
+    """nano was never taught 'spleen': the normaliser runs it as 'liver', and the summary says both."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _nifti(folder / "a.nii.gz", 1)
+    settings = CohortSettings(kind="volume", prompts=("liver", "spleen"), model="nano", device="cpu")
+    run = segment_cohort(folder, tmp_path / "out", settings)
+    assert [r["concept"] for r in _rows(tmp_path / "out")] == ["liver", "spleen (as liver)"]
+    assert not run.failed
+
+
 def test_threads_are_split_between_workers():
     assert split_threads(1, cores=8) == 8 and split_threads(2, cores=8) == 4 and split_threads(3, cores=8) == 2
     assert split_threads(16, cores=2) == 1

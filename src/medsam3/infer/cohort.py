@@ -33,7 +33,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -337,6 +337,9 @@ class CaseSegmenter:
             nms_iou=settings.nms_iou,
             mask_source=settings.mask_source,
         )
+        # the summary's concept: as typed, and what the model answered when the normaliser replaced it
+        self.concepts = [typed if typed == used.text else f"{typed} (as {used.text})"
+                         for typed, used in zip(settings.prompts, self.setup.prompts, strict=True)]  # fmt: skip
 
     def run(self, case: CohortCase) -> CaseResult:
         """Segment and write one case; any failure becomes a ``failed`` result with its reason."""
@@ -365,9 +368,9 @@ class CaseSegmenter:
         )  # fmt: skip
         legend = json.loads((self.out / (case.name + ".json")).read_text())
         rows = []
-        for entry in legend["prompts"]:
+        for entry, concept in zip(legend["prompts"], self.concepts, strict=True):
             _, instances = label_components(seg.label_map == entry["label"])
-            rows.append(_row(case.name, entry["prompt"], entry["voxels"], entry["volume_ml"], instances,
+            rows.append(_row(case.name, concept, entry["voxels"], entry["volume_ml"], instances,
                              round(float(np.float32(entry["max_score"])), 4), 0.0, "ok"))  # fmt: skip
         return rows
 
@@ -380,8 +383,8 @@ class CaseSegmenter:
             predictor=self.setup.predictor, normalize=False, window=s.window,
         )  # fmt: skip
         return [
-            _row(case.name, r.prompt.text, int(r.union.sum()), None, len(r), round(float(r.presence), 4), 0.0, "ok")
-            for r in result.results
+            _row(case.name, concept, int(r.union.sum()), None, len(r), round(float(r.presence), 4), 0.0, "ok")
+            for r, concept in zip(result.results, self.concepts, strict=True)
         ]
 
 
@@ -525,7 +528,7 @@ def _work(case: CohortCase) -> CaseResult:
     return _WORKER.run(case)
 
 
-def _run_inline(cases, settings, out, _threads) -> Iterator[CaseResult]:
+def _run_inline(cases, settings, out) -> Iterator[CaseResult]:
     segmenter = CaseSegmenter(settings, out)
     for case in cases:
         yield segmenter.run(case)
@@ -571,9 +574,6 @@ def _run_pool(cases: list[CohortCase], settings, out, workers: int, threads: int
             for case in todo:
                 yield CaseResult(case.name, "failed", 0.0, input=case.path,
                                  reason="its worker process died (killed, or out of memory) three times")  # fmt: skip
-
-
-Runner = Callable[[list[CohortCase], CohortSettings, Path, int, int], Iterable[CaseResult]]
 
 
 def segment_cohort(
@@ -642,7 +642,7 @@ def segment_cohort(
             elif backend == "processes":
                 stream = _run_pool(todo, settings, out, workers, threads)
             else:
-                stream = _run_inline(todo, settings, out, threads)
+                stream = _run_inline(todo, settings, out)
             bar = _progress_bar(len(cases), len(results), progress)
             try:
                 for result in stream:
