@@ -95,11 +95,10 @@ def _is_dicom_series(folder: Path) -> bool:
 
 
 def _case_suffixes(kind: str) -> tuple[str, ...]:
-    from medsam3.data.image_io import DICOM_SUFFIXES
-    from medsam3.data.layouts.readers import IMAGE_2D_SUFFIXES
+    from medsam3.data.image_io import DICOM_SUFFIXES, RASTER_SUFFIXES, TIFF_SUFFIXES
     from medsam3.data.volume_io import VOLUME_SUFFIXES
 
-    return tuple(VOLUME_SUFFIXES) if kind == "volume" else IMAGE_2D_SUFFIXES + DICOM_SUFFIXES
+    return tuple(VOLUME_SUFFIXES) if kind == "volume" else RASTER_SUFFIXES + TIFF_SUFFIXES + DICOM_SUFFIXES
 
 
 def _channel_zero(paths: list[Path]) -> list[tuple[str, Path]]:
@@ -349,8 +348,9 @@ class CaseSegmenter:
         except (Exception, MemoryError) as error:  # noqa: BLE001 - one bad case must not stop the cohort
             return CaseResult(case.name, "failed", time.perf_counter() - start, reason=failure_reason(error),
                               input=case.path)  # fmt: skip
-        return CaseResult(case.name, "ok", time.perf_counter() - start, rows, input=case.path,
-                          outputs=case.output_files(self.settings.kind))  # fmt: skip
+        # what was written: an empty result has no DICOM-SEG, and a resume must not wait for one
+        written = [name for name in case.output_files(self.settings.kind) if (self.out / name).exists()]
+        return CaseResult(case.name, "ok", time.perf_counter() - start, rows, input=case.path, outputs=written)
 
     def _volume(self, case: CohortCase) -> list[dict]:
         import numpy as np
@@ -448,7 +448,8 @@ def _reusable(out: Path, case: CohortCase, digest: str, settings_digest: str, ki
         return None
     if record.get("input_digest") != digest or record.get("settings_digest") != settings_digest:
         return None
-    if not all((out / name).exists() for name in case.output_files(kind)):
+    outputs = record.get("outputs") or case.output_files(kind)[:1]
+    if not all((out / name).exists() for name in outputs):
         return None
     return CaseResult(case.name, "reused", float(record.get("seconds", 0.0)), record.get("rows", []),
                       input=case.path, input_digest=digest, outputs=record.get("outputs", []))  # fmt: skip
