@@ -147,6 +147,24 @@ def test_folder_in_folder_out_with_a_corrupt_case_resume_and_changed_settings(co
     assert {r.status for r in run.results} == {"ok"} and not run.failed
 
 
+def test_an_interrupted_run_reruns_only_the_rest(cohort, tmp_path):
+    (cohort / "broken.nii.gz").unlink()
+    out, seen = tmp_path / "out", []
+
+    def interrupt_after_two(result):
+        seen.append(result.case)
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # Ctrl-C between cases
+
+    with pytest.raises(KeyboardInterrupt):
+        segment_cohort(cohort, out, SETTINGS, on_result=interrupt_after_two)
+    assert [r["case"] for r in _rows(out)] == ["case0", "case0", "case1", "case1"]  # the summary so far
+    run = segment_cohort(cohort, out, SETTINGS)
+    assert {r.case: r.status for r in run.results} == {"case0": "reused", "case1": "reused", "case2": "ok",
+                                                      "case3": "ok"}  # fmt: skip
+    assert _leftovers(out) == []
+
+
 def test_two_runs_on_one_output_folder_the_second_is_refused(cohort, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
