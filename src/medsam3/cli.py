@@ -125,10 +125,43 @@ ThresholdOpt = Annotated[
 MaskThresholdOpt = Annotated[float, typer.Option(help="Mask probability threshold, 0..1.", callback=PROBABILITY)]
 
 
+WorkersOpt = Annotated[
+    int,
+    typer.Option("--workers", help="Folder input: worker processes, each with its own model.", callback=_in_range(1)),
+]
+RayOpt = Annotated[
+    str | None,
+    typer.Option("--ray", help="Folder input: run on the Ray cluster at this address ('local' starts one)."),
+]
+
+
+def _cohort(kind: str, source: Path, out: Path, refused: dict[str, object], workers: int, ray: str | None, **options):
+    """A folder, list file or nnU-Net dataset: every case into ``out`` (exit 3 when a case failed)."""
+    from medsam3.infer.cohort import FAILED_CASES_EXIT, process_settings, segment_cohort
+
+    for option, value in refused.items():
+        if value:
+            raise PromptError(f"{option} applies to one input, not to the folder {source}; run that case on its own")
+    run = segment_cohort(source, out, process_settings(kind=kind, **options), workers=workers, ray_address=ray,
+                         progress=True)  # fmt: skip
+    for result in run.failed:
+        _say(f"medsam3: case {result.case} failed: {result.reason}")
+    _echo(
+        f"{len(run.results)} case(s): {run.count('ok')} segmented, {run.count('reused')} already done, "
+        f"{len(run.failed)} failed; wrote {out}/summary.csv"
+    )
+    if run.failed:
+        raise typer.Exit(FAILED_CASES_EXIT)
+
+
 @app.command()
 def segment(
     image: Annotated[
-        Path, typer.Argument(help="PNG, JPEG, BMP, TIFF, DICOM, or a NIfTI/NRRD/MHA volume with --slice.")
+        Path,
+        typer.Argument(
+            help="PNG, JPEG, BMP, TIFF, DICOM, or a NIfTI/NRRD/MHA volume with --slice; or a folder or list file "
+            "of 2D images (one output folder per image, plus summary.csv)."
+        ),
     ],
     prompt: Annotated[
         list[str], typer.Option("--prompt", "-p", help="Concept phrase, e.g. 'breast tumor'. Repeatable.")
@@ -170,9 +203,18 @@ def segment(
             help="Text prompts' masks: auto (the model's best), semantic, detector or box-decoder (lite).",
         ),
     ] = "auto",
+    workers: WorkersOpt = 1,
+    ray: RayOpt = None,
 ) -> None:
-    """Segment every instance of each named concept in one image."""
+    """Segment every instance of each named concept in one image (or in each image of a folder)."""
+    from medsam3.infer.cohort import is_cohort_source
     from medsam3.infer.segment import segment_path
+
+    if is_cohort_source(image, "image"):
+        refused = {"--box": box, "--negative-box": negative_box, "--slice": slice_index is not None}
+        return _cohort("image", image, out, refused, workers, ray, prompts=prompt, model=model, adapter=adapter,
+                       device=device, normalize=not no_normalize, score_threshold=threshold,
+                       mask_threshold=mask_threshold, nms_iou=nms, window=window, mask_source=mask_source)  # fmt: skip
 
     result = segment_path(
         image,
@@ -215,7 +257,13 @@ NoNormalizeOpt = Annotated[bool, typer.Option("--no-normalize", help="Run phrase
 
 @app.command("segment-volume")
 def segment_volume_cmd(
-    volume: Annotated[Path, typer.Argument(help="NIfTI, NRRD, MHA, or a DICOM series folder.")],
+    volume: Annotated[
+        Path,
+        typer.Argument(
+            help="NIfTI, NRRD, MHA, or a DICOM series folder; or a folder, list file or nnU-Net/MSD dataset of "
+            "them (--out is then a folder: one label map per case, plus summary.csv)."
+        ),
+    ],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Concept phrase. Repeatable.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Label map: .nii.gz, .nii, .nrrd, .seg.nrrd or .mha.")],
     box_slice: Annotated[
@@ -236,10 +284,20 @@ def segment_volume_cmd(
     no_normalize: NoNormalizeOpt = False,
     dtype: DtypeOpt = "auto",
     runtime: RuntimeOpt = "auto",
+    workers: WorkersOpt = 1,
+    ray: RayOpt = None,
 ) -> None:
-    """Segment a 3D volume by naming concepts; the label map keeps the input's geometry."""
+    """Segment a 3D volume (or a cohort of them) by naming concepts; label maps keep the input's geometry."""
+    from medsam3.infer.cohort import is_cohort_source
     from medsam3.infer.segment import build_predictor, build_prompts
     from medsam3.infer.volume import check_volume_outputs, legend_path, segment_volume_file
+
+    if is_cohort_source(volume, "volume"):
+        refused = {"--box": box, "--box-slice": box_slice is not None, "--dicom-seg": dicom_seg,
+                   "--series-uid": series_uid, "--tracker": tracker}  # fmt: skip
+        return _cohort("volume", volume, out, refused, workers, ray, prompts=prompt, model=model, adapter=adapter,
+                       device=device, normalize=not no_normalize, score_threshold=threshold,
+                       mask_threshold=mask_threshold, axis=axis, method=method, window=window)  # fmt: skip
 
     if (box is None) != (box_slice is None):
         raise PromptError("--box and --box-slice go together")
@@ -876,14 +934,9 @@ def _error(message: object) -> None:
 
 
 def _os_error(exc: OSError) -> str:
-    """'PATH: reason' for an OSError (a permission problem, a full disk), temporary names made readable."""
-    import re
+    from medsam3.utils.files import describe_os_error
 
-    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
-    names = [n for n in (exc.filename, getattr(exc, "filename2", None)) if n is not None]
-    temporary = re.compile(r"\.{1,2}medsam3-\w+?-(?P<name>[^/\\]+?)(?:\.\w{8}\.\w+)?$")  # FileGroup's names
-    shown = [temporary.sub(r"\g<name>", os.fsdecode(n)) for n in names]
-    return f"{' -> '.join(shown)}: {reason}" if shown else reason
+    return describe_os_error(exc)
 
 
 def _run(args: list[str], debug: bool) -> int:

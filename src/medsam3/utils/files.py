@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -237,3 +238,14 @@ def write_json_atomic(path: str | Path, data: Any, *, allow_nan: bool = True) ->
     ``allow_nan=False`` refuses NaN and infinity (bare ``NaN``/``Infinity`` are not valid JSON).
     """
     write_text_atomic(path, json.dumps(data, indent=2, allow_nan=allow_nan) + "\n")
+
+
+_TEMPORARY = re.compile(r"\.{1,2}medsam3-\w+?-(?P<name>[^/\\]+?)(?:\.\w{8}\.\w+)?$")  # FileGroup's names
+
+
+def describe_os_error(exc: OSError) -> str:
+    """'PATH: reason' for an OSError (a permission problem, a full disk), temporary names made readable."""
+    reason = exc.strerror or " ".join(str(exc).split()) or type(exc).__name__
+    names = [n for n in (exc.filename, getattr(exc, "filename2", None)) if n is not None]
+    shown = [_TEMPORARY.sub(r"\g<name>", os.fsdecode(n)) for n in names]
+    return f"{' -> '.join(shown)}: {reason}" if shown else reason
