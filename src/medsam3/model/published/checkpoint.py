@@ -173,7 +173,11 @@ def _new_model(config: Sam3Config) -> Sam3Model:
 def load_sam3_checkpoint(path: str | Path) -> tuple[Sam3Model, Provenance]:
     """Build ``Sam3Model`` from a checkpoint file in any layout above; fails naming the first bad key."""
     path = Path(path)
-    raw = read_tensor_file(path)
+    return sam3_from_checkpoint(read_tensor_file(path), path)
+
+
+def sam3_from_checkpoint(raw: dict, path: Path) -> tuple[Sam3Model, Provenance]:
+    """:func:`load_sam3_checkpoint` on an object already read (``path`` names it in messages, finds config.json)."""
     state, trainer_state = _unwrap(raw, path)
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
