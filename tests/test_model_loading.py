@@ -1,6 +1,4 @@
 import json
-import sys
-import types
 
 import pytest
 import torch
@@ -51,35 +49,13 @@ def test_hub_id_offline_fails_with_gated_explanation():
     assert "gated" in message and "save_pretrained" in message and "\n" not in message
 
 
-def test_original_checkpoint_needs_transformers_converter(tmp_path, monkeypatch):
+def test_original_checkpoint_is_mapped_by_our_own_table(tmp_path):
+    """Meta's sam3.pt is read with our strict key mapping (no transformers converter script needed);
+    the layouts themselves are tested in test_published_models.py."""
     checkpoint = tmp_path / "sam3.pt"
     torch.save({"model": {}}, checkpoint)
-    monkeypatch.setitem(sys.modules, "transformers.models.sam3.convert_sam3_to_hf", None)
-    with pytest.raises(ModelSpecError, match="convert_sam3_to_hf"):
+    with pytest.raises(ModelSpecError, match=r"sam3.pt: does not match the SAM 3 layout: missing: "):
         load_model(str(checkpoint), device="cpu")
-
-
-def test_original_checkpoint_calls_transformers_converter(tmp_path, monkeypatch, tiny_model):
-    """The converter's output folder is what gets loaded; its offline tokenizer fetch is tolerated."""
-    calls = []
-
-    def convert_sam3_checkpoint(checkpoint_path, output_path):
-        calls.append(checkpoint_path)
-        tiny_model.model.save_pretrained(output_path)
-        raise OSError("cannot reach the hub for the tokenizer")
-
-    fake = types.ModuleType("convert_sam3_to_hf")
-    fake.convert_sam3_checkpoint = convert_sam3_checkpoint
-    monkeypatch.setitem(sys.modules, "transformers.models.sam3.convert_sam3_to_hf", fake)
-    monkeypatch.setattr("transformers.models.sam3.convert_sam3_to_hf", fake, raising=False)
-    monkeypatch.setenv("MEDSAM3_CACHE", str(tmp_path / "cache"))
-    checkpoint = tmp_path / "sam3.pt"
-    torch.save({"model": {}}, checkpoint)
-    loaded = load_model(str(checkpoint), device="cpu")
-    assert calls == [str(checkpoint)]
-    assert loaded.fingerprint == tiny_model.fingerprint
-    load_model(str(checkpoint), device="cpu")  # second time: converted folder reused
-    assert len(calls) == 1
 
 
 def test_paper_policy_freezes_encoders_only():

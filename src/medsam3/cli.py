@@ -85,9 +85,17 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
 
 
 ModelOpt = Annotated[
-    str, typer.Option("--model", "-m", help="Preset (nano, tiny, sam3), model folder, sam3.pt or hub id.")
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Preset (nano, tiny, sam3), model folder, checkpoint file (sam3.pt, SAM 3.1, Medical-SAM3) or hub id.",
+    ),
 ]
-AdapterOpt = Annotated[Path | None, typer.Option("--adapter", help="Adapter folder written by `medsam3 train`.")]
+AdapterOpt = Annotated[
+    Path | None,
+    typer.Option("--adapter", help="Adapter folder written by `medsam3 train`, or MedSAM3-v1's best_lora_weights.pt."),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda[:N].")]
 
 
@@ -390,13 +398,15 @@ def segment_video_cmd(
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="Preset, model folder, sam3.pt or hub id.")] = DEFAULT_MODEL,
+    model: Annotated[
+        str, typer.Argument(help="Preset, model folder, checkpoint file (sam3.pt...) or hub id.")
+    ] = DEFAULT_MODEL,
     policy: Annotated[str, typer.Option(help="Parameter policy: paper, lora-detector, lora-all, full.")] = "paper",
     adapter: AdapterOpt = None,
     dtype: DtypeOpt = "auto",
     runtime: RuntimeOpt = "auto",
 ) -> None:
-    """Parameters per component under a fine-tuning policy, preprocessing, and where each weight came from."""
+    """Parameters per component, preprocessing, and where each weight came from (format, mapping, LoRA, SHA-256)."""
     from medsam3.model.info import describe_model
 
     typer.echo(describe_model(model, policy, adapter))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+from medsam3.model import presets
 from medsam3.model.components import count_parameters
-from medsam3.model.loading import load_model
+from medsam3.model.loading import bundled_model_dir, load_model
 from medsam3.model.policy import apply_policy, check_policy
+from medsam3.model.published.files import sha256_file
 
 
 def describe_model(
@@ -37,4 +40,34 @@ def describe_model(
         lines.append(f"weights {source['part']}: {source['source']}" + (f" [{state}]" if "frozen" in source else ""))
     if loaded.concepts:
         lines.append("concepts: " + ", ".join(loaded.concepts))
+    lines += provenance_lines(spec, loaded, adapter)
     return "\n".join(lines)
+
+
+def _spec_files(spec: str, model) -> tuple[list[str], list[str]]:
+    """(how the spec was read, the files its weights came from)."""
+    provenance = getattr(model, "medsam3_provenance", None)
+    if provenance is not None:
+        return provenance.lines(), provenance.files
+    folder = bundled_model_dir(spec) if spec in presets.BUNDLED_PRESETS else Path(spec).expanduser()
+    if spec in presets.RANDOM_PRESETS or spec in presets.LITE_RANDOM_PRESETS:
+        return [f"source: preset '{spec}'", "format: built in memory (random detector weights, seed 0)"], []
+    if folder.is_dir():
+        files = sorted(str(p) for p in folder.iterdir() if p.suffix in (".safetensors", ".json") and p.is_file())
+        return [f"source: {folder}", "format: transformers folder (save_pretrained)"], files
+    return [f"source: {spec}", "format: Hugging Face hub (files in the hub cache)"], []
+
+
+def provenance_lines(spec: str, loaded, adapter: str | os.PathLike | None) -> list[str]:
+    """Source, format, tensors mapped, LoRA settings and the SHA-256 of every file read."""
+    lines, files = _spec_files(spec, loaded.model)
+    report = getattr(loaded.model, "medsam3_lora_report", None)
+    if report is not None:
+        lines += report.lines()
+        files = [*files, report.path]
+    elif adapter is not None:
+        folder = Path(adapter)
+        lines.append(f"adapter: {folder} (medsam3 adapter folder)")
+        files = [*files, *(str(folder / n) for n in ("adapter.safetensors", "adapter.json") if (folder / n).is_file())]
+    lines += [f"sha256 {sha256_file(f)}  {f}" for f in files]
+    return lines

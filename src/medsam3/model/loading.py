@@ -1,15 +1,16 @@
 """Turn a model spec into a ready model behind its seam.
 
 A spec is one of: a preset name (``lite``, ``lite-init``, ``tiny``, ``nano``, ``sam3``,
-``sam3-random``), a local folder written by ``save_pretrained`` or :func:`export_model`, Meta's
-original ``sam3.pt`` checkpoint, or a Hugging Face hub id (``facebook/sam3``). An adapter folder
-(see :mod:`medsam3.model.adapter`) may be laid on top.
+``sam3-random``), a local folder written by ``save_pretrained`` or :func:`export_model`, a checkpoint
+file in its owner's layout (Meta's ``sam3.pt``, SAM 3.1's ``sam3.1_multiplex.pt``, Medical-SAM3's
+``checkpoint_2D.pt``; see :mod:`medsam3.model.published`), or a Hugging Face hub id
+(``facebook/sam3``). An adapter may be laid on top: a folder written by ``medsam3 train`` (see
+:mod:`medsam3.model.adapter`) or the MedSAM3-v1 authors' LoRA file (merged into the weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
@@ -27,8 +28,13 @@ from medsam3.model.adapter import apply_adapter
 from medsam3.model.backbones.lite import LiteSam3Model, is_lite_config, load_lite_folder, quiet_placeholder_config
 from medsam3.model.loaded import LoadedModel
 from medsam3.model.precision import choose_precision, default_towers
+from medsam3.model.published.checkpoint import load_sam3_checkpoint
+from medsam3.model.published.files import TORCH_SUFFIXES
+from medsam3.model.published.lora import merge_medsam3_lora
 from medsam3.model.runtime import choose_runtime, default_runtime
 from medsam3.model.tokenizer import build_clip_tokenizer
+
+CHECKPOINT_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -121,39 +127,38 @@ def _load_hub(repo_id: str) -> tuple[Sam3Model, Sam3Processor]:
     return model, processor
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("MEDSAM3_CACHE", Path.home() / ".cache" / "medsam3"))
+def load_original_checkpoint(checkpoint: Path) -> Sam3Model:
+    """A checkpoint file in its owner's layout (Meta's sam3.pt, SAM 3.1, Medical-SAM3...), loaded strictly.
 
-
-def convert_original_checkpoint(checkpoint: Path, out_dir: Path | None = None) -> Path:
-    """Convert Meta's ``sam3.pt`` with the conversion code transformers ships; returns the folder.
-
-    transformers keeps the converter in its source tree
-    (``transformers/models/sam3/convert_sam3_to_hf.py``); PyPI wheels leave it out, so it is
-    importable only from a source install of transformers.
+    The model carries where it came from as ``medsam3_provenance`` (see :mod:`medsam3.model.published`).
     """
-    try:
-        from transformers.models.sam3 import convert_sam3_to_hf  # type: ignore[attr-defined]
-    except ImportError as exc:
+    model, provenance = load_sam3_checkpoint(checkpoint)
+    model.medsam3_provenance = provenance
+    return model
+
+
+def apply_adapter_spec(loaded: LoadedModel, adapter: str | os.PathLike, lora_alpha: float | None = None) -> None:
+    """An adapter folder written by ``medsam3 train``, or the MedSAM3-v1 authors' LoRA file (merged)."""
+    path = Path(adapter).expanduser()
+    if path.is_dir() or not path.exists():
+        apply_adapter(loaded, path)
+        return
+    if is_lite_config(loaded.model.config):
         raise ModelSpecError(
-            f"{checkpoint}: converting Meta's original SAM 3 checkpoint needs transformers' converter "
-            "(transformers/models/sam3/convert_sam3_to_hf.py), which the PyPI wheel does not ship: install "
-            "transformers from its git source, or run that script yourself and pass its output folder"
-        ) from exc
-    if out_dir is None:
-        stat = checkpoint.stat()
-        key = hashlib.sha256(f"{checkpoint.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        out_dir = _cache_dir() / "converted" / key
-    if (out_dir / "config.json").is_file() and any(out_dir.glob("*.safetensors")):
-        return out_dir
-    try:
-        convert_sam3_to_hf.convert_sam3_checkpoint(checkpoint_path=str(checkpoint), output_path=str(out_dir))
-    except OSError:
-        # The converter saves the weights, then fetches a tokenizer from the hub; offline that last
-        # step fails, which is harmless because we build the same tokenizer locally.
-        if not any(out_dir.glob("*.safetensors")):
-            raise
-    return out_dir
+            f"{path}: a MedSAM3-v1 LoRA file needs a SAM 3 base (--model sam3.pt, facebook/sam3 or a SAM 3 folder), "
+            f"not '{loaded.spec}'"
+        )
+    report = merge_medsam3_lora(loaded.model, path, alpha=lora_alpha)
+    loaded.model.eval()
+    loaded.seam.clear_text_cache()
+    loaded.adapter = {
+        "format": "medsam3-v1-lora",
+        "path": str(path),
+        "policy": "merged LoRA (MedSAM3-v1)",
+        "medsam3_v1_lora": report.to_json(),
+        "concepts": [],
+    }
+    loaded.model.medsam3_lora_report = report
 
 
 def load_model(
@@ -198,18 +203,19 @@ def load_model(
     elif path.is_dir():
         model, processor = _load_folder(path)
         concepts = _read_concepts(path)
-    elif path.suffix in (".pt", ".pth"):
-        if not path.is_file():
-            raise ModelSpecError(f"{path}: checkpoint file not found")
-        model, processor = _load_folder(convert_original_checkpoint(path))
+    elif path.suffix in CHECKPOINT_SUFFIXES:
+        model = load_original_checkpoint(path)
+        processor = offline_processor(model.config.image_size)
     elif path.exists():
-        raise ModelSpecError(f"{path}: not a model folder, nor a .pt checkpoint")
+        raise ModelSpecError(
+            f"{path}: not a model folder, nor a checkpoint file (.pt, .pth, .bin, .ckpt, .safetensors)"
+        )
     elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         model, processor = _load_hub(spec)
     else:
         raise ModelSpecError(
             f"unknown model '{spec}': use a preset ({', '.join(presets.PRESET_NAMES)}), a folder written by "
-            "save_pretrained, a sam3.pt checkpoint, or a hub id like facebook/sam3"
+            "save_pretrained, a checkpoint file (sam3.pt, .pth, .safetensors), or a hub id like facebook/sam3"
         )
     target = resolve_device(device)
     model = model.to(device=target, dtype=dtype).eval()
@@ -222,7 +228,7 @@ def load_model(
     precision = dataclasses.replace(precision, runtime=engine.name, runtime_reason=engine.reason)
     loaded.precision = precision
     if adapter is not None:
-        apply_adapter(loaded, adapter)
+        apply_adapter_spec(loaded, adapter)
     if precision.torch_dtype != dtype:
         loaded.seam.set_tower_dtype(precision.torch_dtype)
     loaded.seam.set_runtime(engine.name)
