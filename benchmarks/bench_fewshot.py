@@ -56,11 +56,8 @@ def old_recipe(minutes: float, seed: int) -> TrainConfig:
     )
 
 
-def score(data: Path, model: str, adapter: Path | None, mode: str, out: Path, mask_source: str = "auto") -> dict:
-    result = evaluate_path(
-        data, model, adapter=adapter, prompt_mode=mode, out_dir=out, device="cpu", progress=False,
-        mask_source=mask_source,
-    )  # fmt: skip
+def score(data: Path, model: str, adapter: Path | None, mode: str, out: Path) -> dict:
+    result = evaluate_path(data, model, adapter=adapter, prompt_mode=mode, out_dir=out, device="cpu", progress=False)
     overall = result.summary["overall"]
     return {
         "dice": overall["dice"]["mean"] or 0.0,
@@ -86,24 +83,25 @@ def main() -> None:
     for concept in args.tasks:
         axial, coronal = folders[concept]["axial"], folders[concept]["coronal"]
         work = args.out / axial.name
-        models: dict[str, tuple[str, Path | None, float, str]] = {}
+        models: dict[str, tuple[str, Path | None, float]] = {}
         started = time.perf_counter()
         settings = {} if args.minutes is None else {"max_minutes": args.minutes}
         run = train_path(axial, "lite", work / "defaults", device="cpu", seed=args.seed, progress=False, **settings)
         budget = time.perf_counter() - started
-        models["lite defaults"] = ("lite", run.adapter, budget, "auto")
+        models["lite defaults"] = ("lite", run.adapter, budget)
         if "lite old recipe" not in args.skip:
             started = time.perf_counter()
             old = train_path(axial, "lite", work / "old", config=old_recipe(budget / 60.0, args.seed), augment="none",
                              device="cpu")  # fmt: skip
-            models["lite old recipe"] = ("lite", old.adapter, time.perf_counter() - started, "semantic")
+            # no mask_sources in its adapter.json: "auto" is lite's default, the semantic map, as before
+            models["lite old recipe"] = ("lite", old.adapter, time.perf_counter() - started)
         if "U-Net" not in args.skip:
             started = time.perf_counter()
             unet = work / "unet"
             train_unet_baseline(axial, unet, epochs=100_000, max_minutes=budget / 60.0, seed=args.seed, progress=False)
-            models["U-Net"] = (str(unet), None, time.perf_counter() - started, "auto")
-        models["LiteMedSAM + GT box"] = ("lite", None, 0.0, "auto")
-        for label, (model, adapter, seconds, source) in models.items():
+            models["U-Net"] = (str(unet), None, time.perf_counter() - started)
+        models["LiteMedSAM + GT box"] = ("lite", None, 0.0)
+        for label, (model, adapter, seconds) in models.items():
             row = {"task": concept, "method": label, "train_s": round(seconds, 1)}
             if label == "lite defaults":
                 row["stop"] = run.summary["stop_reason"]
@@ -113,7 +111,7 @@ def main() -> None:
             for mode in modes:
                 for view, folder in (("axial", axial), ("coronal", coronal)):
                     tag = f"{label}_{mode}_{view}".replace(" ", "_").replace("+", "")
-                    row[f"{mode} {view}"] = score(folder, model, adapter, mode, work / "eval" / tag, source)
+                    row[f"{mode} {view}"] = score(folder, model, adapter, mode, work / "eval" / tag)
             rows.append(row)
             print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -210,3 +210,16 @@ def test_train_cli_refuses_an_unknown_loss_option_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "unknown loss option 'bogus'" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_budget_encodes_every_view_first_then_training_only_reads_the_cache(tmp_path):
+    loaded = load_model("tiny", device="cpu")
+    config = TrainConfig(steps=6, patience=0, choose_mask_sources=False, **FAST)
+    bank = view_augmentation(views=3, seed=1)
+    trainer = Trainer(loaded, disk_samples(4), tmp_path / "run", config, val_data=disk_samples(2, seed=9), augment=bank)
+    trainer.fit()
+    # 4 images x 3 views (a view may repeat an image when no transform fired) + 2 validation images
+    assert 8 <= trainer.cache.misses <= 14
+    misses = trainer.cache.misses
+    assert trainer.prefill_cache() == 0 and trainer.cache.misses == misses  # all there already
+    assert trainer.cache.hits > 0

@@ -573,10 +573,58 @@ class Trainer:
         return spent
 
     def _time_fraction(self) -> float:
-        """Share of the wall-clock budget spent so far (0 before fit starts or without a budget)."""
-        if self._started is None or not self.config.max_minutes:
+        """Share of the training time spent so far: the budget left once the feature cache was filled
+        (0 before training starts or without a budget)."""
+        if self._training_started is None or not self.config.max_minutes:
             return 0.0
-        return (time.perf_counter() - self._started) / (60.0 * self.config.max_minutes)
+        left = 60.0 * self.config.max_minutes - (self._training_started - self._started)
+        return (time.perf_counter() - self._training_started) / max(left, 1e-6)
+
+    _training_started: float | None = None
+
+    def prefill_cache(self) -> int:
+        """Encode every view of every training and validation image into the feature cache up front.
+
+        The cache fills anyway during the first epochs; doing it first keeps those epochs from
+        looking slow, shows the encoding as its own progress bar, and lets the learning-rate schedule
+        follow the training time that is left. Returns how many images the image tower encoded.
+        """
+        from medsam3.train.feature_cache import image_key
+
+        if self.cache is None:
+            return 0
+        views = getattr(self.augment, "views", 1) if self.augment is not None else 1
+        bank = self.augment if views > 1 and hasattr(self.augment, "view_rng") else None
+        seen: set[str] = set()
+        pending: list[np.ndarray] = []
+        misses = self.cache.misses
+        sources = [(self.train_data, bank)] + ([(self.val_data, None)] if self.val_data else [])
+        total = len(self.train_data) * (views if bank else 1) + (len(self.val_data) if self.val_data else 0)
+        bar = tqdm(total=total, disable=not self.config.progress or self.rank != 0, desc="encode views",
+                   unit="view", dynamic_ncols=True)  # fmt: skip
+        for data, views_of in sources:
+            indices = range(len(data)) if data is self.train_data else range(min(len(data), self.config.val_limit))
+            for index in indices:
+                sample = data[index]
+                images = [sample.image]
+                if views_of is not None:
+                    images += [
+                        views_of.pipeline(sample, views_of.view_rng(sample.image, v)).image for v in range(1, views)
+                    ]
+                for image in images:
+                    bar.update(1)
+                    key = image_key(image)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    pending.append(image)
+                    if len(pending) == 8:
+                        self.cache.encode(pending)
+                        pending = []
+        if pending:
+            self.cache.encode(pending)
+        bar.close()
+        return self.cache.misses - misses
 
     def _validation_due(self, final: bool) -> bool:
         """Explicit epochs: after every epoch. A budget: every ``val_every`` steps, and at the end."""
@@ -596,6 +644,9 @@ class Trainer:
             dynamic_ncols=True,
         )
         started = self._started = time.perf_counter()
+        if self.position.step == 0 and self.budgeted:
+            self.prefill_cache()
+        self._training_started = time.perf_counter()
         self._last_val_step = self.position.step
         self._stale = 0  # validations since the best one
         history = []
