@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine, markdown_table  # noqa: E402
 
 from medsam3.data.fewshot_sets import TASKS, build_fewshot_sets
 from medsam3.evaluate.baseline_unet import train_unet_baseline
@@ -75,7 +77,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out (e.g. 'lite old recipe')")
+    parser.add_argument("--table-only", action="store_true", help="print the table of OUT/results.json again")
     args = parser.parse_args()
+    if args.table_only:
+        print(markdown(json.loads((args.out / "results.json").read_text()), args))
+        return
     torch.set_num_threads(args.threads)
     data_root = args.data or args.out / "data"
     folders = build_fewshot_sets(data_root)
@@ -126,21 +132,13 @@ def markdown(rows: list[dict], args) -> str:
         value = row.get(key)
         return "–" if value is None else f"{value['dice']:.3f} / {value['nsd']:.3f}"
 
-    cpu = platform.processor() or platform.machine()
-    lines = [
-        f"Few-shot benchmark, Dice / NSD (2 mm) over the test slices; {cpu}, {args.threads} threads, "
-        f"{os.cpu_count()} cores, torch {torch.__version__}"
-        + (f"; time budget {args.minutes:g} min" if args.minutes is not None else "; the defaults' own budget"),
-        "",
-        "| task | method | train s | T axial | T coronal (unseen) | T+I axial | T+I coronal |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['task']} | {row['method']} | {row['train_s']:.0f} | {cell(row, 'text axial')} | "
-            f"{cell(row, 'text coronal')} | {cell(row, 'text+box axial')} | {cell(row, 'text+box coronal')} |"
-        )
-    return "\n".join(lines)
+    budget = f"time budget {args.minutes:g} min" if args.minutes is not None else "the defaults' own budget"
+    keys = ("text axial", "text coronal", "text+box axial", "text+box coronal")
+    table = markdown_table(
+        ["task", "method", "train s", "T axial", "T coronal (unseen)", "T+I axial", "T+I coronal"],
+        [[row["task"], row["method"], f"{row['train_s']:.0f}", *(cell(row, k) for k in keys)] for row in rows],
+    )
+    return f"Few-shot benchmark, Dice / NSD (2 mm) over the test slices; {budget}; {machine()}\n\n{table}"
 
 
 if __name__ == "__main__":
