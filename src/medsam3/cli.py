@@ -256,9 +256,7 @@ def segment_volume_cmd(
 ) -> None:
     """Segment a 3D volume by naming concepts; the label map keeps the input's geometry."""
     from medsam3.infer.segment import build_predictor, build_prompts
-    from medsam3.infer.volume import check_volume_outputs, legend_path, segment_volume_file
-
-    from medsam3.infer.volume import pair_box_slices
+    from medsam3.infer.volume import check_volume_outputs, legend_path, pair_box_slices, segment_volume_file
 
     seeds = pair_box_slices(box_slice or [], [parse_box(b) for b in box or []])
     check_volume_outputs(volume, out, dicom_seg)

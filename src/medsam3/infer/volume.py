@@ -302,7 +302,8 @@ def segment_volume(
         Prompt(prompts[0].text, boxes=(tuple(drawn),)).check_inside(height, width)
     keys = [(int(index), tuple(float(v) for v in drawn)) for index, drawn in keys]
     if method == "auto":
-        method = "propagate" if keys and getattr(getattr(predictor, "seam", None), "has_box_decoder", False) else "slices"
+        drawable = getattr(getattr(predictor, "seam", None), "has_box_decoder", False)
+        method = "propagate" if keys and drawable else "slices"
     if method != "propagate" and len(keys) > 1:
         raise PromptError(f"several boxes need method 'propagate' (the {method} method takes one box)")
     if method == "propagate" and keys and len(prompts) != 1:

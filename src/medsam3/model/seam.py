@@ -221,5 +221,6 @@ class ModelSeam:
         """The box decoder's mask logits (N, S, S) and IoU estimates (N,); ``mask_logits``: a dense mask prompt."""
         dtype = next(self.model.box_decoder.parameters()).dtype
         dense = None if mask_logits is None else mask_logits.to(self.device, dtype)
-        logits, iou = self.model.box_decoder.decode(embedding[0].to(dtype), boxes_input_px.to(self.device, dtype), dense)
+        boxes = boxes_input_px.to(self.device, dtype)
+        logits, iou = self.model.box_decoder.decode(embedding[0].to(dtype), boxes, dense)
         return logits.float(), iou.float()
