@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_serve_browser import chrome, downloaded, state, wait  # skips the module without chromium/selenium
 
 from medsam3.serve.live import LiveServer
+from test_serve_browser import chrome, downloaded, state, wait  # skips the module without chromium/selenium
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
