@@ -65,6 +65,15 @@ def _in_range(low: float | None = None, high: float | None = None, *, above: boo
 
 PROBABILITY = _in_range(0.0, 1.0)
 AXIS = _in_range(0, 2)
+
+
+def _each(check):
+    """An option callback applying ``check`` to every value of a repeatable option."""
+
+    def run(values):
+        return None if values is None else [check(v) for v in values]
+
+    return run
 SEED = _in_range(0, 2**32 - 1)
 
 
@@ -275,11 +284,19 @@ def segment_volume_cmd(
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Concept phrase. Repeatable.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Label map: .nii.gz, .nii, .nrrd, .seg.nrrd or .mha.")],
     box_slice: Annotated[
-        int | None, typer.Option("--box-slice", help="Slice of the --box.", callback=_in_range(0))
+        list[int] | None,
+        typer.Option("--box-slice", help="Slice of the --box (one for all boxes, or one per box).",
+                     callback=_each(_in_range(0))),
     ] = None,
-    box: Annotated[str | None, typer.Option("--box", help="X0,Y0,X1,Y1 on --box-slice (pixels).")] = None,
+    box: Annotated[
+        list[str] | None, typer.Option("--box", help="X0,Y0,X1,Y1 on --box-slice (pixels). Repeatable.")
+    ] = None,
     axis: Annotated[int, typer.Option(help="Slicing axis of the (Z, Y, X) array.", callback=AXIS)] = 0,
-    method: Annotated[str, typer.Option(help="slices (detector per slice + 3D consistency) or track.")] = "slices",
+    method: Annotated[
+        str,
+        typer.Option(help="auto (propagate with a box, else slices), propagate (box decoder slice to slice, "
+                     "both ways), slices (detector per slice + 3D consistency) or track."),
+    ] = "auto",
     window: Annotated[str | None, typer.Option(help="CT window preset or CENTER,WIDTH.")] = None,
     dicom_seg: Annotated[Path | None, typer.Option("--dicom-seg", help="Also write DICOM-SEG (DICOM input).")] = None,
     series_uid: Annotated[str | None, typer.Option("--series-uid", help="Series of a multi-series folder.")] = None,
@@ -298,17 +315,16 @@ def segment_volume_cmd(
     """Segment a 3D volume (or a cohort of them) by naming concepts; label maps keep the input's geometry."""
     from medsam3.infer.cohort import is_cohort_source
     from medsam3.infer.segment import build_predictor, build_prompts
-    from medsam3.infer.volume import check_volume_outputs, legend_path, segment_volume_file
+    from medsam3.infer.volume import check_volume_outputs, legend_path, pair_box_slices, segment_volume_file
 
     if is_cohort_source(volume, "volume"):
-        refused = {"--box": box, "--box-slice": box_slice is not None, "--dicom-seg": dicom_seg,
+        refused = {"--box": box, "--box-slice": box_slice, "--dicom-seg": dicom_seg,
                    "--series-uid": series_uid, "--tracker": tracker}  # fmt: skip
         return _cohort("volume", volume, out, refused, workers, ray, prompts=prompt, model=model, adapter=adapter,
                        device=device, normalize=not no_normalize, score_threshold=threshold,
                        mask_threshold=mask_threshold, axis=axis, method=method, window=window)  # fmt: skip
 
-    if (box is None) != (box_slice is None):
-        raise PromptError("--box and --box-slice go together")
+    seeds = pair_box_slices(box_slice or [], [parse_box(b) for b in box or []])
     check_volume_outputs(volume, out, dicom_seg)
     prompts, notes = build_prompts(prompt)
     setup = build_predictor(
@@ -329,8 +345,7 @@ def segment_volume_cmd(
         out,
         axis=axis,
         method=method,
-        box_slice=box_slice,
-        box=parse_box(box) if box else None,
+        seeds=seeds,
         window=window,
         dicom_seg=dicom_seg,
         series_uid=series_uid,

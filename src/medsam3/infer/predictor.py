@@ -35,6 +35,15 @@ class EncodedImage:
     original_size: tuple[int, int]
 
 
+@dataclass
+class BoxDrawing:
+    """What the box decoder drew for N boxes on one image."""
+
+    probs: np.ndarray  # (N, H, W) float32 foreground probability in the image's pixels
+    iou: np.ndarray  # (N,) the decoder's own estimate of each mask's IoU
+    logits: torch.Tensor  # (N, S, S) low-resolution logits in the decoder's frame (a dense prompt for the next)
+
+
 MASK_SOURCES = ("auto", *TEXT_MASK_SOURCES)
 
 
@@ -245,6 +254,25 @@ class Sam3Predictor:
             masks=drawn[found],
             semantic=result.semantic,
         )
+
+    @torch.inference_mode()
+    def draw_boxes(self, boxes, mask_logits: torch.Tensor | None = None) -> BoxDrawing:
+        """The box decoder alone on the current image: xyxy pixel boxes -> masks, with its IoU estimates.
+
+        No text and no detector: what 3D propagation asks on each slice. ``mask_logits`` (N, S, S) in
+        the decoder's frame (a ``BoxDrawing.logits`` of a same-sized image) is SAM's dense mask prompt.
+        """
+        if not self.seam.has_box_decoder or self._image is None or self._image.embedding is None:
+            raise PromptError("this model has no box decoder (use lite): boxes cannot be drawn without text")
+        height, width = self.original_size
+        canvas = self.seam.canvas_size(height, width)
+        clipped = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4)).clone()
+        clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
+        clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
+        frame = torch.tensor([canvas[1], canvas[0], canvas[1], canvas[0]], dtype=torch.float32)
+        logits, iou = self.seam.box_decode(self._image.embedding, clipped / frame * self.seam.input_size, mask_logits)
+        probs = resize_logits(logits.sigmoid(), canvas)[:, :height, :width]
+        return BoxDrawing(probs.float().cpu().numpy(), iou.cpu().numpy(), logits)
 
     def _box_masks(self, boxes_normalised: torch.Tensor) -> torch.Tensor:
         return self.seam.box_masks(self._image.embedding, boxes_normalised * self.seam.input_size)

@@ -45,7 +45,7 @@ from medsam3.data.volume_io import Volume, slice_rgb, take_slice
 from medsam3.errors import MedSAM3Error, PromptError
 from medsam3.infer.types import Box, Prompt, as_prompts
 
-METHODS = ("slices", "track")
+METHODS = ("auto", "slices", "track", "propagate")
 _DETAIL = 10  # components listed per prompt in the legend
 
 
@@ -256,9 +256,10 @@ def segment_volume(
     predictor,
     *,
     axis: int = 0,
-    method: str = "slices",
+    method: str = "auto",
     box_slice: int | None = None,
     box: Box | None = None,
+    seeds: Sequence[tuple[int, Box]] = (),
     window=None,
     batch_slices: int = 1,
     score_threshold: float | None = None,
@@ -279,6 +280,12 @@ def segment_volume(
     exemplar on that slice and always keeps what it finds there; ``track`` starts from it.
     ``video_tracker`` (a :class:`~medsam3.infer.tracking.Sam3VideoTracker`) makes ``track`` use
     SAM 3's video model. ``progress(done, total)`` is called after each encoded slice.
+
+    ``propagate`` (:mod:`medsam3.infer.propagation`): the box decoder draws each box on its slice and
+    walks outwards both ways until the object ends; ``seeds`` adds more (slice, box) pairs (several
+    lesions, several key slices of one object); with boxes it takes exactly one prompt, whose label
+    they get. Without boxes it starts from each prompt's most confident slice (one detector pass).
+    ``auto`` is ``propagate`` when a box is given and the model has a box decoder, else ``slices``.
     """
     if method not in METHODS:
         raise MedSAM3Error(f"unknown method '{method}': use {' or '.join(METHODS)}")
@@ -288,11 +295,21 @@ def segment_volume(
         raise PromptError("give --box-slice and --box together: the box is drawn on that slice")
     prompts = as_prompts(prompts)
     count = volume.shape[axis]
-    if box is not None:
-        take_slice(volume.array, box_slice, axis, volume.path)  # out-of-range slice: a clear error
-        height, width = (s for a, s in enumerate(volume.shape) if a != axis)
-        Prompt(prompts[0].text, boxes=(tuple(box),)).check_inside(height, width)
-        box = tuple(float(v) for v in box)  # type: ignore[assignment]
+    keys = ([(box_slice, box)] if box is not None else []) + list(seeds)
+    height, width = (s for a, s in enumerate(volume.shape) if a != axis)
+    for index, drawn in keys:
+        take_slice(volume.array, index, axis, volume.path)  # out-of-range slice: a clear error
+        Prompt(prompts[0].text, boxes=(tuple(drawn),)).check_inside(height, width)
+    keys = [(int(index), tuple(float(v) for v in drawn)) for index, drawn in keys]
+    if method == "auto":
+        drawable = getattr(getattr(predictor, "seam", None), "has_box_decoder", False)
+        method = "propagate" if keys and drawable else "slices"
+    if method != "propagate" and len(keys) > 1:
+        raise PromptError(f"several boxes need method 'propagate' (the {method} method takes one box)")
+    if method == "propagate" and keys and len(prompts) != 1:
+        raise PromptError("boxes with method 'propagate' take one prompt: the boxed objects get its label")
+    if keys:
+        box_slice, box = keys[0]
     threshold = float(predictor.score_threshold if score_threshold is None else score_threshold)
     settings = _Settings(
         axis=axis,
@@ -322,6 +339,8 @@ def segment_volume(
         _detect_all_slices(volume, prompts, predictor, result, blank, scores, settings, box_slice, box)
         _keep_consistent(prompts, result, scores, settings, box_slice, box, min(min_slices, count),
                          min(fusion_window, count))  # fmt: skip
+    elif method == "propagate":
+        _propagate(volume, prompts, predictor, result, blank, scores, settings, keys)
     elif video_tracker is not None:
         anchors = _anchors(volume, prompts, predictor, result, blank, settings, box_slice, box)
         _track_with_video_model(volume, prompts, video_tracker, result, anchors, scores, settings)
@@ -331,6 +350,17 @@ def segment_volume(
     _merge(result, scores)
     result.encoded_slices = getattr(predictor, "encode_count", 0) - before
     return result
+
+
+def pair_box_slices(slices: Sequence[int], boxes: Sequence[Box]) -> list[tuple[int, Box]]:
+    """``--box-slice`` and ``--box`` values as (slice, box) key boxes: one slice for every box, or one each."""
+    if bool(slices) != bool(boxes):
+        raise PromptError("--box and --box-slice go together: each box is drawn on a slice")
+    if len(slices) == 1:
+        return [(int(slices[0]), tuple(b)) for b in boxes]
+    if len(slices) != len(boxes):
+        raise PromptError(f"{len(boxes)} --box but {len(slices)} --box-slice: give one slice, or one per box")
+    return [(int(i), tuple(b)) for i, b in zip(slices, boxes, strict=True)]
 
 
 def _paint(plane: np.ndarray, masks: np.ndarray, instance_scores: Sequence[float]) -> None:
@@ -470,6 +500,49 @@ def _track_with_video_model(volume, prompts, tracker, result, anchors, scores, s
                 plane = scores[group][_index(axis, i)]
                 plane[mask] = np.maximum(plane[mask], _quantise(score))
                 result.slice_scores[group, i] = max(result.slice_scores[group, i], score)
+
+
+def _propagate(volume, prompts, predictor, result, blank, scores, settings, keys) -> None:
+    """Each object walked slice to slice by the box decoder from its key box (or its best detection)."""
+    from medsam3.infer.propagation import Seed, propagate_seeds
+
+    axis, count = settings.axis, len(blank)
+    size = tuple(n for a, n in enumerate(volume.shape) if a != axis)
+    if keys:
+        per_prompt = {0: [Seed(index, drawn) for index, drawn in keys]}
+    else:
+        anchors = _anchors(volume, prompts, predictor, result, blank, settings, None, None)
+        per_prompt = {p: [Seed(anchors[q.text].index, b) for b in anchors[q.text].seeds]
+                      for p, q in enumerate(prompts) if q.text in anchors}  # fmt: skip
+
+    def set_slice(i: int) -> None:
+        predictor.set_image(slice_rgb(volume, i, axis, settings.window))
+
+    def progress(done: int) -> None:
+        if settings.progress is not None:
+            settings.progress(min(done, count), count)
+
+    for p, seeds in per_prompt.items():
+        walks, _ = propagate_seeds(predictor, set_slice, count, seeds, size=size,
+                                   blank=lambda i: bool(blank[i]), progress=progress)  # fmt: skip
+        text = prompts[p].text
+        result.anchors[text] = seeds[0].index
+        objects = []
+        for walk in walks:
+            for i, step in walk.slices.items():
+                plane = scores[p][_index(axis, i)]
+                level = _quantise(min(max(step.iou_estimate, 1e-3), 1.0))
+                plane[step.mask] = np.maximum(plane[step.mask], level)
+                result.slice_scores[p, i] = max(result.slice_scores[p, i], min(max(step.iou_estimate, 0.0), 1.0))
+            if not walk.slices:
+                result.notes.append(f"'{text}': the box on slice {walk.seed.index} outlines nothing there")
+            objects.append({
+                "key_slice": walk.seed.index,
+                "box": [round(v, 2) for v in walk.seed.box],
+                "slices": list(walk.extent) if walk.extent else None,
+                "stops": {d: {"slice": s, "reason": why} for d, (s, why) in walk.stops.items()},
+            })  # fmt: skip
+        result.components[text] = {"objects": objects}
 
 
 # ----------------------------------------------------------------------------- files

@@ -210,3 +210,17 @@ class ModelSeam:
         """Mask logits (N, S, S) drawn by the backbone's box decoder for boxes in input pixels."""
         dtype = next(self.model.box_decoder.parameters()).dtype
         return self.model.box_decoder(embedding[0].to(dtype), boxes_input_px.to(self.device, dtype)).float()
+
+    @torch.no_grad()
+    def box_decode(
+        self,
+        embedding: tuple[torch.Tensor, ...],
+        boxes_input_px: torch.Tensor,
+        mask_logits: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The box decoder's mask logits (N, S, S) and IoU estimates (N,); ``mask_logits``: a dense mask prompt."""
+        dtype = next(self.model.box_decoder.parameters()).dtype
+        dense = None if mask_logits is None else mask_logits.to(self.device, dtype)
+        boxes = boxes_input_px.to(self.device, dtype)
+        logits, iou = self.model.box_decoder.decode(embedding[0].to(dtype), boxes, dense)
+        return logits.float(), iou.float()

@@ -124,6 +124,11 @@ class SharedModel:
         self.detector_calls += 1
         return self.predictor.predict(prompts, **options)
 
+    def draw_boxes(self, encoded, boxes, mask_logits=None):
+        """The box decoder alone on the encoded image (call inside :meth:`turn`): 3D propagation."""
+        self.predictor.set_encoded(encoded)
+        return self.predictor.draw_boxes(boxes, mask_logits=mask_logits)
+
     def view(
         self, owner: str, *, deadline: float | None = None, stop: Callable[[], str | None] | None = None
     ) -> ModelView:
@@ -192,3 +197,15 @@ class ModelView:
 
     def predict_one(self, prompt: Prompt | str, **options) -> PromptResult:
         return self.predict([prompt], **options)[0]
+
+    @property
+    def seam(self):
+        return self.shared.predictor.seam
+
+    def draw_boxes(self, boxes, mask_logits=None):
+        """The box decoder on the current image (volume propagation), under the model lock."""
+        self._check()
+        if self._encoded is None:
+            raise RuntimeError("set_image() before draw_boxes()")
+        with self.shared.turn(self.deadline):
+            return self.shared.draw_boxes(self._encoded, boxes, mask_logits)

@@ -29,16 +29,30 @@ class SegmentRequest(BaseModel):
     )
 
 
+class KeyBox(BaseModel):
+    """A box drawn on one slice of a volume."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slice: int = Field(ge=0, description="The slice (along 'axis') the box is drawn on.")
+    box: BoxIn
+
+
 class VolumeJobRequest(BaseModel):
     """Segment a whole volume by naming concepts (a background job)."""
 
     model_config = ConfigDict(extra="forbid")
 
     concepts: list[str] = Field(examples=[["liver"]])
-    method: Literal["slices", "track"] = Field(default="slices", description="See medsam3 segment-volume --method.")
+    method: Literal["auto", "propagate", "slices", "track"] = Field(
+        default="auto", description="See medsam3 segment-volume --method (auto: propagate when a box is given)."
+    )
     axis: int = Field(default=0, ge=0, le=2)
     box_slice: int | None = Field(default=None, description="The slice 'box' is drawn on.")
     box: BoxIn | None = Field(default=None, description="A box on 'box_slice' (pixels), applied to every concept.")
+    key_boxes: list[KeyBox] = Field(
+        default_factory=list, description="More boxes, each on its slice (several lesions, several key slices)."
+    )
     window: str | None = None
     threshold: Fraction | None = None
     normalize: bool = True

@@ -278,15 +278,18 @@ class Service:
         parse_window(request.window)
         if (request.box is None) != (request.box_slice is None):
             raise PromptError("'box' and 'box_slice' go together: the box is drawn on that slice")
-        box = None
-        if request.box is not None:
-            count = volume.shape[axis]
-            if not 0 <= request.box_slice < count:
-                raise PromptError(f"box_slice {request.box_slice} is out of range: valid slices are 0..{count - 1}")
-            box = tuple(float(v) for v in request.box)
-            height, width = (n for a, n in enumerate(volume.shape) if a != axis)
+        keys = [(request.box_slice, request.box)] if request.box is not None else []
+        keys += [(k.slice, k.box) for k in request.key_boxes]
+        seeds = []
+        count = volume.shape[axis]
+        height, width = (n for a, n in enumerate(volume.shape) if a != axis)
+        for index, drawn in keys:
+            if not 0 <= index < count:
+                raise PromptError(f"box slice {index} is out of range: valid slices are 0..{count - 1}")
+            box = tuple(float(v) for v in drawn)
             Prompt(prompts[0].text, boxes=(box,)).check_inside(height, width)
-        options = dict(axis=axis, method=request.method, box_slice=request.box_slice, box=box, window=request.window)
+            seeds.append((int(index), box))
+        options = dict(axis=axis, method=request.method, seeds=seeds, window=request.window)
         if request.threshold is not None:
             options["score_threshold"] = request.threshold
         extra = {"method": request.method, "notes": notes, "normalization": records}

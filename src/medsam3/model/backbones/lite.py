@@ -171,18 +171,26 @@ class LiteBoxDecoder(nn.Module):
 
     def forward(self, embedding: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
         """``embedding`` (1, 256, 64, 64) of one image, ``boxes_xyxy`` (N, 4) in input pixels -> (N, 256, 256)."""
+        return self.decode(embedding, boxes_xyxy)[0]
+
+    def decode(
+        self, embedding: torch.Tensor, boxes_xyxy: torch.Tensor, mask_logits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 256, 256) mask logits and the decoder's (N,) IoU estimates; ``mask_logits`` (N, 256, 256),
+        e.g. a neighbouring slice's, is SAM's dense mask prompt (None: the learned "no mask" embedding)."""
         if boxes_xyxy.shape[0] == 0:
-            return embedding.new_zeros((0, INPUT_SIZE, INPUT_SIZE))
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes_xyxy[:, None, :], masks=None)
+            return embedding.new_zeros((0, INPUT_SIZE, INPUT_SIZE)), embedding.new_zeros((0,))
+        masks = None if mask_logits is None else mask_logits[:, None].to(embedding.dtype)
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes_xyxy[:, None, :], masks=masks)
         image = embedding.expand(boxes_xyxy.shape[0], -1, -1, -1)
-        low_res, _ = self.mask_decoder(
+        low_res, iou = self.mask_decoder(
             image_embeddings=image,
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
-        return low_res[:, 0]
+        return low_res[:, 0], iou[:, 0]
 
 
 @contextmanager

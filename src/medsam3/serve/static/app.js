@@ -618,11 +618,10 @@
     const s = state.session;
     if (!s || s.kind !== "volume") return;
     const body = { concepts: state.concepts.map((c) => c.text) };
-    const positive = state.boxes.find((b) => b.label === 1 && b.slice !== null && b.slice !== undefined);
-    if (positive) {
-      body.box = positive.box;
-      body.box_slice = positive.slice;
-    }
+    // Every positive box drawn on a slice is a key box: the server propagates each object through
+    // the volume from it (several lesions, or the first and last slice of one long structure).
+    const keys = state.boxes.filter((b) => b.label === 1 && b.slice !== null && b.slice !== undefined);
+    if (keys.length) body.key_boxes = keys.map((b) => ({ slice: b.slice, box: b.box }));
     if (state.windowName) body.window = state.windowName;
     state.busy = true;
     updateButtons();
