@@ -374,11 +374,12 @@ def test_dicom_series_folders_give_dicom_seg_and_outputs_never_go_over_inputs(tm
     assert seg.Modality == "SEG" and [s.SegmentLabel for s in seg.SegmentSequence] == ["liver", "spleen"]
     mask = read_volume(out / "patient1.nii.gz")
     assert mask.shape == read_volume(folder / "patient1").shape and mask.array.any()
-    # a series where nothing is found: no DICOM-SEG (it cannot be empty), and a rerun still reuses it
+    # a series where nothing is found: a valid DICOM-SEG with empty segments, and a rerun still reuses it
     _dicom_series(folder / "blank", np.full((3, 40, 40), -1000.0, np.float32))
     run = segment_cohort(folder, out, SETTINGS)
     assert {r.case: r.status for r in run.results} == {"blank": "ok", "other": "reused", "patient1": "reused"}
-    assert not (out / "blank_seg.dcm").exists() and not read_volume(out / "blank.nii.gz").array.any()
+    blank = pydicom.dcmread(out / "blank_seg.dcm")
+    assert blank.Modality == "SEG" and not read_volume(out / "blank.nii.gz").array.any()
     assert {r.status for r in segment_cohort(folder, out, SETTINGS).results} == {"reused"}
     # --out the input folder itself, or inside a DICOM series read whole: refused before any work
     for bad in (folder, folder / "patient1" / "out"):

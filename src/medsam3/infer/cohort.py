@@ -232,7 +232,7 @@ class CohortSettings:
     window: str | None = None
     # volumes
     axis: int = 0
-    method: str = "slices"
+    method: str = "auto"  # as segment-volume: box propagation with a box, else slice by slice
     # 2D images
     nms_iou: float | None = None
     mask_source: str = "auto"
