@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, markdown_table  # noqa: E402
+from common import machine, markdown_table, write_results  # noqa: E402
 
 from medsam3.data.fewshot_sets import TASKS, build_fewshot_sets
 from medsam3.evaluate.baseline_unet import train_unet_baseline
@@ -120,11 +120,7 @@ def main() -> None:
                     row[f"{mode} {view}"] = score(folder, model, adapter, mode, work / "eval" / tag)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    table = markdown(rows, args)
-    (args.out / "results.md").write_text(table + "\n")
-    print(table)
+    write_results(args.out, rows, markdown(rows, args))
 
 
 def markdown(rows: list[dict], args) -> str:

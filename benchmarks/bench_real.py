@@ -25,10 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import write_results  # noqa: E402
 
 from medsam3.data.dataset import open_dataset
 from medsam3.data.real_sets import build_real_sets
@@ -130,11 +134,7 @@ def main() -> None:
                     row[f"{mode} {view}"]["eval_s"] = round(time.perf_counter() - started, 1)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
-    table = markdown(rows, args)
-    (args.out / "results.md").write_text(table + "\n")
-    print(table)
+    write_results(args.out, rows, markdown(rows, args))
 
 
 def eval_tag(label: str, mode: str, view: str) -> str:
