@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import medsam3
 from medsam3.errors import ModelSpecError
-from medsam3.model.loaded import LoadedModel
+from medsam3.model.loaded import LoadedModel, mask_source_map
 from medsam3.model.policy import LoraSettings, apply_policy, trainable_state_dict
 from medsam3.utils.files import atomic_dir, save_tensors
 
@@ -178,6 +178,5 @@ def apply_adapter(loaded: LoadedModel, adapter_dir: str | os.PathLike) -> Loaded
     loaded.seam.clear_text_cache()
     loaded.adapter = meta
     loaded.concepts = list(meta.get("concepts", []))
-    sources = meta.get("mask_sources") or {}
-    loaded.mask_sources = {str(k): str(v["source"] if isinstance(v, dict) else v) for k, v in sources.items()}
+    loaded.mask_sources = mask_source_map(meta.get("mask_sources"))
     return loaded

@@ -75,3 +75,8 @@ def config_fingerprint(config: Sam3Config) -> str:
 
     canonical = json.dumps(strip(config.to_dict()), sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def mask_source_map(recorded: dict | None) -> dict[str, str]:
+    """concept -> source from what training recorded (``{"source": ..., "dice": ...}`` or a bare name)."""
+    return {str(k): str(v["source"] if isinstance(v, dict) else v) for k, v in (recorded or {}).items()}

@@ -26,7 +26,7 @@ from medsam3.errors import ModelSpecError
 from medsam3.model import presets
 from medsam3.model.adapter import apply_adapter
 from medsam3.model.backbones.lite import LiteSam3Model, is_lite_config, load_lite_folder, quiet_placeholder_config
-from medsam3.model.loaded import LoadedModel
+from medsam3.model.loaded import LoadedModel, mask_source_map
 from medsam3.model.precision import choose_precision, default_towers
 from medsam3.model.published.checkpoint import load_sam3_checkpoint
 from medsam3.model.published.files import TORCH_SUFFIXES
@@ -247,6 +247,5 @@ def read_mask_sources(folder: Path) -> dict[str, str]:
     """Each concept's measured best text mask source, as training recorded it (``medsam3.json``)."""
     meta = folder / "medsam3.json"
     if meta.is_file():
-        sources = json.loads(meta.read_text()).get("mask_sources") or {}
-        return {str(k): str(v["source"] if isinstance(v, dict) else v) for k, v in sources.items()}
+        return mask_source_map(json.loads(meta.read_text()).get("mask_sources"))
     return {}
