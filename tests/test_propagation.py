@@ -163,3 +163,37 @@ def test_rest_volume_job_with_a_drawn_box(lite_init, tmp_path):
     mask = sitk.ReadImage(str(tmp_path / "mask.nii.gz"))
     assert mask.GetSpacing() == image.GetSpacing()
     assert _dice(sitk.GetArrayFromImage(mask) == 1, LESION_A) > 0.75
+
+
+class _RecordingDecoder:
+    """Outlines a fixed 6x6 square at the box's centre on every slice, and records each box asked."""
+
+    def __init__(self):
+        self.asked: list[tuple[int, tuple[float, ...]]] = []
+        self.slice = -1
+
+    def set_slice(self, index: int) -> None:
+        self.slice = index
+
+    def draw_boxes(self, boxes, mask_logits=None):
+        from types import SimpleNamespace
+
+        probs = np.zeros((len(boxes), 40, 40), np.float32)
+        for k, (x0, y0, x1, y1) in enumerate(boxes):
+            self.asked.append((self.slice, tuple(round(float(v), 3) for v in (x0, y0, x1, y1))))
+            cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+            probs[k, cy - 3 : cy + 3, cx - 3 : cx + 3] = 1.0
+        return SimpleNamespace(probs=probs, iou=np.full(len(boxes), 0.9), logits=np.zeros((len(boxes), 1)))
+
+
+def test_first_step_off_the_key_slice_is_prompted_with_the_users_box():
+    from medsam3.infer.propagation import Seed, StopRule, propagate_seeds
+
+    fake = _RecordingDecoder()
+    seed = Seed(5, (10.0, 10.0, 30.0, 30.0))  # the outline (6x6) is much smaller than the user's box
+    propagate_seeds(fake, fake.set_slice, 8, [seed], size=(40, 40), rule=StopRule(min_area_ratio=0.0),
+                    margin=0.1, margin_pixels=0.0)  # fmt: skip
+    asked = dict(fake.asked[1:])  # the key slice's own box first, then each slice once
+    assert asked[6] == asked[4] == (8.0, 8.0, 32.0, 32.0)  # the first steps: the user's box, +10%
+    for later in (7, 3):  # the second steps: the outline's box (6 px) +10%, not the user's
+        assert asked[later][2] - asked[later][0] < 8.0
