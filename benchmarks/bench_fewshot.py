@@ -2,6 +2,8 @@
 
     python benchmarks/bench_fewshot.py --out runs/bench_fewshot            # the defaults' own budget
     python benchmarks/bench_fewshot.py --out runs/quick --minutes 3 --tasks "insular cortex"
+    python benchmarks/bench_fewshot.py --out runs/lr3e-4 --set lr=3e-4 --skip "lite old recipe" U-Net \
+        "LiteMedSAM + GT box" --modes text          # a setting of the defaults, tried alone
 
 Tasks (medsam3.data.fewshot_sets): concepts the bundled ``lite`` never saw, on the real MNI152 T1
 template: "external capsule", "superior longitudinal fasciculus" (JHU atlas), "insular cortex",
@@ -58,6 +60,18 @@ def old_recipe(minutes: float, seed: int) -> TrainConfig:
     )
 
 
+def config_settings(pairs: list[str]) -> dict:
+    """``["lr=3e-4", "cache_dir=/tmp/c"]`` -> ``{"lr": 3e-4, "cache_dir": "/tmp/c"}`` (JSON values, else strings)."""
+    settings = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
+    return settings
+
+
 def score(data: Path, model: str, adapter: Path | None, mode: str, out: Path) -> dict:
     result = evaluate_path(data, model, adapter=adapter, prompt_mode=mode, out_dir=out, device="cpu", progress=False)
     overall = result.summary["overall"]
@@ -77,6 +91,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip", nargs="*", default=[], help="methods to leave out (e.g. 'lite old recipe')")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="TrainConfig fields for the 'lite defaults' row (tuning: lr=3e-4 steps=800 cache_dir=...)")
+    parser.add_argument("--modes", nargs="+", default=["text", "text+box"], help="prompt modes to score")
     parser.add_argument("--table-only", action="store_true", help="print the table of OUT/results.json again")
     args = parser.parse_args()
     if args.table_only:
@@ -92,6 +109,7 @@ def main() -> None:
         models: dict[str, tuple[str, Path | None, float]] = {}
         started = time.perf_counter()
         settings = {} if args.minutes is None else {"max_minutes": args.minutes}
+        settings.update(config_settings(args.set))
         run = train_path(axial, "lite", work / "defaults", device="cpu", seed=args.seed, progress=False, **settings)
         budget = time.perf_counter() - started
         models["lite defaults"] = ("lite", run.adapter, budget)
@@ -106,7 +124,8 @@ def main() -> None:
             unet = work / "unet"
             train_unet_baseline(axial, unet, epochs=100_000, max_minutes=budget / 60.0, seed=args.seed, progress=False)
             models["U-Net"] = (str(unet), None, time.perf_counter() - started)
-        models["LiteMedSAM + GT box"] = ("lite", None, 0.0)
+        if "LiteMedSAM + GT box" not in args.skip:
+            models["LiteMedSAM + GT box"] = ("lite", None, 0.0)
         for label, (model, adapter, seconds) in models.items():
             row = {"task": concept, "method": label, "train_s": round(seconds, 1)}
             if label == "lite defaults":
@@ -114,7 +133,7 @@ def main() -> None:
                 row["steps"] = run.summary["position"]["step"]
                 row["mask_sources"] = {c: v["source"] for c, v in (run.summary.get("mask_sources") or {}).items()}
             modes = {"U-Net": ("text",), "LiteMedSAM + GT box": ("text+box",)}.get(label, ("text", "text+box"))
-            for mode in modes:
+            for mode in (m for m in modes if m in args.modes):
                 for view, folder in (("axial", axial), ("coronal", coronal)):
                     tag = f"{label}_{mode}_{view}".replace(" ", "_").replace("+", "")
                     row[f"{mode} {view}"] = score(folder, model, adapter, mode, work / "eval" / tag)
@@ -129,6 +148,8 @@ def markdown(rows: list[dict], args) -> str:
         return "–" if value is None else f"{value['dice']:.3f} / {value['nsd']:.3f}"
 
     budget = f"time budget {args.minutes:g} min" if args.minutes is not None else "the defaults' own budget"
+    if args.set:
+        budget += f"; lite defaults with {' '.join(args.set)}"
     keys = ("text axial", "text coronal", "text+box axial", "text+box coronal")
     table = markdown_table(
         ["task", "method", "train s", "T axial", "T coronal (unseen)", "T+I axial", "T+I coronal"],
