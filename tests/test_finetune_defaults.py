@@ -223,3 +223,56 @@ def test_the_budget_encodes_every_view_first_then_training_only_reads_the_cache(
     misses = trainer.cache.misses
     assert trainer.prefill_cache() == 0 and trainer.cache.misses == misses  # all there already
     assert trainer.cache.hits > 0
+
+
+# -- what a box does, per concept -----------------------------------------------------------------------
+
+
+def test_box_mode_is_measured_per_concept_and_recorded_with_its_source(lite_init):
+    from medsam3.train.mask_choice import choose_mask_sources
+
+    choice = choose_mask_sources(lite_init, disk_samples(3, seed=4))
+    entry = choice["blob"]
+    assert entry["box"] in ("outline", "exemplar") and set(entry["box_dice"]) == {"outline", "exemplar"}
+    assert entry["box_dice"][entry["box"]] == max(entry["box_dice"].values())
+    assert lite_init.mask_sources == {}  # measuring did not leave the choice on the model
+
+
+def test_box_mode_decides_whether_the_box_decoder_outlines_the_users_box(lite_init):
+    sample = disk_samples(2, seed=4)[1]
+    box = tuple(float(v) for v in sample.boxes[0])
+    prompt = Prompt("blob", boxes=[box])
+    lite_init.box_modes = {"blob": "exemplar"}
+    try:
+        auto = Sam3Predictor(lite_init, score_threshold=0.0)
+        assert auto.box_mode_for("blob") == "exemplar" and auto.box_mode_for("other") == "outline"
+        assert Sam3Predictor(lite_init, mask_source="box-decoder").box_mode_for("blob") == "outline"
+        assert Sam3Predictor(lite_init, mask_source="semantic").box_mode_for("other") == "exemplar"
+        outline = Sam3Predictor(lite_init, score_threshold=0.0, box_mode="outline")
+        results = {}
+        for name, predictor in (("auto", auto), ("outline", outline)):
+            predictor.set_image(sample.image)
+            results[name] = predictor.predict_one(prompt)
+    finally:
+        lite_init.box_modes = {}
+    assert len(results["outline"]) == 1 and tuple(results["outline"].boxes[0]) == pytest.approx(box)
+    # the exemplar answer is the detector's (the untrained detector's instances), not the user's box redrawn
+    exemplar = results["auto"]
+    assert not (len(exemplar) == 1 and tuple(exemplar.boxes[0]) == pytest.approx(box))
+    with pytest.raises(MedSAM3Error, match="unknown box mode"):
+        Sam3Predictor(lite_init, box_mode="lasso")
+
+
+def test_a_bad_box_mode_in_adapter_json_is_one_line(tmp_path):
+    loaded = load_model("tiny", device="cpu")
+    out = tmp_path / "run"
+    Trainer(loaded, disk_samples(4), out, TrainConfig(epochs=1, choose_mask_sources=False, **FAST)).fit()
+    meta_file = out / "best" / "adapter.json"
+    meta = json.loads(meta_file.read_text())
+    meta["mask_sources"] = {"blob": {"source": "semantic", "box": "lasso"}}
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(MedSAM3Error, match="mask_sources.blob.box' must name one of outline, exemplar"):
+        load_model("tiny", device="cpu", adapter=out / "best")
+    meta["mask_sources"] = {"blob": {"source": "semantic", "box": "exemplar"}}
+    meta_file.write_text(json.dumps(meta))
+    assert load_model("tiny", device="cpu", adapter=out / "best").box_modes == {"blob": "exemplar"}

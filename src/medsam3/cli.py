@@ -747,6 +747,8 @@ def train(
     for concept, choice in (run.summary.get("mask_sources") or {}).items():
         best = choice["dice"][choice["source"]]
         _echo(f"mask source for '{concept}': {choice['source']} (validation Dice {best:.3f})")
+        if "box" in choice:
+            _echo(f"box prompts for '{concept}': {choice['box']} (validation Dice {choice['box_dice'][choice['box']]:.3f})")
     _echo(
         f"adapter: {run.adapter} ({run.adapter_note}; use: medsam3 segment IMAGE --model {base} "
         f"--adapter {run.adapter} ...)"

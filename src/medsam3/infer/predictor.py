@@ -21,7 +21,7 @@ from medsam3.data.windowing import as_rgb_uint8
 from medsam3.errors import PromptError
 from medsam3.infer.postprocess import fuse_results, resize_logits, semantic_result, to_prompt_result
 from medsam3.infer.types import Prompt, PromptResult, as_prompts
-from medsam3.model.backbones.base import TEXT_MASK_SOURCES
+from medsam3.model.backbones.base import BOX_MODES, TEXT_MASK_SOURCES
 from medsam3.model.loading import LoadedModel, load_model
 from medsam3.model.presets import DEFAULT_MODEL
 
@@ -57,9 +57,11 @@ class Sam3Predictor:
     measured on validation data when the model was trained (``loaded.mask_sources``), else the
     backbone's default (SAM 3: detector; lite: semantic); under ``auto`` a concept whose source finds
     nothing while the detector has confident instances gets those (never silently dropped).
-    With a box decoder and ``auto`` or
-    ``box-decoder``, a user's positive box is drawn by it (see ``_outline_prompt_boxes``); with an
-    explicit ``semantic`` or ``detector`` boxes are exemplars only, as in SAM 3.
+    ``box_mode`` (text + box prompts, with a box decoder): ``outline`` draws each positive box with the
+    box decoder (MedSAM: the box is the object, see ``_outline_prompt_boxes``); ``exemplar`` passes
+    it to the detector as SAM 3 does and keeps the concept's text source; ``auto`` is each concept's
+    measured choice (``loaded.box_modes``), else ``outline``. An explicit ``mask_source`` decides
+    too: ``box-decoder`` outlines, ``semantic``/``detector``/``fusion`` make boxes exemplars.
     """
 
     def __init__(
@@ -71,9 +73,12 @@ class Sam3Predictor:
         nms_iou: float | None = None,
         max_batch: int = 16,
         mask_source: str = "auto",
+        box_mode: str = "auto",
     ):
         if mask_source not in MASK_SOURCES:
             raise PromptError(f"unknown mask source '{mask_source}': choose one of {', '.join(MASK_SOURCES)}")
+        if box_mode not in ("auto", *BOX_MODES):
+            raise PromptError(f"unknown box mode '{box_mode}': choose one of auto, {', '.join(BOX_MODES)}")
         self.loaded = loaded
         self.seam = loaded.seam
         self.model = loaded.model
@@ -82,6 +87,7 @@ class Sam3Predictor:
         self.nms_iou = nms_iou
         self.max_batch = max_batch
         self.mask_source = mask_source
+        self.box_mode = box_mode
         self._image: EncodedImage | None = None
         self._warned: set[str] = set()
         self.encode_count = 0  # how many images went through the image encoder (tests and benchmarks)
@@ -104,6 +110,15 @@ class Sam3Predictor:
             return self.mask_source
         sources = self.loaded.mask_sources
         return sources.get(text) or sources.get(" ".join(text.lower().split())) or self.text_mask_source
+
+    def box_mode_for(self, text: str) -> str:
+        """What a user's box does for one concept (see the class docstring)."""
+        if self.box_mode != "auto":
+            return self.box_mode
+        if self.mask_source != "auto":
+            return "outline" if self.mask_source == "box-decoder" else "exemplar"
+        modes = self.loaded.box_modes
+        return modes.get(text) or modes.get(" ".join(text.lower().split())) or "outline"
 
     # -- image -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -188,9 +203,10 @@ class Sam3Predictor:
         canvas = self.seam.canvas_size(*self.original_size)
         drawable = self.seam.has_box_decoder and self._image.embedding is not None
         results = [self._instances(outputs, i, prompt, canvas, drawable, settings) for i, prompt in enumerate(prompts)]
-        if not drawable or self.mask_source not in ("auto", "box-decoder"):
-            return results  # an explicit semantic/detector source: boxes are exemplars only, as in SAM 3
-        return [self._outline_prompt_boxes(r, canvas, settings["mask_threshold"]) for r in results]
+        if not drawable:
+            return results
+        return [self._outline_prompt_boxes(r, canvas, settings["mask_threshold"])
+                if self.box_mode_for(r.prompt.text) == "outline" else r for r in results]  # fmt: skip
 
     def _instances(self, outputs, i: int, prompt: Prompt, canvas, drawable: bool, settings: dict) -> PromptResult:
         """One prompt's instances from its mask source (see the class docstring)."""

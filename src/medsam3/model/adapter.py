@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 import medsam3
 from medsam3.errors import ModelSpecError
-from medsam3.model.loaded import LoadedModel, mask_source_map
+from medsam3.model.loaded import LoadedModel, box_mode_map, mask_source_map
 from medsam3.model.policy import LoraSettings, apply_policy, trainable_state_dict
 from medsam3.utils.files import atomic_dir, save_tensors
 
@@ -126,7 +126,7 @@ def check_adapter_metadata(meta: object, meta_file: str | os.PathLike = META_FIL
         raise bad(f"'concepts' must be a list of concept phrases, got {json.dumps(concepts)[:60]}")
     sources = meta.get("mask_sources")
     if sources is not None:
-        from medsam3.model.backbones.base import TEXT_MASK_SOURCES
+        from medsam3.model.backbones.base import BOX_MODES, TEXT_MASK_SOURCES
 
         if not isinstance(sources, dict):
             raise bad(f"'mask_sources' must be an object (concept -> source), got {json.dumps(sources)[:60]}")
@@ -136,6 +136,11 @@ def check_adapter_metadata(meta: object, meta_file: str | os.PathLike = META_FIL
                 raise bad(
                     f"'mask_sources.{concept}' must name one of {', '.join(TEXT_MASK_SOURCES)}, "
                     f"got {json.dumps(source)[:60]}"
+                )
+            if isinstance(value, dict) and "box" in value and value["box"] not in BOX_MODES:
+                raise bad(
+                    f"'mask_sources.{concept}.box' must name one of {', '.join(BOX_MODES)}, "
+                    f"got {json.dumps(value['box'])[:60]}"
                 )
     if "preprocessing" in meta and not isinstance(meta["preprocessing"], (dict, type(None))):
         raise bad(f"'preprocessing' must be an object, got {json.dumps(meta['preprocessing'])[:60]}")
@@ -179,4 +184,5 @@ def apply_adapter(loaded: LoadedModel, adapter_dir: str | os.PathLike) -> Loaded
     loaded.adapter = meta
     loaded.concepts = list(meta.get("concepts", []))
     loaded.mask_sources = mask_source_map(meta.get("mask_sources"))
+    loaded.box_modes = box_mode_map(meta.get("mask_sources"))
     return loaded

@@ -44,6 +44,7 @@ class LoadedModel:
     adapter: dict | None = None  # the adapter's metadata, when one is applied
     concepts: list[str] = field(default_factory=list)  # vocabulary the weights were tuned on
     mask_sources: dict[str, str] = field(default_factory=dict)  # concept -> measured best text mask source
+    box_modes: dict[str, str] = field(default_factory=dict)  # concept -> measured best box mode (BOX_MODES)
     precision: Precision = field(default_factory=lambda: Precision("fp32", "fp32", "default"))
     seam: ModelSeam = field(init=False, repr=False)
 
@@ -80,3 +81,8 @@ def config_fingerprint(config: Sam3Config) -> str:
 def mask_source_map(recorded: dict | None) -> dict[str, str]:
     """concept -> source from what training recorded (``{"source": ..., "dice": ...}`` or a bare name)."""
     return {str(k): str(v["source"] if isinstance(v, dict) else v) for k, v in (recorded or {}).items()}
+
+
+def box_mode_map(recorded: dict | None) -> dict[str, str]:
+    """concept -> box mode from the same record (``{"source": ..., "box": "exemplar", ...}``), where measured."""
+    return {str(k): str(v["box"]) for k, v in (recorded or {}).items() if isinstance(v, dict) and "box" in v}

@@ -26,7 +26,7 @@ from medsam3.errors import ModelSpecError
 from medsam3.model import presets
 from medsam3.model.adapter import apply_adapter
 from medsam3.model.backbones.lite import LiteSam3Model, is_lite_config, load_lite_folder, quiet_placeholder_config
-from medsam3.model.loaded import LoadedModel, mask_source_map
+from medsam3.model.loaded import LoadedModel, box_mode_map, mask_source_map
 from medsam3.model.precision import choose_precision, default_towers
 from medsam3.model.published.checkpoint import load_sam3_checkpoint
 from medsam3.model.published.files import TORCH_SUFFIXES
@@ -221,7 +221,8 @@ def load_model(
     model = model.to(device=target, dtype=dtype).eval()
     loaded = LoadedModel(model=model, processor=processor, spec=spec, device=target, concepts=concepts)
     if spec in presets.BUNDLED_PRESETS or path.is_dir():
-        loaded.mask_sources = read_mask_sources(bundled_model_dir(spec) if spec in presets.BUNDLED_PRESETS else path)
+        recorded = read_recorded_sources(bundled_model_dir(spec) if spec in presets.BUNDLED_PRESETS else path)
+        loaded.mask_sources, loaded.box_modes = mask_source_map(recorded), box_mode_map(recorded)
     precision = choose_precision(towers or default_towers(), target, loaded.backbone.bf16_fidelity)
     exportable = loaded.backbone.exportable_tower(model) is not None
     engine = choose_runtime(runtime or default_runtime(), target, exportable)
@@ -243,9 +244,9 @@ def _read_concepts(folder: Path) -> list[str]:
     return []
 
 
-def read_mask_sources(folder: Path) -> dict[str, str]:
-    """Each concept's measured best text mask source, as training recorded it (``medsam3.json``)."""
+def read_recorded_sources(folder: Path) -> dict | None:
+    """Each concept's measured mask source and box mode, as training recorded them (``medsam3.json``)."""
     meta = folder / "medsam3.json"
     if meta.is_file():
-        return mask_source_map(json.loads(meta.read_text()).get("mask_sources"))
-    return {}
+        return json.loads(meta.read_text()).get("mask_sources")
+    return None

@@ -5,6 +5,12 @@ the dense semantic map on every test slice while the detector's own instances sc
 trainer measures every source the model offers on the validation split, with the best weights, and
 records the winner per concept in ``adapter.json`` (``mask_sources``); the predictor's ``auto`` then
 uses it. Ties go to the source listed first in ``PREFERENCE`` (the dense map is the cheapest).
+
+Text + box prompts get the same treatment (``"box"`` in each concept's record): the pretrained box
+decoder's outline of the user's box (MedSAM) against the box as an exemplar for the detector with the
+concept's chosen text source (SAM 3). A box decoder draws a compact object well and a thin or
+scattered one badly (a cortical ribbon, white matter), where the trained detector is far better;
+ties go to the outline.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from medsam3.evaluate.metrics import dice
 from medsam3.infer.predictor import Sam3Predictor
 from medsam3.infer.types import Prompt
 from medsam3.model.adapter import META_FILE, read_adapter_metadata
+from medsam3.model.backbones.base import BOX_MODES
 from medsam3.model.loading import LoadedModel
 from medsam3.utils.files import write_json_atomic
 
@@ -58,10 +65,35 @@ def measure_mask_sources(
     return {c: {s: float(np.mean(v)) for s, v in per.items()} for c, per in scores.items()}
 
 
+@torch.inference_mode()
+def measure_box_modes(
+    loaded: LoadedModel, samples: Sequence[Sample], cache=None, limit: int | None = None
+) -> dict[str, dict[str, float]]:
+    """concept -> box mode -> mean Dice over the validation samples holding the concept, each prompted
+    with its concept and its ground-truth boxes (the T+I paradigm). Uses ``loaded.mask_sources``."""
+    loaded.model.eval()
+    predictors = {mode: Sam3Predictor(loaded, box_mode=mode) for mode in BOX_MODES}
+    scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for index in range(len(samples) if limit is None else min(limit, len(samples))):
+        sample = samples[index]
+        if sample.is_negative:
+            continue
+        embedding = cache.encode([sample.image]) if cache is not None else None
+        prompt = Prompt(sample.concept, boxes=[tuple(float(v) for v in b) for b in sample.boxes])
+        for mode, predictor in predictors.items():
+            if embedding is not None:
+                predictor.set_embedding(embedding, sample.image.shape[:2])
+            else:
+                predictor.set_image(sample.image)
+            scores[sample.concept][mode].append(dice(predictor.predict_one(prompt).union, sample.union))
+    return {c: {m: float(np.mean(v)) for m, v in per.items()} for c, per in scores.items()}
+
+
 def choose_mask_sources(
     loaded: LoadedModel, samples: Sequence[Sample], cache=None, limit: int | None = None
 ) -> dict[str, dict]:
-    """concept -> {"source": the best, "dice": {source: validation Dice}, "samples", "positives"}.
+    """concept -> {"source": the best, "dice": {source: validation Dice}, "samples", "positives"}, plus
+    {"box": the best box mode, "box_dice": {mode: validation Dice}} for a model with a box decoder.
 
     A concept with no validation sample that holds it is left out (nothing to tell the sources apart
     by): the predictor then uses the backbone's default for it.
@@ -83,6 +115,17 @@ def choose_mask_sources(
             "samples": counts[concept],
             "positives": positives[concept],
         }
+    if loaded.seam.has_box_decoder and choice:
+        before = loaded.mask_sources
+        loaded.mask_sources = {**before, **{c: v["source"] for c, v in choice.items()}}
+        try:
+            boxed = measure_box_modes(loaded, samples, cache=cache, limit=limit)
+        finally:
+            loaded.mask_sources = before
+        for concept, per in boxed.items():
+            if concept in choice:
+                best = max(BOX_MODES, key=lambda m: (round(per.get(m, -1.0), 4), -BOX_MODES.index(m)))
+                choice[concept].update(box=best, box_dice={m: round(d, 4) for m, d in per.items()})
     return choice
 
 

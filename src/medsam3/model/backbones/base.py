@@ -22,6 +22,9 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 #: box decoder on the detected boxes, or a fusion (semantic components plus every confident detection
 #: that no component covers, see ``infer.postprocess.fuse_results``).
 TEXT_MASK_SOURCES = ("semantic", "detector", "box-decoder", "fusion")
+# What a user's box does (text + box prompts): the pretrained box decoder outlines the boxed object, or
+# the box is an exemplar for the detector (SAM 3) and the masks come from the concept's text source.
+BOX_MODES = ("outline", "exemplar")
 
 class Backbone(ABC):
     """Preprocessing and encoder towers of one model family (stateless apart from its tokenizer)."""
