@@ -181,16 +181,22 @@ def test_training_records_each_concepts_mask_source_and_the_predictor_uses_it(tm
     assert Sam3Predictor(reloaded, mask_source="detector").source_for("blob") == "detector"
 
 
-def test_a_bad_mask_source_in_adapter_json_is_one_line(tmp_path):
-    loaded = load_model("tiny", device="cpu")
-    out = tmp_path / "run"
-    Trainer(loaded, disk_samples(4), out, TrainConfig(epochs=1, choose_mask_sources=False, **FAST)).fit()
+def _adapter_recording(out, mask_sources: dict):
+    """A tiny model's adapter (trained once per test) whose adapter.json records ``mask_sources``."""
+    if not (out / "best" / "adapter.json").is_file():
+        loaded = load_model("tiny", device="cpu")
+        Trainer(loaded, disk_samples(4), out, TrainConfig(epochs=1, choose_mask_sources=False, **FAST)).fit()
     meta_file = out / "best" / "adapter.json"
     meta = json.loads(meta_file.read_text())
-    meta["mask_sources"] = {"blob": {"source": "crystal ball"}}
+    meta["mask_sources"] = mask_sources
     meta_file.write_text(json.dumps(meta))
+    return out / "best"
+
+
+def test_a_bad_mask_source_in_adapter_json_is_one_line(tmp_path):
+    adapter = _adapter_recording(tmp_path / "run", {"blob": {"source": "crystal ball"}})
     with pytest.raises(MedSAM3Error, match="mask_sources.blob' must name one of semantic"):
-        load_model("tiny", device="cpu", adapter=out / "best")
+        load_model("tiny", device="cpu", adapter=adapter)
 
 
 # -- loss options from the CLI --------------------------------------------------------------------------
@@ -264,15 +270,8 @@ def test_box_mode_decides_whether_the_box_decoder_outlines_the_users_box(lite_in
 
 
 def test_a_bad_box_mode_in_adapter_json_is_one_line(tmp_path):
-    loaded = load_model("tiny", device="cpu")
-    out = tmp_path / "run"
-    Trainer(loaded, disk_samples(4), out, TrainConfig(epochs=1, choose_mask_sources=False, **FAST)).fit()
-    meta_file = out / "best" / "adapter.json"
-    meta = json.loads(meta_file.read_text())
-    meta["mask_sources"] = {"blob": {"source": "semantic", "box": "lasso"}}
-    meta_file.write_text(json.dumps(meta))
+    adapter = _adapter_recording(tmp_path / "run", {"blob": {"source": "semantic", "box": "lasso"}})
     with pytest.raises(MedSAM3Error, match="mask_sources.blob.box' must name one of outline, exemplar"):
-        load_model("tiny", device="cpu", adapter=out / "best")
-    meta["mask_sources"] = {"blob": {"source": "semantic", "box": "exemplar"}}
-    meta_file.write_text(json.dumps(meta))
-    assert load_model("tiny", device="cpu", adapter=out / "best").box_modes == {"blob": "exemplar"}
+        load_model("tiny", device="cpu", adapter=adapter)
+    adapter = _adapter_recording(tmp_path / "run", {"blob": {"source": "semantic", "box": "exemplar"}})
+    assert load_model("tiny", device="cpu", adapter=adapter).box_modes == {"blob": "exemplar"}
