@@ -748,7 +748,8 @@ def train(
         best = choice["dice"][choice["source"]]
         _echo(f"mask source for '{concept}': {choice['source']} (validation Dice {best:.3f})")
         if "box" in choice:
-            _echo(f"box prompts for '{concept}': {choice['box']} (validation Dice {choice['box_dice'][choice['box']]:.3f})")
+            boxed = choice["box_dice"][choice["box"]]
+            _echo(f"box prompts for '{concept}': {choice['box']} (validation Dice {boxed:.3f})")
     _echo(
         f"adapter: {run.adapter} ({run.adapter_note}; use: medsam3 segment IMAGE --model {base} "
         f"--adapter {run.adapter} ...)"

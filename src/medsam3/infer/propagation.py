@@ -2,8 +2,8 @@
 
 MedSAM2-style 3D inference (reference.md section 3): the user's box is drawn on its key slice by
 the pretrained box decoder; each next slice (outwards, in both directions) is prompted with the
-previous slice's mask box (the user's box on the first step), enlarged by ``margin``; the walk stops where the object ends. No text
-and no detector are involved, so it works with any concept, trained or not.
+previous slice's mask box (the user's box on the first step), enlarged by ``margin``; the walk
+stops where the object ends. No text and no detector are involved, so it works with any concept, trained or not.
 
 Where does the object end? Each candidate slice is measured against the previous one (area ratio,
 the decoder's own IoU estimate, the share of the new mask lying on the previous one) and

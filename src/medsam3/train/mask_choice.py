@@ -79,12 +79,13 @@ def measure_box_modes(
         if sample.is_negative:
             continue
         embedding = cache.encode([sample.image]) if cache is not None else None
+        encoded = predictors["outline"].encode([sample.image])[0] if embedding is None else None  # once for both
         prompt = Prompt(sample.concept, boxes=[tuple(float(v) for v in b) for b in sample.boxes])
         for mode, predictor in predictors.items():
             if embedding is not None:
                 predictor.set_embedding(embedding, sample.image.shape[:2])
             else:
-                predictor.set_image(sample.image)
+                predictor.set_encoded(encoded)
             scores[sample.concept][mode].append(dice(predictor.predict_one(prompt).union, sample.union))
     return {c: {m: float(np.mean(v)) for m, v in per.items()} for c, per in scores.items()}
 
