@@ -131,7 +131,7 @@ def dense_mni_specs(volumes) -> list[SetSpec]:
     ]
 
 
-def _radiomics_raw(case: str, members: dict[str, bytes], scratch: Path) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+def radiomics_raw(case: str, members: dict[str, bytes], scratch: Path) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
     prefix = "pyradiomics-3.0.1/data/"
     image = _read_image(f"{prefix}{case}_image.nrrd", members[f"{prefix}{case}_image.nrrd"], scratch)
     label = _read_image(f"{prefix}{case}_label.nrrd", members[f"{prefix}{case}_label.nrrd"], scratch)
@@ -139,16 +139,22 @@ def _radiomics_raw(case: str, members: dict[str, bytes], scratch: Path) -> tuple
     return image, sitk.GetArrayFromImage(image).astype(np.float32), lps_array(label) != 0
 
 
-def _mappings(raw: np.ndarray, modality: str) -> dict[str, np.ndarray]:
-    if modality == "CT":
-        out = {}
-        for name in CT_WINDOWS:
-            center, width = WINDOW_PRESETS[name]
-            out[name] = to_uint8(raw, center - width / 2, center + width / 2)
-        return out
+def ct_mappings(raw: np.ndarray, windows: tuple[str, ...] = CT_WINDOWS) -> dict[str, np.ndarray]:
+    """HU -> 8 bits under each named window preset: preset name -> pixels."""
+    out = {}
+    for name in windows:
+        center, width = WINDOW_PRESETS[name]
+        out[name] = to_uint8(raw, center - width / 2, center + width / 2)
+    return out
+
+
+def mr_mappings(
+    raw: np.ndarray, percentiles: tuple[tuple[float, float], ...] = MR_PERCENTILES
+) -> dict[str, np.ndarray]:
+    """MR -> 8 bits between each pair of the volume's percentiles: "pLOW-HIGH" -> pixels."""
     return {
         f"p{low:g}-{high:g}": to_uint8(raw, *(float(v) for v in np.percentile(raw, [low, high])))
-        for low, high in MR_PERCENTILES
+        for low, high in percentiles
     }
 
 
@@ -169,7 +175,7 @@ def dense_tumour_spec(members: dict[str, bytes], scratch: Path) -> SetSpec:
         ),
     )
     for case, (_, value, modality) in RADIOMICS_CASES.items():
-        image, raw, mask = _radiomics_raw(case, members, scratch)
+        image, raw, mask = radiomics_raw(case, members, scratch)
         positives, negatives = tumour_slices(mask)
         taken = set(positives["test"]) | set(negatives["test"])
         first, last = _extent(mask.any(axis=(1, 2)))
@@ -177,7 +183,8 @@ def dense_tumour_spec(members: dict[str, bytes], scratch: Path) -> SetSpec:
             z for z in range(max(0, first - TUMOUR_MARGIN), min(len(mask), last + TUMOUR_MARGIN + 1)) if z not in taken
         ]
         labels = mask.astype(np.uint8) * value
-        for tag, pixels in _mappings(raw, modality).items():
+        mappings = ct_mappings(raw) if modality == "CT" else mr_mappings(raw)
+        for tag, pixels in mappings.items():
             for z in chosen:
                 info = _slice_info(f"data/{case}_image.nrrd", "axial", z, image) | {
                     "modality": modality,
