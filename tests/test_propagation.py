@@ -197,3 +197,51 @@ def test_first_step_off_the_key_slice_is_prompted_with_the_users_box():
     assert asked[6] == asked[4] == (8.0, 8.0, 32.0, 32.0)  # the first steps: the user's box, +10%
     for later in (7, 3):  # the second steps: the outline's box (6 px) +10%, not the user's
         assert asked[later][2] - asked[later][0] < 8.0
+
+
+class _BrightnessDetector:
+    """The real predictor (encoder, box decoder) with a scripted text detector: the concept is the
+    bright region of the current slice, scored by its area, so the most confident slice is the
+    lesion's largest cut. Text-only propagation must start there and walk both ways with the box decoder."""
+
+    def __init__(self, predictor):
+        self._inner = predictor
+        self.detected_on: list[int] = []
+        self._image = None
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def set_image(self, image):
+        self._image = np.asarray(image)
+        self._inner.set_image(image)
+
+    def predict(self, prompts, **_):
+        from medsam3.infer.types import Prompt, PromptResult
+
+        gray = self._image[..., 0].astype(np.float32)
+        bright = gray > gray.mean() + 3 * gray.std()  # a few noise pixels, or the lesion
+        results = []
+        for prompt in prompts:
+            prompt = prompt if isinstance(prompt, Prompt) else Prompt(prompt)
+            if bright.sum() < 20:
+                empty = np.zeros((0, *bright.shape), dtype=bool)
+                results.append(PromptResult(prompt, 0.0, np.zeros(0, np.float32), np.zeros((0, 4), np.float32), empty))
+                continue
+            score = np.float32(min(1.0, bright.sum() / 400.0))
+            box = np.asarray([mask_box(bright)], dtype=np.float32)
+            results.append(PromptResult(prompt, float(score), np.asarray([score]), box, bright[None]))
+        return results
+
+
+def test_text_only_propagation_starts_from_the_most_confident_slice(predictor):
+    volume = _volume(LESION_A)
+    scripted = _BrightnessDetector(predictor)
+    seg = segment_volume(volume, ["lesion"], scripted, method="propagate", score_threshold=0.1)
+    assert seg.anchors["lesion"] == 6  # the lesion's largest cut scored highest
+    (walk,) = seg.components["lesion"]["objects"]
+    assert walk["key_slice"] == 6 and set(walk["stops"]) == {"up", "down"}
+    found = seg.label_map == 1
+    low, high = _extent(found)
+    assert abs(low - 3) <= 1 and abs(high - 9) <= 1
+    assert _dice(found, LESION_A) > 0.7
