@@ -94,6 +94,24 @@ def test_demo_segments_real_scans_and_teaches_the_held_out_concept(tmp_path, rea
     report = run_demo(tmp_path / "demo", DemoSettings(progress=False, real_dir=str(real_sets_built[0])))
     assert report.dice["before"]["text"] < 0.2
     assert report.dice["after"]["text"] >= DEMO_TEXT_FLOOR
-    assert (tmp_path / "demo" / "report.md").is_file()
+    assert "**from text alone**" in (tmp_path / "demo" / "report.md").read_text()
     real = [s for s in report.segmentations if s["kind"].startswith("real")]
     assert len(real) == 10 and len(list((tmp_path / "demo" / "segment").glob("*/result.json"))) == 18
+
+
+def test_demo_says_which_concepts_work_from_text_and_which_need_a_box():
+    from medsam3.demo import text_or_box
+
+    rows = [
+        {"kind": "real ct", "concept": "lung tumor", "mode": "text", "dice": 0.1},
+        {"kind": "real ct", "concept": "lung tumor", "mode": "text+box", "dice": 0.9},
+        {"kind": "real mr", "concept": "gray matter", "mode": "text", "dice": 0.8},
+        {"kind": "real mr", "concept": "gray matter", "mode": "text+box", "dice": 0.4},
+        {"kind": "phantom us", "concept": "breast cyst", "mode": "text", "dice": 0.0},
+        {"kind": "phantom us", "concept": "breast cyst", "mode": "text+box", "dice": 0.2},
+    ]
+    assert text_or_box(rows) == {
+        "text": ["gray matter (real mr)"],
+        "box": ["lung tumor (real ct)"],
+        "neither": ["breast cyst (phantom us)"],
+    }

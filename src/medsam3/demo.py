@@ -173,6 +173,29 @@ def _finetune(settings: DemoSettings, out: Path, report: DemoReport) -> None:
     report.seconds["test_samples"] = len(test)
 
 
+WORKS = 0.5  # Dice at which the demo calls a prompt paradigm working on its example
+
+
+def text_or_box(segmentations: list[dict]) -> dict[str, list[str]]:
+    """Which showcased concepts work from text alone, which need a box, which neither (by Dice >= WORKS).
+
+    Keys "text", "box", "neither"; values "concept (image kind)" in showcase order.
+    """
+    out: dict[str, list[str]] = {"text": [], "box": [], "neither": []}
+    by_example: dict[tuple[str, str], dict[str, float]] = {}
+    for s in segmentations:
+        by_example.setdefault((s["kind"], s["concept"]), {})[s["mode"]] = s["dice"]
+    for (kind, concept), dice in by_example.items():
+        name = f"{concept} ({kind})"
+        if dice.get("text", 0.0) >= WORKS:
+            out["text"].append(name)
+        elif dice.get("text+box", 0.0) >= WORKS:
+            out["box"].append(name)
+        else:
+            out["neither"].append(name)
+    return out
+
+
 def _markdown(settings: DemoSettings, report: DemoReport) -> str:
     lines = [
         "# medsam3 demo",
@@ -197,6 +220,14 @@ def _markdown(settings: DemoSettings, report: DemoReport) -> str:
             f"| {s['kind']} | {s['concept']} | {s['mode']} | {s['instances']} | {s['presence']} | "
             f"{s['dice']} | [{s['overlay']}]({s['overlay']}) |"
         )
+    verdict = text_or_box(report.segmentations)
+    lines += [
+        "",
+        f"In short (Dice >= {WORKS:g} on its example): **from text alone**: {', '.join(verdict['text']) or 'none'}; "
+        f"**needs a box**: {', '.join(verdict['box']) or 'none'}"
+        + (f"; **neither**: {', '.join(verdict['neither'])}" if verdict["neither"] else "")
+        + ".",
+    ]
     before, after = report.dice.get("before", {}), report.dice.get("after", {})
     lines += [
         "",
