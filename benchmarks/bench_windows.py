@@ -47,8 +47,11 @@ def main() -> None:
             )
             for concept, stats in result.summary["concepts"].items():
                 if stats["n_positive"]:
-                    rows.append({"window": name, "mode": mode, "concept": concept, "dice": stats["dice"]["mean"]})
-    default = {(DEFAULTS[r["window"][:2]], r["mode"], r["concept"]): r["dice"] for r in rows}
+                    dice = stats["dice"]["mean"] or 0.0
+                    rows.append({"window": name, "mode": mode, "concept": concept, "dice": dice})
+    by_key = {(r["window"], r["mode"], r["concept"]): r for r in rows}
+    for r in rows:
+        r["change"] = r["dice"] - by_key[(DEFAULTS[r["window"][:2]], r["mode"], r["concept"])]["dice"]
     lines = [
         f"{args.model}{' + ' + str(args.adapter) if args.adapter else ''}; {machine()}",
         "",
@@ -57,14 +60,10 @@ def main() -> None:
     ]
     for name in sets:
         for concept in sorted({r["concept"] for r in rows if r["window"] == name}):
-            cells = []
-            for mode in args.modes:
-                value = next(r["dice"] for r in rows if (r["window"], r["mode"], r["concept"]) == (name, mode, concept))
-                base = default[(DEFAULTS[name[:2]], mode, concept)]
-                r = next(r for r in rows if (r["window"], r["mode"], r["concept"]) == (name, mode, concept))
-                r["change"] = value - base
-                cells.append(f"{value:.3f} | {value - base:+.3f}")
-            lines.append(f"| {name} | {concept} | " + " | ".join(cells) + " |")
+            cells = [by_key[(name, mode, concept)] for mode in args.modes]
+            lines.append(
+                f"| {name} | {concept} | " + " | ".join(f"{c['dice']:.3f} | {c['change']:+.3f}" for c in cells) + " |"
+            )
     worst = {m: max((abs(r["change"]) for r in rows if r["mode"] == m), default=0.0) for m in args.modes}
     lines += ["", "largest change: " + ", ".join(f"{m} {v:.3f}" for m, v in worst.items())]
     write_results(args.out, rows, "\n".join(lines))
