@@ -115,3 +115,12 @@ def test_demo_says_which_concepts_work_from_text_and_which_need_a_box():
         "box": ["lung tumor (real ct)"],
         "neither": ["breast cyst (phantom us)"],
     }
+
+
+def test_info_tells_how_lite_was_trained():
+    from medsam3.model.info import training_lines
+
+    text = "\n".join(training_lines("lite"))
+    assert "trained by: python scripts/train_lite.py" in text
+    assert "steps" in text and "minutes" in text and "held out: spleen" in text
+    assert "dense-radiomics-tumor" in text

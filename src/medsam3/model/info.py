@@ -40,8 +40,39 @@ def describe_model(
         lines.append(f"weights {source['part']}: {source['source']}" + (f" [{state}]" if "frozen" in source else ""))
     if loaded.concepts:
         lines.append("concepts: " + ", ".join(loaded.concepts))
+    lines += training_lines(spec)
     lines += provenance_lines(spec, loaded, adapter)
     return "\n".join(lines)
+
+
+def training_lines(spec: str) -> list[str]:
+    """How a bundled or local model folder was trained, from the record its export wrote (medsam3.json)."""
+    import json
+
+    folder = bundled_model_dir(spec) if spec in presets.BUNDLED_PRESETS else Path(spec).expanduser()
+    meta_file = folder / "medsam3.json"
+    if not meta_file.is_file():
+        return []
+    meta = json.loads(meta_file.read_text())
+    if "recipe" not in meta:
+        return []
+    data = [*meta.get("dense_sets", []), *meta.get("real_sets", [])]
+    kinds = meta.get("phantom_kinds", [])
+    lines = [f"trained by: {meta['recipe']}"]
+    facts = [
+        f"{meta['train_samples']} training samples" if "train_samples" in meta else None,
+        f"{meta['val_samples']} validation" if "val_samples" in meta else None,
+        f"{meta['steps']} steps" if "steps" in meta else None,
+        f"{meta['train_minutes']} minutes" if "train_minutes" in meta else None,
+        f"checkpoint: {meta['checkpoint']}" if "checkpoint" in meta else None,
+    ]
+    lines.append("training: " + ", ".join(f for f in facts if f))
+    if data or kinds:
+        lines.append(
+            "training data: " + ", ".join(data) + (f"; phantoms: {', '.join(kinds)}" if kinds else "")
+            + (f"; held out: {meta['held_out_concept']}" if meta.get("held_out_concept") else "")
+        )
+    return lines
 
 
 def _spec_files(spec: str, model) -> tuple[list[str], list[str]]:
