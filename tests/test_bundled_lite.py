@@ -124,3 +124,17 @@ def test_info_tells_how_lite_was_trained():
     assert "trained by: python scripts/train_lite.py" in text
     assert "steps" in text and "minutes" in text and "held out: spleen" in text
     assert "dense-radiomics-tumor" in text
+
+
+def test_an_empty_detector_answer_falls_back_to_the_semantic_map(lite, tmp_path):
+    """lite's "liver" masks come from its detector; on this phantom the detector keeps no instance
+    although presence is 1.0 and the dense map holds the liver: auto must not answer "nothing"."""
+    from medsam3.data.phantoms.writer import write_phantom_dataset
+
+    folder = write_phantom_dataset(tmp_path / "ct", "ct", n=5, seed=1)  # the demo's CT phantom
+    sample = next(s for s in open_dataset(folder) if len(s.masks) and s.concept == "liver")
+    predictor = Sam3Predictor(lite)
+    assert predictor.source_for("liver") == "detector"
+    predictor.set_image(sample.image)
+    result = predictor.predict_one(Prompt("liver"))
+    assert len(result) >= 1 and _dice(result.union, sample.union) > 0.5

@@ -229,7 +229,13 @@ class Sam3Predictor:
             )
 
         if source not in ("semantic", "fusion"):
-            return detected(False)
+            result = detected(False)
+            if len(result) or self.mask_source != "auto" or result.semantic is None:
+                return result
+            # the chosen source found nothing: the dense map (gated by presence) still may have
+            return semantic_result(
+                prompt, result.presence, result.semantic, settings["score_threshold"], settings["mask_threshold"]
+            )
         result = detected(source == "semantic")
         if result.semantic is None:  # a model without a semantic head: its detections are all there is
             return result if source == "fusion" else detected(False)
