@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from medsam3.data import real_sources as rs
 from medsam3.data.examples import PYRADIOMICS, default_cache_dir
@@ -37,14 +36,13 @@ from medsam3.data.real_sets import (
     SetSpec,
     Slice2D,
     _extent,
-    _read_image,
     _slice_info,
     axial,
     fetch_sources,
     interleave,
-    lps_array,
     middle_range,
     mni_volumes,
+    radiomics_raw,
     to_uint8,
     tumour_slices,
     write_set,
@@ -129,14 +127,6 @@ def dense_mni_specs(volumes) -> list[SetSpec]:
             "dense-mni-tracts", volumes, volumes.tracts, {c: v for c, (v, _) in TRACTS.items()}, z_tracts, x_brain
         ),
     ]
-
-
-def radiomics_raw(case: str, members: dict[str, bytes], scratch: Path) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
-    prefix = "pyradiomics-3.0.1/data/"
-    image = _read_image(f"{prefix}{case}_image.nrrd", members[f"{prefix}{case}_image.nrrd"], scratch)
-    label = _read_image(f"{prefix}{case}_label.nrrd", members[f"{prefix}{case}_label.nrrd"], scratch)
-    image = sitk.DICOMOrient(image, "LPS")
-    return image, sitk.GetArrayFromImage(image).astype(np.float32), lps_array(label) != 0
 
 
 def ct_mappings(raw: np.ndarray, windows: tuple[str, ...] = CT_WINDOWS) -> dict[str, np.ndarray]:

@@ -412,7 +412,8 @@ def mni_sets(nilearn: dict[str, bytes], mricron: dict[str, bytes], scratch: Path
 # ------------------------------------------------------------------------------------- radiomics sets
 
 
-def _radiomics_volume(case: str, members: dict[str, bytes], scratch: Path):
+def radiomics_raw(case: str, members: dict[str, bytes], scratch: Path) -> tuple[sitk.Image, np.ndarray, np.ndarray]:
+    """One pyradiomics case turned to LPS: the image, its voxel array as stored (HU for CT), the tumour mask."""
     prefix = "pyradiomics-3.0.1/data/"
     image = _read_image(f"{prefix}{case}_image.nrrd", members[f"{prefix}{case}_image.nrrd"], scratch)
     label = _read_image(f"{prefix}{case}_label.nrrd", members[f"{prefix}{case}_label.nrrd"], scratch)
@@ -420,6 +421,11 @@ def _radiomics_volume(case: str, members: dict[str, bytes], scratch: Path):
     array, mask = sitk.GetArrayFromImage(image), lps_array(label) != 0
     if array.shape != mask.shape:
         raise InputFileError(f"{prefix}{case}_label.nrrd", f"label {mask.shape} differs from image {array.shape}")
+    return image, array, mask
+
+
+def _radiomics_volume(case: str, members: dict[str, bytes], scratch: Path):
+    image, array, mask = radiomics_raw(case, members, scratch)
     modality = RADIOMICS_CASES[case][2]
     if modality == "CT":
         center, width = CT_WINDOW

@@ -13,9 +13,18 @@ import tempfile
 from pathlib import Path
 
 from medsam3.data import real_sets as rsets
-from medsam3.data.dense_sets import ct_mappings, mr_mappings, radiomics_raw
+from medsam3.data.dense_sets import ct_mappings, mr_mappings
 from medsam3.data.examples import PYRADIOMICS, default_cache_dir
-from medsam3.data.real_sets import RADIOMICS_CASES, SetSpec, Slice2D, _slice_info, axial, tumour_slices, write_set
+from medsam3.data.real_sets import (
+    RADIOMICS_CASES,
+    SetSpec,
+    Slice2D,
+    _slice_info,
+    axial,
+    radiomics_raw,
+    tumour_slices,
+    write_set,
+)
 
 #: The CT windows tested (the viewer's presets) and the MR percentile windows; the first is each
 #: modality's default in ``radiomics-tumor``.
