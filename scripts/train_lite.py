@@ -33,6 +33,7 @@ from medsam3.train.recipes import (
     LITE_DENSE_SETS,
     LITE_PHANTOM_KINDS,
     LITE_REAL_ONLY_SETS,
+    LITE_TRAIN_REPEATS,
     lite_dense_splits,
     make_phantom_corpus,
 )
@@ -53,6 +54,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runtime", default="openvino", help="the frozen image tower's runtime: torch or openvino")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this exported lite folder (a previous run of this script) instead of lite-init: "
+        "a second stage with a fresh warm-up and cosine schedule",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--export-only", action="store_true", help="export RUN/best of a finished run")
     parser.add_argument(
@@ -81,7 +89,7 @@ def main() -> None:
         history = list(csv.DictReader((args.out / "metrics.csv").open()))
         export(args, splits, history, minutes=float(history[-1]["seconds"]) / 60)
         return
-    loaded = load_model("lite-init", device="cpu", runtime=args.runtime)
+    loaded = load_model(str(args.init) if args.init else "lite-init", device="cpu", runtime=args.runtime)
     config = TrainConfig(
         steps=args.steps,
         max_minutes=args.minutes,
@@ -112,7 +120,7 @@ def export(args, splits, history: list[dict], minutes: float) -> None:
     """Write the folder the ``lite`` preset loads, from the best validation checkpoint (RUN/best)."""
     if args.export is None:
         raise SystemExit("--export DIR is needed")
-    final = load_model("lite-init", device="cpu", adapter=args.out / "best")
+    final = load_model(str(args.init) if args.init else "lite-init", device="cpu", adapter=args.out / "best")
     info = {
         "name": "lite",
         "what": "LiteMedSAM's TinyViT medical image encoder and all-MiniLM-L6-v2 (both frozen, from their "
@@ -120,8 +128,10 @@ def export(args, splits, history: list[dict], minutes: float) -> None:
         "project; not SAM 3",
         "recipe": "python scripts/train_lite.py "
         f"--n-per-kind {args.n_per_kind} --minutes {args.minutes:g} --steps {args.steps} --views {args.views} "
-        f"--batch-size {args.batch_size} --lr {args.lr:g} --seed {args.seed}",
+        f"--batch-size {args.batch_size} --lr {args.lr:g} --seed {args.seed}"
+        + (" --init PREVIOUS" if args.init else ""),
         "dense_sets": list(LITE_DENSE_SETS),
+        "train_repeats": dict(LITE_TRAIN_REPEATS),
         "real_sets": list(LITE_REAL_ONLY_SETS),
         "phantom_kinds": list(LITE_PHANTOM_KINDS),
         "held_out_concept": HELD_OUT_CONCEPT,
@@ -133,9 +143,18 @@ def export(args, splits, history: list[dict], minutes: float) -> None:
         "checkpoint": "best validation Dice",
         "history": history,
     }
+    if args.init:
+        previous = json.loads((args.init / "medsam3.json").read_text())
+        info["continued_from"] = {key: previous[key] for key in _STAGE_FACTS if key in previous}
+        if "continued_from" in previous:
+            info["continued_from"]["continued_from"] = previous["continued_from"]
     export_model(final, args.export, final.concepts, info)
     record_mask_sources(args.export, splits["val"])
     print(f"exported {args.export}")
+
+
+#: What a second stage records of the run it continued (``--init``).
+_STAGE_FACTS = ("recipe", "dense_sets", "real_sets", "train_repeats", "train_samples", "steps", "train_minutes")
 
 
 def record_mask_sources(folder: Path, val) -> None:

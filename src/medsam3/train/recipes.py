@@ -104,6 +104,9 @@ LITE_DENSE_SETS = {
     "dense-radiomics-tumor": "components",
 }
 LITE_REAL_ONLY_SETS = {"dsb-nuclei": "components"}
+#: Dense sets seen more than once per epoch in training: the real tumours are a few dozen positive
+#: slices among thousands of samples, and the detector found them least often.
+LITE_TRAIN_REPEATS = {"dense-radiomics-tumor": 2}
 
 
 def lite_splits(
@@ -123,11 +126,15 @@ def lite_dense_splits(
 ) -> dict[str, ConcatSamples]:
     """train / val over the dense sets, the nuclei set and the phantoms (val carved from each by case hash).
 
-    The real sets' test splits are not among them: the dense sets leave their slices out.
+    The real sets' test splits are not among them: the dense sets leave their slices out. Training
+    repeats the sets in ``LITE_TRAIN_REPEATS``; validation counts every sample once.
     """
     splits = {}
     for split in ("train", "val"):
-        dense = [open_dataset(dense_root / name, split=split, instances=mode) for name, mode in LITE_DENSE_SETS.items()]
+        dense = []
+        for name, mode in LITE_DENSE_SETS.items():
+            dataset = open_dataset(dense_root / name, split=split, instances=mode)
+            dense += [dataset] * (LITE_TRAIN_REPEATS.get(name, 1) if split == "train" else 1)
         real = [
             open_dataset(real_root / name, split=split, instances=mode) for name, mode in LITE_REAL_ONLY_SETS.items()
         ]
