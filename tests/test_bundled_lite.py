@@ -138,3 +138,19 @@ def test_an_empty_detector_answer_falls_back_to_the_semantic_map(lite, tmp_path)
     predictor.set_image(sample.image)
     result = predictor.predict_one(Prompt("liver"))
     assert len(result) >= 1 and _dice(result.union, sample.union) > 0.5
+
+
+def test_info_lists_every_training_stage(tmp_path):
+    """A second stage (train_lite.py --init) records the run it continued; info prints both."""
+    import json
+
+    from medsam3.model.info import training_lines
+
+    stage1 = {"recipe": "python scripts/train_lite.py --minutes 100", "steps": 6877, "train_minutes": 100.1}
+    meta = {"recipe": "python scripts/train_lite.py --init PREVIOUS", "steps": 9000, "train_minutes": 95.0,
+            "continued_from": stage1}  # fmt: skip
+    (tmp_path / "medsam3.json").write_text(json.dumps(meta))
+    lines = training_lines(str(tmp_path))
+    assert lines[0] == "trained by: python scripts/train_lite.py --init PREVIOUS"
+    assert lines[1] == "training: 9000 steps, 95.0 minutes"
+    assert lines[-1] == "continued from: python scripts/train_lite.py --minutes 100 (6877 steps, 100.1 minutes)"

@@ -124,3 +124,20 @@ def test_window_sets_are_the_tumour_test_slices_under_each_window(real_sets_buil
                 assert np.abs(ours - theirs).max() > 50
             else:
                 assert np.abs(ours - theirs).max() <= 1
+
+
+@pytest.mark.network_pkg
+def test_lite_splits_repeat_the_tumours_in_training_only(dense, tmp_path):
+    from medsam3.data.phantoms.writer import write_phantom_dataset
+    from medsam3.train.recipes import LITE_TRAIN_REPEATS, lite_dense_splits
+
+    real, folders = dense
+    phantoms = [write_phantom_dataset(tmp_path / "ct", "ct", n=5, seed=0)]
+    splits = lite_dense_splits(folders[0].parent, real, phantoms, exclude={"spleen"})
+    tumours = folders[0].parent / "dense-radiomics-tumor"
+    for split, copies in (("train", LITE_TRAIN_REPEATS["dense-radiomics-tumor"]), ("val", 1)):
+        parts = [refs for dataset, refs in splits[split].parts if Path(dataset.info.root) == tumours]
+        assert len(parts) == copies and copies >= 1
+        assert all(refs == parts[0] for refs in parts)  # the same samples, seen again
+        assert len(splits[split]) == sum(len(refs) for _, refs in splits[split].parts)
+    assert all(s.concept != "spleen" for s in (splits["val"][i] for i in range(len(splits["val"]))))

@@ -58,7 +58,20 @@ def training_lines(spec: str) -> list[str]:
         return []
     data = [*meta.get("dense_sets", []), *meta.get("real_sets", [])]
     kinds = meta.get("phantom_kinds", [])
-    lines = [f"trained by: {meta['recipe']}"]
+    lines = [f"trained by: {meta['recipe']}", "training: " + _training_facts(meta)]
+    if data or kinds:
+        lines.append(
+            "training data: " + ", ".join(data) + (f"; phantoms: {', '.join(kinds)}" if kinds else "")
+            + (f"; held out: {meta['held_out_concept']}" if meta.get("held_out_concept") else "")
+        )
+    stage = meta.get("continued_from")
+    while stage:  # a run started from an earlier export (train_lite.py --init): its stages, latest first
+        lines.append(f"continued from: {stage.get('recipe', '?')} ({_training_facts(stage)})")
+        stage = stage.get("continued_from")
+    return lines
+
+
+def _training_facts(meta: dict) -> str:
     facts = [
         f"{meta['train_samples']} training samples" if "train_samples" in meta else None,
         f"{meta['val_samples']} validation" if "val_samples" in meta else None,
@@ -66,13 +79,7 @@ def training_lines(spec: str) -> list[str]:
         f"{meta['train_minutes']} minutes" if "train_minutes" in meta else None,
         f"checkpoint: {meta['checkpoint']}" if "checkpoint" in meta else None,
     ]
-    lines.append("training: " + ", ".join(f for f in facts if f))
-    if data or kinds:
-        lines.append(
-            "training data: " + ", ".join(data) + (f"; phantoms: {', '.join(kinds)}" if kinds else "")
-            + (f"; held out: {meta['held_out_concept']}" if meta.get("held_out_concept") else "")
-        )
-    return lines
+    return ", ".join(f for f in facts if f)
 
 
 def _spec_files(spec: str, model) -> tuple[list[str], list[str]]:
