@@ -456,3 +456,17 @@ def test_settings_digest_changes_with_what_changes_the_output(tmp_path):
     for change in ({"score_threshold": 0.3}, {"prompts": ("liver",)}, {"model": "nano"}, {"axis": 1},
                    {"method": "track"}, {"window": "abdomen"}, {"towers": "fp32"}):  # fmt: skip
         assert CohortSettings(**{**SETTINGS.__dict__, **change}).digest() != base, change
+
+
+def test_an_in_process_cohort_leaves_the_process_defaults_as_they_were(tmp_path):
+    """A cohort loads its model with its own towers and runtime; the caller's defaults come back
+    (they leaked into every later load_model of the process, e.g. a pytest worker)."""
+    from medsam3.infer.cohort import CaseSegmenter
+    from medsam3.model.precision import default_towers
+    from medsam3.model.runtime import default_runtime
+
+    before = default_towers(), default_runtime()
+    settings = CohortSettings(**{**SETTINGS.__dict__, "towers": "bf16", "runtime": "torch"})
+    segmenter = CaseSegmenter(settings, tmp_path)
+    assert segmenter.setup.predictor is not None
+    assert (default_towers(), default_runtime()) == before
