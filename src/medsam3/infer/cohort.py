@@ -317,32 +317,24 @@ class CaseSegmenter:
 
     def __init__(self, settings: CohortSettings, out: str | Path) -> None:
         from medsam3.infer.segment import build_predictor, build_prompts
-        from medsam3.model.precision import default_towers, set_default_towers
-        from medsam3.model.runtime import default_runtime, set_default_runtime
 
         self.settings = settings
         self.out = Path(out)
         prompts, self.notes = build_prompts(list(settings.prompts))
-        # the model loads with the cohort's towers and runtime; the caller's process defaults come back
-        # (an in-process cohort must not change what the next load_model in that process does)
-        towers, runtime = default_towers(), default_runtime()
-        set_default_towers(settings.towers)
-        set_default_runtime(settings.runtime)
-        try:
-            self.setup = build_predictor(
-                settings.model,
-                prompts,
-                adapter=settings.adapter,
-                device=settings.device,
-                normalize=settings.normalize,
-                score_threshold=settings.score_threshold,
-                mask_threshold=settings.mask_threshold,
-                nms_iou=settings.nms_iou,
-                mask_source=settings.mask_source,
-            )
-        finally:
-            set_default_towers(towers)
-            set_default_runtime(runtime)
+        # towers and runtime go to this load only: an in-process cohort leaves the process defaults alone
+        self.setup = build_predictor(
+            settings.model,
+            prompts,
+            adapter=settings.adapter,
+            device=settings.device,
+            normalize=settings.normalize,
+            score_threshold=settings.score_threshold,
+            mask_threshold=settings.mask_threshold,
+            nms_iou=settings.nms_iou,
+            mask_source=settings.mask_source,
+            towers=settings.towers,
+            runtime=settings.runtime,
+        )
         # the summary's concept: as typed, and what the model answered when the normaliser replaced it
         self.concepts = [typed if typed == used.text else f"{typed} (as {used.text})"
                          for typed, used in zip(settings.prompts, self.setup.prompts, strict=True)]  # fmt: skip

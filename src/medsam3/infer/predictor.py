@@ -93,8 +93,10 @@ class Sam3Predictor:
         self.encode_count = 0  # how many images went through the image encoder (tests and benchmarks)
 
     @classmethod
-    def from_spec(cls, spec: str = DEFAULT_MODEL, *, device: str = "auto", adapter=None, **kwargs) -> Sam3Predictor:
-        return cls(load_model(spec, device=device, adapter=adapter), **kwargs)
+    def from_spec(
+        cls, spec: str = DEFAULT_MODEL, *, device: str = "auto", adapter=None, towers=None, runtime=None, **kwargs
+    ) -> Sam3Predictor:
+        return cls(load_model(spec, device=device, adapter=adapter, towers=towers, runtime=runtime), **kwargs)
 
     @property
     def device(self) -> torch.device:

@@ -99,6 +99,8 @@ def build_predictor(
     mask_threshold: float = 0.5,
     nms_iou: float | None = None,
     mask_source: str = "auto",
+    towers: str | None = None,
+    runtime: str | None = None,
 ) -> PredictorSetup:
     """The one way to get a predictor: load ``model`` (+ ``adapter``) and, with ``normalize``, map
     ``prompts`` onto the concepts it was tuned on (:func:`normalize_prompts`).
@@ -113,6 +115,8 @@ def build_predictor(
         mask_threshold=mask_threshold,
         nms_iou=nms_iou,
         mask_source=mask_source,
+        towers=towers,
+        runtime=runtime,
     )
     prompts = as_prompts(prompts) if prompts else []
     records: list[dict] = []
