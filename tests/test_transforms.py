@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -16,7 +18,9 @@ from medsam3.data.transforms import (
     HorizontalFlip,
     RandomRotation,
     RandomScaleCrop,
+    RandomShift,
     VerticalFlip,
+    annotate,
     default_augmentation,
 )
 
@@ -37,10 +41,26 @@ ALWAYS = [
     VerticalFlip(p=1),
     RandomScaleCrop(size=(32, 36), scale=(0.6, 1.6)),
     RandomRotation(degrees=25, p=1),
+    RandomShift(fraction=0.3, p=1),
     Gamma(p=1),
     GaussianNoise(std=(0.02, 0.05), p=1),
     BrightnessContrast(p=1),
 ]
+
+
+def test_shift_moves_image_masks_and_boxes_together_and_fills_what_it_uncovers():
+    image, masks = _scene()
+
+    largest = SimpleNamespace(uniform=lambda low, high: high)  # the largest shift: +fraction of each side
+    out = RandomShift(fraction=0.25, p=1).apply(annotate(image, masks), largest)
+    dy, dx = 10, 12  # 0.25 of 40 rows and 48 columns
+    np.testing.assert_array_equal(out.image[dy:, dx:], image[: 40 - dy, : 48 - dx])
+    assert not out.image[:dy].any() and not out.image[:, :dx].any()
+    assert out.keep.tolist() == [0, 1]  # the corner instance left the frame
+    np.testing.assert_array_equal(out.masks[0], np.roll(masks[0], (dy, dx), axis=(0, 1)))
+    assert out.boxes[0].tolist() == [6 + dx, 5 + dy, 20 + dx, 15 + dy]
+    with pytest.raises(ValueError, match="fraction"):
+        RandomShift(fraction=1.0)
 
 
 def test_flips_round_trip_exactly():

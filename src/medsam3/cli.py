@@ -643,8 +643,8 @@ def train(
     augment: Annotated[
         str,
         typer.Option(
-            help="views: a fixed bank of 8 augmented views per image (quarter turns, flips, rotation, zoom, "
-            "intensity), each encoded once, so the feature cache holds; flips; full: fresh random views "
+            help="views: a fixed bank of 12 augmented views per image (quarter turns, flips, rotation, zoom, "
+            "shift, intensity), each encoded once, so the feature cache holds; flips; full: fresh random views "
             "every step (no feature cache); none.",
         ),
     ] = "views",
