@@ -434,7 +434,7 @@ def demo(
     finetune_cases: Annotated[
         int, typer.Option(help="CT phantoms generated for the fine-tuning step.", callback=_in_range(10, 100_000))
     ] = 150,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.", callback=_in_range(1))] = 40,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.", callback=_in_range(1))] = 20,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     runtime: RuntimeOpt = "auto",

@@ -44,7 +44,7 @@ SHOWCASE_REAL = (
 class DemoSettings:
     model: str = DEFAULT_MODEL
     finetune_cases: int = 80
-    epochs: int = 30
+    epochs: int = 20  # validation plateaus by epoch 5 (docs/demo.md); 40 took 480 s of a 600 s demo
     batch_size: int = 8
     lr: float = 1e-3
     seed: int = 0
