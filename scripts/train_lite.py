@@ -61,6 +61,21 @@ def main() -> None:
         help="start from this exported lite folder (a previous run of this script) instead of lite-init: "
         "a second stage with a fresh warm-up and cosine schedule",
     )
+    parser.add_argument(
+        "--extra-phantoms",
+        action="append",
+        default=[],
+        metavar="KIND=N",
+        help="N more training cases of a phantom kind, from another seed (the main corpus and its test split "
+        "stay as they are): weight for the concepts a previous stage learned least",
+    )
+    parser.add_argument(
+        "--repeat",
+        action="append",
+        default=[],
+        metavar="SET=K",
+        help=f"a dense set seen K times per training epoch (default: {LITE_TRAIN_REPEATS})",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--export-only", action="store_true", help="export RUN/best of a finished run")
     parser.add_argument(
@@ -78,7 +93,10 @@ def main() -> None:
     dense_root = args.out / "dense"
     build_dense_train_sets(dense_root)
     phantoms = make_phantom_corpus(args.out / "phantoms", args.n_per_kind, seed=args.seed, kinds=LITE_PHANTOM_KINDS)
-    splits = lite_dense_splits(dense_root, args.real, phantoms, exclude={HELD_OUT_CONCEPT})
+    for kind, n in parse_pairs(args.extra_phantoms, LITE_PHANTOM_KINDS).items():
+        phantoms += make_phantom_corpus(args.out / "phantoms-extra", n, seed=args.seed + 1, kinds=(kind,))
+    args.repeats = {**LITE_TRAIN_REPEATS, **parse_pairs(args.repeat, LITE_DENSE_SETS)}
+    splits = lite_dense_splits(dense_root, args.real, phantoms, exclude={HELD_OUT_CONCEPT}, repeats=args.repeats)
     print({name: len(data) for name, data in splits.items()}, flush=True)
     if args.choose_mask_sources_only:
         if args.export is None:
@@ -129,9 +147,12 @@ def export(args, splits, history: list[dict], minutes: float) -> None:
         "recipe": "python scripts/train_lite.py "
         f"--n-per-kind {args.n_per_kind} --minutes {args.minutes:g} --steps {args.steps} --views {args.views} "
         f"--batch-size {args.batch_size} --lr {args.lr:g} --seed {args.seed}"
+        + "".join(f" --extra-phantoms {pair}" for pair in args.extra_phantoms)
+        + "".join(f" --repeat {pair}" for pair in args.repeat)
         + (" --init PREVIOUS" if args.init else ""),
         "dense_sets": list(LITE_DENSE_SETS),
-        "train_repeats": dict(LITE_TRAIN_REPEATS),
+        "train_repeats": dict(args.repeats),
+        "extra_phantoms": dict(parse_pairs(args.extra_phantoms, LITE_PHANTOM_KINDS)),
         "real_sets": list(LITE_REAL_ONLY_SETS),
         "phantom_kinds": list(LITE_PHANTOM_KINDS),
         "held_out_concept": HELD_OUT_CONCEPT,
@@ -153,8 +174,28 @@ def export(args, splits, history: list[dict], minutes: float) -> None:
     print(f"exported {args.export}")
 
 
+def parse_pairs(pairs: list[str], names) -> dict[str, int]:
+    """``["ct=200"]`` -> ``{"ct": 200}``; an unknown name or a count below 1 is a usage error."""
+    parsed = {}
+    for pair in pairs:
+        name, _, count = pair.partition("=")
+        if name not in names or not count.isdigit() or int(count) < 1:
+            raise SystemExit(f"error: {pair!r}: expected NAME=N with NAME one of {', '.join(names)} and N >= 1")
+        parsed[name] = int(count)
+    return parsed
+
+
 #: What a second stage records of the run it continued (``--init``).
-_STAGE_FACTS = ("recipe", "dense_sets", "real_sets", "train_repeats", "train_samples", "steps", "train_minutes")
+_STAGE_FACTS = (
+    "recipe",
+    "dense_sets",
+    "real_sets",
+    "train_repeats",
+    "extra_phantoms",
+    "train_samples",
+    "steps",
+    "train_minutes",
+)
 
 
 def record_mask_sources(folder: Path, val) -> None:

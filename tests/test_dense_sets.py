@@ -141,3 +141,8 @@ def test_lite_splits_repeat_the_tumours_in_training_only(dense, tmp_path):
         assert all(refs == parts[0] for refs in parts)  # the same samples, seen again
         assert len(splits[split]) == sum(len(refs) for _, refs in splits[split].parts)
     assert all(s.concept != "spleen" for s in (splits["val"][i] for i in range(len(splits["val"]))))
+    # a later stage weights the tumours more (train_lite.py --repeat); validation still counts them once
+    heavier = lite_dense_splits(folders[0].parent, real, phantoms, exclude={"spleen"}, repeats={tumours.name: 3})
+    for split, copies in (("train", 3), ("val", 1)):
+        parts = [refs for dataset, refs in heavier[split].parts if Path(dataset.info.root) == tumours]
+        assert len(parts) == copies

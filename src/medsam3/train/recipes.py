@@ -17,7 +17,7 @@ MedSAM-3's own method (frozen encoders, detector fine-tuned) and shows Dice befo
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from medsam3.data.dataset import open_dataset
@@ -122,19 +122,23 @@ def lite_splits(
 
 
 def lite_dense_splits(
-    dense_root: Path, real_root: Path, phantom_folders: Sequence[Path], exclude: set[str] = frozenset()
+    dense_root: Path,
+    real_root: Path,
+    phantom_folders: Sequence[Path],
+    exclude: set[str] = frozenset(),
+    repeats: Mapping[str, int] = LITE_TRAIN_REPEATS,
 ) -> dict[str, ConcatSamples]:
     """train / val over the dense sets, the nuclei set and the phantoms (val carved from each by case hash).
 
     The real sets' test splits are not among them: the dense sets leave their slices out. Training
-    repeats the sets in ``LITE_TRAIN_REPEATS``; validation counts every sample once.
+    repeats the dense sets named in ``repeats``; validation counts every sample once.
     """
     splits = {}
     for split in ("train", "val"):
         dense = []
         for name, mode in LITE_DENSE_SETS.items():
             dataset = open_dataset(dense_root / name, split=split, instances=mode)
-            dense += [dataset] * (LITE_TRAIN_REPEATS.get(name, 1) if split == "train" else 1)
+            dense += [dataset] * (repeats.get(name, 1) if split == "train" else 1)
         real = [
             open_dataset(real_root / name, split=split, instances=mode) for name, mode in LITE_REAL_ONLY_SETS.items()
         ]
