@@ -64,6 +64,10 @@ def training_lines(spec: str) -> list[str]:
             "training data: " + ", ".join(data) + (f"; phantoms: {', '.join(kinds)}" if kinds else "")
             + (f"; held out: {meta['held_out_concept']}" if meta.get("held_out_concept") else "")
         )
+    weights = [f"{n} more {kind} phantoms" for kind, n in meta.get("extra_phantoms", {}).items()]
+    weights += [f"{name} {k}x per epoch" for name, k in meta.get("train_repeats", {}).items()]
+    if weights:
+        lines.append("weighting: " + ", ".join(weights))
     stage = meta.get("continued_from")
     while stage:  # a run started from an earlier export (train_lite.py --init): its stages, latest first
         lines.append(f"continued from: {stage.get('recipe', '?')} ({_training_facts(stage)})")
