@@ -66,8 +66,9 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KIND=N",
-        help="N more training cases of a phantom kind, from another seed (the main corpus and its test split "
-        "stay as they are): weight for the concepts a previous stage learned least",
+        help="a second corpus of N cases of a phantom kind, from another seed, whose train split (80%%) is added "
+        "(the main corpus and its test split stay as they are): weight for the concepts a previous stage "
+        "learned least",
     )
     parser.add_argument(
         "--repeat",
