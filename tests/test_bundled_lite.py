@@ -80,7 +80,7 @@ def test_lite_segments_real_test_slices(real_sets_built, lite, folder, concept, 
     assert samples and np.mean(scores) > floor, scores
 
 
-DEMO_TEXT_FLOOR = 0.4  # text Dice after teaching spleen (validation Dice reached 0.7-0.95 within 5 epochs)
+DEMO_TEXT_FLOOR = 0.4  # text Dice after teaching spleen (validation Dice 0.78-0.97 in epochs 1-5)
 
 
 @pytest.mark.slow
@@ -91,7 +91,10 @@ def test_demo_segments_real_scans_and_teaches_the_held_out_concept(tmp_path, rea
     training) taught with MedSAM-3's policy: text Dice rises from ~0 on untouched test samples."""
     from medsam3.demo import DemoSettings, run_demo
 
-    report = run_demo(tmp_path / "demo", DemoSettings(progress=False, real_dir=str(real_sets_built[0])))
+    # 5 epochs, not the demo's 20: validation is at 0.78-0.97 from epoch 1, and on an AVX2-only CPU the
+    # 20-epoch demo alone took 1617 s of the suite (fine-tuning 1169 s: encoding 365 s, then ~42 s an epoch).
+    settings = DemoSettings(progress=False, real_dir=str(real_sets_built[0]), epochs=5)
+    report = run_demo(tmp_path / "demo", settings)
     assert report.dice["before"]["text"] < 0.2
     assert report.dice["after"]["text"] >= DEMO_TEXT_FLOOR
     assert "**from text alone**" in (tmp_path / "demo" / "report.md").read_text()
