@@ -43,7 +43,7 @@ SHOWCASE_REAL = (
 @dataclass
 class DemoSettings:
     model: str = DEFAULT_MODEL
-    finetune_cases: int = 80
+    finetune_cases: int = 150  # as `medsam3 demo`; docs/demo.md is timed with these defaults
     epochs: int = 20  # validation plateaus by epoch 5 (docs/demo.md); 40 took 480 s of a 600 s demo
     batch_size: int = 8
     lr: float = 1e-3
