@@ -20,6 +20,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 from medsam3.model.backbones.base import Backbone
 from medsam3.model.box_prompts import box_prompt_tensors
 from medsam3.model.runtime import OpenVinoTower
+from medsam3.model.tower_memo import TowerMemo, image_key, tower_fingerprint
 
 
 class ModelSeam:
@@ -31,6 +32,8 @@ class ModelSeam:
         self.device = device
         self._text_states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fast_tower: OpenVinoTower | None = None  # see set_runtime
+        self._memo: TowerMemo | None = None  # see share_tower_outputs
+        self._memo_tower = ""
         self.image_encodes = 0  # images through the frozen image tower (tests and benchmarks count it)
 
     # -- facts ---------------------------------------------------------------------------------
@@ -80,14 +83,47 @@ class ModelSeam:
     def has_box_decoder(self) -> bool:
         return hasattr(self.model, "box_decoder")
 
+    def tower_fingerprint(self) -> str:
+        """What identifies the frozen image tower's output: weights, dtype, runtime, preprocessing."""
+        return tower_fingerprint(self.backbone, self.model, self.tower_dtype, self.runtime)
+
+    def share_tower_outputs(self, memo: TowerMemo | None) -> None:
+        """Keep the frozen tower's outputs in ``memo`` (None: stop), shared with other seams.
+
+        Outputs are filed under this tower's fingerprint as it is now, so seams of models that share a
+        frozen tower (a base and its paper-policy adapters) reuse each other's encodings and no other
+        seam sees them. For frozen towers only: calls with gradients never use the memo, and a tower
+        whose weights change afterwards must be attached again.
+        """
+        self._memo = memo
+        self._memo_tower = self.tower_fingerprint() if memo is not None else ""
+
     # -- images --------------------------------------------------------------------------------
     def pixel_values(self, rgbs: Sequence[np.ndarray]) -> torch.Tensor:
         return self.backbone.pixel_values(rgbs).to(self.device, self.tower_dtype)
 
     def embed_images(self, rgbs: Sequence[np.ndarray], *, grad: bool = False) -> tuple[torch.Tensor, ...]:
         """The frozen image tower's output for a batch (what a feature cache stores)."""
-        pixels = self.pixel_values(rgbs)
         grad = grad and torch.is_grad_enabled()
+        if self._memo is not None and not grad:
+            return self._remembered(rgbs)
+        return self._embed(rgbs, grad)
+
+    def _remembered(self, rgbs: Sequence[np.ndarray]) -> tuple[torch.Tensor, ...]:
+        """Tower outputs from the shared memo, encoding (in one batch) only the images it lacks."""
+        keys = [image_key(rgb) for rgb in rgbs]
+        found = [self._memo.get(self._memo_tower, key) for key in keys]
+        missing = [i for i, entry in enumerate(found) if entry is None]
+        if missing:
+            fresh = self._embed([rgbs[i] for i in missing], False)
+            with torch.inference_mode(False):  # plain tensors: usable by any later caller
+                for row, index in enumerate(missing):
+                    found[index] = tuple(t.clone() for t in self.split_embedding(fresh, row))
+                    self._memo.put(self._memo_tower, keys[index], found[index])
+        return tuple(torch.cat([entry[j] for entry in found]) for j in range(len(found[0])))
+
+    def _embed(self, rgbs: Sequence[np.ndarray], grad: bool) -> tuple[torch.Tensor, ...]:
+        pixels = self.pixel_values(rgbs)
         if not grad and self._fast_tower is not None and self._fast_tower.usable():
             embedding = (self._fast_tower(pixels),)
         else:

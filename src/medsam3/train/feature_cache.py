@@ -17,7 +17,6 @@ and full) cannot use a cache.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -27,27 +26,10 @@ from safetensors.torch import load_file
 
 from medsam3.errors import MedSAM3Error
 from medsam3.model.seam import ModelSeam
+from medsam3.model.tower_memo import image_key
 from medsam3.utils.files import atomic_path, save_tensors, write_json_atomic
 
 MANIFEST = "manifest.json"
-
-
-def encoder_fingerprint(seam: ModelSeam) -> str:
-    """Hash of the frozen image tower's weights, its dtype and runtime, plus the preprocessing that feeds it."""
-    digest = hashlib.sha256()
-    for prefix, module in sorted(seam.backbone.frozen_modules(seam.model).items()):
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(f"{prefix}.{name}".encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    facts = {**seam.backbone.preprocessing(), "dtype": str(seam.tower_dtype), "runtime": seam.runtime}
-    digest.update(json.dumps(facts, sort_keys=True).encode())
-    return digest.hexdigest()[:20]
-
-
-def image_key(rgb: np.ndarray) -> str:
-    digest = hashlib.sha256(str(rgb.shape).encode())
-    digest.update(np.ascontiguousarray(rgb).tobytes())
-    return digest.hexdigest()[:32]
 
 
 def storage_dtype(compute: torch.dtype) -> torch.dtype:
@@ -61,7 +43,7 @@ class FeatureCache:
     def __init__(self, root: str | Path, seam: ModelSeam, *, rebuild: bool = False):
         self.root = Path(root)
         self.seam = seam
-        self.fingerprint = encoder_fingerprint(seam)
+        self.fingerprint = seam.tower_fingerprint()
         self.stored_dtype = storage_dtype(seam.tower_dtype)
         self.hits = 0
         self.misses = 0

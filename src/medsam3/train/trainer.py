@@ -58,6 +58,7 @@ from medsam3.model.adapter import read_adapter_metadata, save_adapter
 from medsam3.model.components import ENCODER_COMPONENTS
 from medsam3.model.loading import LoadedModel
 from medsam3.model.policy import apply_policy, check_policy
+from medsam3.model.tower_memo import image_key
 from medsam3.train.batches import TrainItem, check_prompt_mode, make_item, sample_rng
 from medsam3.train.feature_cache import FeatureCache
 from medsam3.train.losses import DecoderLayerRecorder, LossWeights, Sam3DetectionLoss
@@ -589,8 +590,6 @@ class Trainer:
         looking slow, shows the encoding as its own progress bar, and lets the learning-rate schedule
         follow the training time that is left. Returns how many images the image tower encoded.
         """
-        from medsam3.train.feature_cache import image_key
-
         if self.cache is None:
             return 0
         views = getattr(self.augment, "views", 1) if self.augment is not None else 1
