@@ -78,6 +78,29 @@ def test_time_budget_bends_the_schedule():
     assert schedule.get_last_lr()[0] == pytest.approx(0.01)  # the time budget is spent: the floor
 
 
+def test_time_budget_ends_the_warmup_too():
+    """A slow machine that spends its time in a few steps still warms up, peaks and decays."""
+    import torch
+
+    from medsam3.train.schedule import warmup_cosine
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    spent = {"fraction": 0.0}
+    schedule = warmup_cosine(optimizer, 400, 20, time_fraction=lambda: spent["fraction"])  # warmup: 5%
+    rates = []
+    for fraction in (0.0, 0.025, 0.05, 0.5, 1.0):  # one step each: 5 of 400 steps
+        spent["fraction"] = fraction
+        optimizer.step()
+        schedule.step()
+        rates.append(schedule.get_last_lr()[0])
+    assert rates[0] == pytest.approx(2 / 20)  # by steps: step 2 of a 20-step warmup
+    assert rates[1] == pytest.approx(0.5)  # half the warmup's share of the time
+    assert rates[2] == pytest.approx(1.0, abs=1e-6)  # warmup over in time: the peak
+    assert 0.4 < rates[3] < 0.6  # half the budget: the cosine's middle
+    assert rates[4] == pytest.approx(0.01)
+
+
 def test_few_shot_training_set_gets_a_held_out_validation_split():
 
     class Split:
