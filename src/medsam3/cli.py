@@ -433,8 +433,19 @@ def demo(
     model: ModelOpt = DEFAULT_MODEL,
     finetune_cases: Annotated[
         int, typer.Option(help="CT phantoms generated for the fine-tuning step.", callback=_in_range(10, 100_000))
-    ] = 150,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs.", callback=_in_range(1))] = 20,
+    ] = 80,
+    minutes: Annotated[
+        float,
+        typer.Option(
+            help="Fine-tuning budget in minutes (encoding its images included); it stops earlier once "
+            "validation Dice stalls.",
+            callback=_in_range(0.1),
+        ),
+    ] = 5.0,
+    epochs: Annotated[
+        int | None, typer.Option(help="Exactly this many fine-tuning epochs instead (--minutes still caps).",
+                                 callback=_in_range(1))
+    ] = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     runtime: RuntimeOpt = "auto",
@@ -443,7 +454,13 @@ def demo(
     from medsam3.demo import DemoSettings, run_demo, summary_lines
 
     settings = DemoSettings(
-        model=model, finetune_cases=finetune_cases, epochs=epochs, device=device, dtype=dtype, runtime=runtime
+        model=model,
+        finetune_cases=finetune_cases,
+        minutes=minutes,
+        epochs=epochs,
+        device=device,
+        dtype=dtype,
+        runtime=runtime,
     )
     for line in summary_lines(run_demo(out, settings)):
         _echo(line)
