@@ -245,3 +245,4 @@ def test_text_only_propagation_starts_from_the_most_confident_slice(predictor):
     low, high = _extent(found)
     assert abs(low - 3) <= 1 and abs(high - 9) <= 1
     assert _dice(found, LESION_A) > 0.7
+    assert seg.encoded_slices == DEPTH  # the scan encodes every slice once; the walks reuse them

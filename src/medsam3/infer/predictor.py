@@ -90,7 +90,7 @@ class Sam3Predictor:
         self.box_mode = box_mode
         self._image: EncodedImage | None = None
         self._warned: set[str] = set()
-        self.encode_count = 0  # how many images went through the image encoder (tests and benchmarks)
+        self.encode_count = 0  # images this predictor sent through the image tower (tests and benchmarks)
 
     @classmethod
     def from_spec(
@@ -127,8 +127,9 @@ class Sam3Predictor:
     def encode(self, images: Sequence[np.ndarray]) -> list[EncodedImage]:
         """Encode a batch of images in one forward (volumes, video); ``set_encoded`` each in turn."""
         rgbs = [as_rgb_uint8(image) for image in images]
+        runs = self.seam.image_encodes
         embedding = self.seam.embed_images(rgbs)
-        self.encode_count += len(rgbs)
+        self.encode_count += self.seam.image_encodes - runs  # a shared tower memo may have had some
         encoded = []
         for k, rgb in enumerate(rgbs):
             own = self.seam.split_embedding(embedding, k)

@@ -34,6 +34,7 @@ voxel claimed by two prompts goes to the higher score) with a JSON legend.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from medsam3.data.masks import label_components
 from medsam3.data.volume_io import Volume, slice_rgb, take_slice
 from medsam3.errors import MedSAM3Error, PromptError
 from medsam3.infer.types import Box, Prompt, as_prompts
+from medsam3.model.tower_memo import TowerMemo
 
 METHODS = ("auto", "slices", "track", "propagate")
 _DETAIL = 10  # components listed per prompt in the legend
@@ -504,16 +506,41 @@ def _track_with_video_model(volume, prompts, tracker, result, anchors, scores, s
 
 def _propagate(volume, prompts, predictor, result, blank, scores, settings, keys) -> None:
     """Each object walked slice to slice by the box decoder from its key box (or its best detection)."""
-    from medsam3.infer.propagation import Seed, propagate_seeds
+    from medsam3.infer.propagation import Seed
+
+    if keys:
+        per_prompt = {0: [Seed(index, drawn) for index, drawn in keys]}
+    else:  # the scan for anchors encodes every slice; the walks then read those slices again
+        with _slices_remembered(predictor):
+            anchors = _anchors(volume, prompts, predictor, result, blank, settings, None, None)
+            per_prompt = {p: [Seed(anchors[q.text].index, b) for b in anchors[q.text].seeds]
+                          for p, q in enumerate(prompts) if q.text in anchors}  # fmt: skip
+            _walk(volume, prompts, predictor, result, blank, scores, settings, per_prompt)
+        return
+    _walk(volume, prompts, predictor, result, blank, scores, settings, per_prompt)
+
+
+@contextmanager
+def _slices_remembered(predictor):
+    """Keep the image tower's output per slice for one job (text-only propagation encodes each slice
+    for the anchor scan, then again for the walks: with this, once). A memo the caller attached wins."""
+    seam = getattr(predictor, "seam", None)
+    if seam is None or seam.tower_memo is not None:
+        yield
+        return
+    seam.share_tower_outputs(TowerMemo())
+    try:
+        yield
+    finally:
+        seam.share_tower_outputs(None)
+
+
+def _walk(volume, prompts, predictor, result, blank, scores, settings, per_prompt) -> None:
+    """Walk each prompt's seeds through the volume and record masks, scores and stops."""
+    from medsam3.infer.propagation import propagate_seeds
 
     axis, count = settings.axis, len(blank)
     size = tuple(n for a, n in enumerate(volume.shape) if a != axis)
-    if keys:
-        per_prompt = {0: [Seed(index, drawn) for index, drawn in keys]}
-    else:
-        anchors = _anchors(volume, prompts, predictor, result, blank, settings, None, None)
-        per_prompt = {p: [Seed(anchors[q.text].index, b) for b in anchors[q.text].seeds]
-                      for p, q in enumerate(prompts) if q.text in anchors}  # fmt: skip
 
     def set_slice(i: int) -> None:
         predictor.set_image(slice_rgb(volume, i, axis, settings.window))

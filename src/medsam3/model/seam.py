@@ -33,7 +33,7 @@ class ModelSeam:
         self._text_states: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._fast_tower: OpenVinoTower | None = None  # see set_runtime
         self._memo: TowerMemo | None = None  # see share_tower_outputs
-        self._memo_tower = ""
+        self._fingerprint: tuple[tuple, str] | None = None  # (weights signature, fingerprint)
         self.image_encodes = 0  # images through the frozen image tower (tests and benchmarks count it)
 
     # -- facts ---------------------------------------------------------------------------------
@@ -84,19 +84,33 @@ class ModelSeam:
         return hasattr(self.model, "box_decoder")
 
     def tower_fingerprint(self) -> str:
-        """What identifies the frozen image tower's output: weights, dtype, runtime, preprocessing."""
-        return tower_fingerprint(self.backbone, self.model, self.tower_dtype, self.runtime)
+        """What identifies the frozen image tower's output: weights, dtype, runtime, preprocessing.
+
+        Hashing every weight takes seconds for SAM 3, so the hash is kept until a weight is replaced
+        or changed in place (its version counter moves), the dtype changes or the runtime does."""
+        signature = (self.runtime,) + tuple(
+            (p.data_ptr(), p._version, p.dtype)
+            for module in self.backbone.frozen_modules(self.model).values()
+            for p in module.parameters()
+        )
+        if self._fingerprint is None or self._fingerprint[0] != signature:
+            fingerprint = tower_fingerprint(self.backbone, self.model, self.tower_dtype, self.runtime)
+            self._fingerprint = (signature, fingerprint)
+        return self._fingerprint[1]
+
+    @property
+    def tower_memo(self) -> TowerMemo | None:
+        return self._memo
 
     def share_tower_outputs(self, memo: TowerMemo | None) -> None:
         """Keep the frozen tower's outputs in ``memo`` (None: stop), shared with other seams.
 
-        Outputs are filed under this tower's fingerprint as it is now, so seams of models that share a
-        frozen tower (a base and its paper-policy adapters) reuse each other's encodings and no other
-        seam sees them. For frozen towers only: calls with gradients never use the memo, and a tower
-        whose weights change afterwards must be attached again.
+        Outputs are filed under the tower's fingerprint at the time of each call, so seams of models
+        that share a frozen tower (a base and its paper-policy adapters) reuse each other's encodings,
+        no other seam sees them, and a tower whose weights change stops matching. Calls with gradients
+        never use the memo.
         """
         self._memo = memo
-        self._memo_tower = self.tower_fingerprint() if memo is not None else ""
 
     # -- images --------------------------------------------------------------------------------
     def pixel_values(self, rgbs: Sequence[np.ndarray]) -> torch.Tensor:
@@ -111,15 +125,16 @@ class ModelSeam:
 
     def _remembered(self, rgbs: Sequence[np.ndarray]) -> tuple[torch.Tensor, ...]:
         """Tower outputs from the shared memo, encoding (in one batch) only the images it lacks."""
+        tower = self.tower_fingerprint()
         keys = [image_key(rgb) for rgb in rgbs]
-        found = [self._memo.get(self._memo_tower, key) for key in keys]
+        found = [self._memo.get(tower, key) for key in keys]
         missing = [i for i, entry in enumerate(found) if entry is None]
         if missing:
             fresh = self._embed([rgbs[i] for i in missing], False)
             with torch.inference_mode(False):  # plain tensors: usable by any later caller
                 for row, index in enumerate(missing):
                     found[index] = tuple(t.clone() for t in self.split_embedding(fresh, row))
-                    self._memo.put(self._memo_tower, keys[index], found[index])
+                    self._memo.put(tower, keys[index], found[index])
         return tuple(torch.cat([entry[j] for entry in found]) for j in range(len(found[0])))
 
     def _embed(self, rgbs: Sequence[np.ndarray], grad: bool) -> tuple[torch.Tensor, ...]:
