@@ -509,15 +509,14 @@ def _propagate(volume, prompts, predictor, result, blank, scores, settings, keys
     from medsam3.infer.propagation import Seed
 
     if keys:
-        per_prompt = {0: [Seed(index, drawn) for index, drawn in keys]}
-    else:  # the scan for anchors encodes every slice; the walks then read those slices again
-        with _slices_remembered(predictor):
-            anchors = _anchors(volume, prompts, predictor, result, blank, settings, None, None)
-            per_prompt = {p: [Seed(anchors[q.text].index, b) for b in anchors[q.text].seeds]
-                          for p, q in enumerate(prompts) if q.text in anchors}  # fmt: skip
-            _walk(volume, prompts, predictor, result, blank, scores, settings, per_prompt)
+        _walk(volume, prompts, predictor, result, blank, scores, settings,
+              {0: [Seed(index, drawn) for index, drawn in keys]})  # fmt: skip
         return
-    _walk(volume, prompts, predictor, result, blank, scores, settings, per_prompt)
+    with _slices_remembered(predictor):  # the anchor scan encodes every slice; the walks read them again
+        anchors = _anchors(volume, prompts, predictor, result, blank, settings, None, None)
+        per_prompt = {p: [Seed(anchors[q.text].index, b) for b in anchors[q.text].seeds]
+                      for p, q in enumerate(prompts) if q.text in anchors}  # fmt: skip
+        _walk(volume, prompts, predictor, result, blank, scores, settings, per_prompt)
 
 
 @contextmanager

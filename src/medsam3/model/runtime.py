@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from medsam3.errors import ModelSpecError
+from medsam3.model.tower_memo import weights_signature
 from medsam3.utils.choices import ProcessDefault
 
 CHOICES = ("auto", "torch", "openvino")
@@ -140,7 +141,7 @@ class OpenVinoTower:
 
     def _weights_signature(self) -> tuple:
         # In-place weight changes (load_state_dict, an adapter) bump a tensor's version counter.
-        return tuple((p.data_ptr(), p._version, p.dtype) for p in self.module.parameters())
+        return weights_signature(self.module.parameters())
 
     def usable(self) -> bool:
         """False once the tower's weights changed since conversion (training it): PyTorch runs it then."""

@@ -20,7 +20,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 from medsam3.model.backbones.base import Backbone
 from medsam3.model.box_prompts import box_prompt_tensors
 from medsam3.model.runtime import OpenVinoTower
-from medsam3.model.tower_memo import TowerMemo, image_key, tower_fingerprint
+from medsam3.model.tower_memo import TowerMemo, image_key, tower_fingerprint, weights_signature
 
 
 class ModelSeam:
@@ -88,11 +88,8 @@ class ModelSeam:
 
         Hashing every weight takes seconds for SAM 3, so the hash is kept until a weight is replaced
         or changed in place (its version counter moves), the dtype changes or the runtime does."""
-        signature = (self.runtime,) + tuple(
-            (p.data_ptr(), p._version, p.dtype)
-            for module in self.backbone.frozen_modules(self.model).values()
-            for p in module.parameters()
-        )
+        frozen = self.backbone.frozen_modules(self.model).values()
+        signature = (self.runtime, weights_signature(p for module in frozen for p in module.parameters()))
         if self._fingerprint is None or self._fingerprint[0] != signature:
             fingerprint = tower_fingerprint(self.backbone, self.model, self.tower_dtype, self.runtime)
             self._fingerprint = (signature, fingerprint)

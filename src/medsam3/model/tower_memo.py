@@ -32,6 +32,12 @@ def tower_fingerprint(backbone, model, dtype: torch.dtype, runtime: str) -> str:
     return digest.hexdigest()[:20]
 
 
+def weights_signature(parameters) -> tuple:
+    """A cheap identity of some weights: replacing a tensor or changing it in place (its version
+    counter moves) changes it. What decides when a hash or a conversion of them must be redone."""
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in parameters)
+
+
 def image_key(rgb: np.ndarray) -> str:
     """Hash of an image's exact pixels and shape."""
     digest = hashlib.sha256(str(rgb.shape).encode())
