@@ -247,11 +247,39 @@ def test_the_budget_encodes_every_view_first_then_training_only_reads_the_cache(
     bank = view_augmentation(views=3, seed=1)
     trainer = Trainer(loaded, disk_samples(4), tmp_path / "run", config, val_data=disk_samples(2, seed=9), augment=bank)
     trainer.fit()
-    # 4 images x 3 views (a view may repeat an image when no transform fired) + 2 validation images
-    assert 8 <= trainer.cache.misses <= 14
+    # 4 training and 2 validation images x 3 views (a view may repeat an image when no transform fired)
+    assert trainer.val_views == 3 and 8 <= trainer.cache.misses <= 18
     misses = trainer.cache.misses
     assert trainer.prefill_cache() == 0 and trainer.cache.misses == misses  # all there already
     assert trainer.cache.hits > 0
+
+
+def test_a_few_validation_slices_are_scored_under_the_banks_views(tmp_path):
+    loaded = load_model("tiny", device="cpu")
+    val = disk_samples(2, seed=9)
+    bank = view_augmentation(views=6, seed=1)
+    config = TrainConfig(steps=2, patience=0, choose_mask_sources=False, **{**FAST, "val_limit": 200})
+    trainer = Trainer(loaded, disk_samples(4), tmp_path / "run", config, val_data=val, augment=bank)
+    assert trainer.val_views == 6 and len(trainer.val_data) == 12  # 24 wanted, the bank has 6 views
+    assert trainer.val_data[0].image.tobytes() == val[0].image.tobytes()  # view 0: the slice itself
+    assert trainer.val_data[5].image.tobytes() == bank.view(val[0], 5).image.tobytes()
+    assert trainer.val_data[6].image.tobytes() == val[1].image.tobytes()
+    assert trainer.val_data[7].concept == val[1].concept and trainer.val_data[7].meta["view"] == 1
+    scored = []
+    predict_one = Sam3Predictor.predict_one
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Sam3Predictor, "predict_one", lambda self, p: scored.append(p) or predict_one(self, p))
+        summary = trainer.fit()
+    assert summary["val_views"] == 6 and len(scored) % 12 == 0 and scored  # each validation: 2 slices x 6 views
+    images_alone = dict(config.__dict__, val_views=1)
+    assert len(Trainer(loaded, disk_samples(4), tmp_path / "one", TrainConfig(**images_alone), val_data=val,
+                       augment=bank).val_data) == 2  # fmt: skip
+    assert Trainer(loaded, disk_samples(4), tmp_path / "flat", config, val_data=val).val_views == 1  # no bank
+    many = disk_samples(24, seed=5)
+    assert Trainer(loaded, disk_samples(4), tmp_path / "big", config, val_data=many, augment=bank).val_views == 1
+    with pytest.raises(MedSAM3Error, match="val_views must be between 1 and the view bank's 6"):
+        Trainer(loaded, disk_samples(4), tmp_path / "bad", TrainConfig(**dict(images_alone, val_views=7)),
+                val_data=val, augment=bank)  # fmt: skip
 
 
 # -- what a box does, per concept -----------------------------------------------------------------------

@@ -636,6 +636,11 @@ def train(
     val_every: Annotated[
         int, typer.Option(help="Optimizer steps between validations (budget mode).", callback=_in_range(1))
     ] = 50,
+    val_views: Annotated[
+        int | None,
+        typer.Option(help="Views of each validation image to score (default: enough of the view bank's views "
+                     "to make 24 samples when the split is smaller; 1: the images alone).", callback=_in_range(1)),
+    ] = None,
     batch_size: Annotated[int, typer.Option(callback=_in_range(1))] = 4,
     grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.", callback=_in_range(1))] = 1,
     lr: Annotated[float, typer.Option(callback=_in_range(0.0, above=True))] = 3e-4,
@@ -719,6 +724,7 @@ def train(
         steps=steps,
         patience=patience,
         val_every=val_every,
+        val_views=val_views,
         choose_mask_sources=mask_source_choice,
         loss_weights=parse_loss_options(loss or []),
         batch_size=batch_size,

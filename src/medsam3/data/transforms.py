@@ -535,16 +535,43 @@ class ViewBank:
         digest = hashlib.sha256(str(np.shape(image)).encode() + np.ascontiguousarray(image).tobytes()).digest()
         return np.random.default_rng([self.seed, int.from_bytes(digest[:8], "little"), view])
 
+    def view(self, sample: Sample, index: int) -> Sample:
+        """View ``index`` of a sample (0: the sample itself): the same pixels every time it is asked."""
+        if index == 0:
+            return sample
+        out = self.pipeline(sample, self.view_rng(sample.image, index))
+        return dataclasses.replace(out, meta={**out.meta, "view": index})
+
     def __call__(self, sample: Sample, rng: np.random.Generator | None = None) -> Sample:
         """One of the image's views, chosen by ``rng`` (the trainer's per-sample generator)."""
-        view = int((rng or np.random.default_rng()).integers(self.views))
-        if view == 0:
-            return sample
-        out = self.pipeline(sample, self.view_rng(sample.image, view))
-        return dataclasses.replace(out, meta={**out.meta, "view": view})
+        return self.view(sample, int((rng or np.random.default_rng()).integers(self.views)))
 
     def __repr__(self) -> str:
         return f"ViewBank({self.pipeline!r}, views={self.views}, seed={self.seed})"
+
+
+class SampleViews(Sequence):
+    """Every sample of ``samples`` under the first ``views`` views of a bank, sample by sample.
+
+    A few-shot validation split is one or two slices: early stopping and the per-concept mask-source
+    choice then rest on one image and one framing. Scoring the same held-out slices under the bank's
+    views (turned, zoomed, shifted, re-windowed) gives them more to rest on, and prefers weights that
+    hold when the structure is not where the training slices had it.
+    """
+
+    def __init__(self, samples: Sequence[Sample], bank: ViewBank, views: int):
+        if not 1 <= views <= bank.views:
+            raise ValueError(f"SampleViews: views must be in [1, {bank.views}], got {views}")
+        self.samples, self.bank, self.views = samples, bank, int(views)
+
+    def __len__(self) -> int:
+        return len(self.samples) * self.views
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        sample, view = divmod(index, self.views)
+        return self.bank.view(self.samples[sample], view)
 
 
 def view_augmentation(views: int = 12, seed: int = 0) -> ViewBank:

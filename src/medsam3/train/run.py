@@ -160,8 +160,9 @@ def train_path(
     trainer = Trainer(loaded, train_set, out, config, val_data=val_set if len(val_set) else None, augment=augmentation)
     if resume:
         trainer.resume()
+    views = f", each under {trainer.val_views} views of the bank" if trainer.val_views > 1 else ""
     validation = (
-        f"validating on {len(val_set)}{held_out}" if len(val_set) else "no validation samples (best/ = last/)"
+        f"validating on {len(val_set)}{held_out}{views}" if len(val_set) else "no validation samples (best/ = last/)"
     )
     say(f"training {len(train_set)} samples ({', '.join(train_set.concepts)}), {validation}")
     summary = trainer.fit()

@@ -50,6 +50,7 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from medsam3.data.sample import Sample
 from medsam3.data.splits import stable_seed
+from medsam3.data.transforms import SampleViews, ViewBank
 from medsam3.errors import MedSAM3Error
 from medsam3.evaluate.metrics import dice
 from medsam3.infer.predictor import Sam3Predictor
@@ -70,6 +71,8 @@ SUMMARY_FILE = "summary.json"
 # Settings that fix where a saved position points in the data order: a resumed run must keep them.
 RESUME_INVARIANTS = (("batch_size", "--batch-size"), ("grad_accum", "--grad-accum"), ("seed", "--seed"))
 OUTPUT_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits", "semantic_seg")
+#: Below this many validation images, validation also scores them under the view bank's views.
+VAL_SAMPLES_WANTED = 24
 
 
 @dataclass
@@ -104,7 +107,11 @@ class TrainConfig:
     cache_dir: str | None = None
     rebuild_cache: bool = False
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = end of each epoch only
-    val_limit: int = 200  # validation samples per epoch (first N of the split)
+    val_limit: int = 200  # validation samples per epoch (first N of the split, views included)
+    # Views of each validation image (from the training view bank) that validation scores. None: a
+    # split of fewer than VAL_SAMPLES_WANTED images is scored under as many views as reach that count
+    # (at most the bank's); larger splits, or no bank: the images alone. 1: the images alone.
+    val_views: int | None = None
     max_steps: int | None = None  # stop after this many optimizer steps (as if interrupted)
     max_minutes: float | None = 10.0  # stop cleanly after the step that crosses this wall-clock budget
     bf16: bool = True  # bf16 autocast on GPU (fp32 master weights)
@@ -179,6 +186,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def validation_views(val_data: Sequence[Sample] | None, augment, asked: int | None) -> int:
+    """How many views of each validation image validation scores (see ``TrainConfig.val_views``)."""
+    bank_views = getattr(augment, "views", 1) if isinstance(augment, ViewBank) else 1
+    if asked is not None:
+        if asked < 1 or asked > bank_views:
+            raise MedSAM3Error(
+                f"val_views must be between 1 and the view bank's {bank_views} views, got {asked}"
+                + ("" if bank_views > 1 else " (only --augment views has views to score)")
+            )
+        return asked
+    if not val_data or len(val_data) >= VAL_SAMPLES_WANTED:
+        return 1
+    return min(bank_views, math.ceil(VAL_SAMPLES_WANTED / len(val_data)))
+
+
 def _records_decoder_layers(model) -> bool:
     try:
         DecoderLayerRecorder(model).remove()
@@ -218,8 +240,9 @@ class Trainer:
         self.model = loaded.model
         self.config = config
         self.train_data = train_data
-        self.val_data = val_data
         self.augment = augment
+        self.val_views = validation_views(val_data, augment, config.val_views)
+        self.val_data = SampleViews(val_data, augment, self.val_views) if self.val_views > 1 else val_data
         self.out_dir = Path(out_dir)
         self.rank, self.world = distributed_context()
         self.device = loaded.device
@@ -607,9 +630,7 @@ class Trainer:
                 sample = data[index]
                 images = [sample.image]
                 if views_of is not None:
-                    images += [
-                        views_of.pipeline(sample, views_of.view_rng(sample.image, v)).image for v in range(1, views)
-                    ]
+                    images += [views_of.view(sample, v).image for v in range(1, views)]
                 for image in images:
                     bar.update(1)
                     key = image_key(image)
@@ -715,6 +736,7 @@ class Trainer:
             "best": "best" if (self.out_dir / "best").is_dir() else None,
             "best_val_dice": self.position.best_dice if self.position.best_dice >= 0 else None,
             "validated": bool(self.val_data),
+            "val_views": self.val_views,
             "train_set": self.train_set,
             "mask_sources": mask_sources,
         }
