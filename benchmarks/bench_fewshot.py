@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, markdown_table, write_results  # noqa: E402
+from common import machine, markdown_table, use_command_defaults, write_results  # noqa: E402
 
 from medsam3.data.fewshot_sets import TASKS, build_fewshot_sets
 from medsam3.evaluate.baseline_unet import train_unet_baseline
@@ -100,6 +100,7 @@ def main() -> None:
         print(markdown(json.loads((args.out / "results.json").read_text()), args))
         return
     torch.set_num_threads(args.threads)
+    use_command_defaults()  # what `medsam3 train` runs: the fast frozen tower where this CPU has one
     data_root = args.data or args.out / "data"
     folders = build_fewshot_sets(data_root)
     rows = []

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results  # noqa: E402
+from common import use_command_defaults, write_results  # noqa: E402
 
 from medsam3.data.dataset import open_dataset
 from medsam3.data.real_sets import build_real_sets
@@ -105,6 +105,7 @@ def main() -> None:
         print(markdown(rows, args))
         return
     torch.set_num_threads(args.threads)
+    use_command_defaults()  # what `medsam3 train` runs: the fast frozen tower where this CPU has one
     build_real_sets(args.real)
     rows = []
     for name in args.datasets:
