@@ -188,7 +188,7 @@ def seed_everything(seed: int) -> None:
 
 def validation_views(val_data: Sequence[Sample] | None, augment, asked: int | None) -> int:
     """How many views of each validation image validation scores (see ``TrainConfig.val_views``)."""
-    bank_views = getattr(augment, "views", 1) if isinstance(augment, ViewBank) else 1
+    bank_views = augment.views if isinstance(augment, ViewBank) else 1
     if asked is not None:
         if asked < 1 or asked > bank_views:
             raise MedSAM3Error(
