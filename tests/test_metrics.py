@@ -11,6 +11,7 @@ from medsam3.data.masks import components, mask_iou_matrix
 from medsam3.errors import MedSAM3Error
 from medsam3.evaluate.metrics import (
     aggregate_instances,
+    balanced_dice,
     dice,
     hd95,
     iou,
@@ -44,6 +45,21 @@ def test_empty_conventions():
         one = segmentation_scores(pred, gt)
         assert (one.dice, one.iou, one.nsd) == (0.0, 0.0, 0.0)
         assert math.isinf(one.hd95)
+
+
+def test_balanced_dice_weighs_positives_and_negatives_equally():
+    # the demo's old validation split: one easy positive (0.96), four negatives answered empty (1.0)
+    assert np.mean([0.96, 1, 1, 1, 1]) == pytest.approx(0.992)
+    assert balanced_dice([0.96, 1, 1, 1, 1], [True, False, False, False, False]) == pytest.approx(0.98)
+    # two positives (0.2, 0.6 -> 0.4), three negatives of which one has a false alarm (2/3)
+    score = balanced_dice([0.2, 0.6, 1, 0, 1], [True, True, False, False, False])
+    assert score == pytest.approx((0.4 + 2 / 3) / 2)
+    assert balanced_dice([0.5, 0.7], [True, True]) == pytest.approx(0.6)  # one group: its mean
+    assert balanced_dice([0, 1], [False, False]) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        balanced_dice([0.5], [True, False])
+    with pytest.raises(ValueError):
+        balanced_dice([], [])
 
 
 def cube_pair():

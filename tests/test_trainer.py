@@ -136,3 +136,21 @@ def test_bad_training_settings(tmp_path):
     with pytest.raises(MedSAM3Error, match="policy"):
         Trainer(loaded, disk_samples(2), tmp_path, _config(policy="most"))
     assert ModelSpecError  # adapter errors are ModelSpecError, tested in test_model_loading
+
+
+def test_validation_weighs_positives_and_negatives_equally(tmp_path, monkeypatch):
+    """A model that answers nothing scores 0.5 on 1 positive + 3 negatives, not the plain mean 0.75:
+    negatives must not outvote the slices holding the concept when picking checkpoints."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from medsam3.train import trainer as trainer_module
+
+    val = disk_samples(4, seed=3, negatives=3)
+    assert [s.is_negative for s in val] == [True, True, True, False]
+    loaded = load_model("tiny", device="cpu")
+    trainer = Trainer(loaded, disk_samples(4), tmp_path / "run", _config(val_limit=4), val_data=val)
+    silent = SimpleNamespace(union=np.zeros((64, 64), bool))
+    monkeypatch.setattr(trainer_module.Sam3Predictor, "predict_one", lambda self, prompt: silent)
+    assert trainer.validate() == pytest.approx(0.5)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from medsam3.data.sample import Sample
-from medsam3.evaluate.metrics import dice
+from medsam3.evaluate.metrics import balanced_dice, dice
 from medsam3.infer.predictor import Sam3Predictor
 from medsam3.infer.types import Prompt
 from medsam3.model.adapter import META_FILE, read_adapter_metadata
@@ -46,11 +46,12 @@ def available_sources(loaded: LoadedModel) -> list[str]:
 def measure_mask_sources(
     loaded: LoadedModel, samples: Sequence[Sample], cache=None, limit: int | None = None
 ) -> dict[str, dict[str, float]]:
-    """concept -> source -> mean Dice over the validation samples of that concept (text prompts;
-    a sample without the concept scores 1 for an empty answer, 0 for anything else)."""
+    """concept -> source -> Dice over the validation samples of that concept (text prompts; a sample
+    without the concept scores 1 for an empty answer, 0 for anything else; ``balanced_dice``)."""
     loaded.model.eval()
     predictor = Sam3Predictor(loaded)
     scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    positive: dict[str, list[bool]] = defaultdict(list)
     sources = available_sources(loaded)
     for index in range(len(samples) if limit is None else min(limit, len(samples))):
         sample = samples[index]
@@ -62,7 +63,8 @@ def measure_mask_sources(
             predictor.mask_source = source
             result = predictor.predict_one(Prompt(sample.concept))
             scores[sample.concept][source].append(dice(result.union, sample.union))
-    return {c: {s: float(np.mean(v)) for s, v in per.items()} for c, per in scores.items()}
+        positive[sample.concept].append(not sample.is_negative)
+    return {c: {s: balanced_dice(v, positive[c]) for s, v in per.items()} for c, per in scores.items()}
 
 
 @torch.inference_mode()

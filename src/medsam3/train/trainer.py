@@ -52,7 +52,7 @@ from medsam3.data.sample import Sample
 from medsam3.data.splits import stable_seed
 from medsam3.data.transforms import SampleViews, ViewBank
 from medsam3.errors import MedSAM3Error
-from medsam3.evaluate.metrics import dice
+from medsam3.evaluate.metrics import balanced_dice, dice
 from medsam3.infer.predictor import Sam3Predictor
 from medsam3.infer.types import Prompt
 from medsam3.model.adapter import read_adapter_metadata, save_adapter
@@ -430,12 +430,13 @@ class Trainer:
     # -- validation ----------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> float | None:
-        """Mean union Dice on the validation samples (text prompts, or text+box in that mode)."""
+        """Union Dice on the validation samples (text prompts, or text+box in that mode), positives and
+        negatives weighed equally (``balanced_dice``)."""
         if not self.val_data:
             return None
         self.model.eval()
         predictor = Sam3Predictor(self.loaded)
-        scores = []
+        scores, positive = [], []
         for index in range(min(len(self.val_data), self.config.val_limit)):
             sample = self.val_data[index]
             boxes = tuple(map(tuple, sample.boxes)) if self.config.prompt_mode == "text+box" else ()
@@ -446,7 +447,8 @@ class Trainer:
                 predictor.set_image(sample.image)
             result = predictor.predict_one(Prompt(sample.concept, boxes=boxes))
             scores.append(dice(result.union, sample.union))
-        return float(np.mean(scores))
+            positive.append(not sample.is_negative)
+        return balanced_dice(scores, positive)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _state(self) -> dict:
