@@ -69,9 +69,9 @@ def main() -> None:
             print(f"{run}: no best/ and last/ adapters, skipped", file=sys.stderr)
             continue
         work = args.out / axial.name
+        steps = {"best": step_of(run / "best"), "last": step_of(run / "last")}
         for variant in VARIANTS:
             adapter = variant_adapter(run, variant, work)
-            steps = {"best": step_of(run / "best"), "last": step_of(run / "last")}
             step = steps.get(variant, f"{steps['best']} + {steps['last']}")
             row = {"task": task.concept, "variant": variant, "step": step}
             for view, folder in (("axial", axial), ("coronal", coronal)):
