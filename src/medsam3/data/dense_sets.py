@@ -9,7 +9,7 @@ labelled data it may have: here every slice of the same source volumes that is *
   slices (a third view; the coronal test view stays untrained), each as stored and contrast-stretched
   to the brain's 1-99th percentiles (what an automatic MR window gives);
 - pyradiomics tumours: every non-test slice from 3 slices below the tumour to 3 above; CT under the
-  viewer's window presets (lung, abdomen, bone, brain), MR under two percentile windows.
+  every viewer window preset, MR under four percentile windows (min-max included).
 
 Because every view and every mapping of a slice is a different picture, each is its own case and
 its own feature-cache entry. The test splits of the benchmark sets never appear here; test slices
@@ -49,10 +49,12 @@ from medsam3.data.real_sets import (
 )
 from medsam3.data.windowing import WINDOW_PRESETS
 
-#: CT windows each CT training slice is written under (the viewer's presets; "abdomen" is its default).
-CT_WINDOWS = ("lung", "abdomen", "bone", "brain")
-#: MR percentile windows each MR tumour slice is written under.
-MR_PERCENTILES = ((0.5, 99.5), (2.0, 98.0))
+#: CT windows each CT training slice is written under: every viewer preset ("abdomen" is its default),
+#: so that a user's window choice does not change the answer.
+CT_WINDOWS = ("lung", "abdomen", "bone", "brain", "soft_tissue", "mediastinum", "liver")
+#: MR percentile windows each MR tumour slice is written under; 0-100 is a plain min-max export, the
+#: mapping a naive PNG conversion gives (stage 4, never trained on it, lost the breast lesion there).
+MR_PERCENTILES = ((0.5, 99.5), (2.0, 98.0), (0.0, 100.0), (1.0, 99.0))
 TUMOUR_MARGIN = 3  # slices beyond the tumour's ends kept as negatives
 SAGITTAL_STEP = 3
 DENSE_FOLDERS = ("dense-mni-tissue", "dense-mni-tracts", "dense-radiomics-tumor")
