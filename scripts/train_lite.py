@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from medsam3.data.dense_sets import build_dense_train_sets
+from medsam3.data.dense_sets import CT_WINDOWS, MR_PERCENTILES, build_dense_train_sets
 from medsam3.data.real_sets import build_real_sets
 from medsam3.data.transforms import view_augmentation
 from medsam3.model import load_model
@@ -152,6 +152,7 @@ def export(args, splits, history: list[dict], minutes: float) -> None:
         + "".join(f" --repeat {pair}" for pair in args.repeat)
         + (" --init PREVIOUS" if args.init else ""),
         "dense_sets": list(LITE_DENSE_SETS),
+        "dense_windows": dense_windows(),
         "train_repeats": dict(args.repeats),
         "extra_phantoms": dict(parse_pairs(args.extra_phantoms, LITE_PHANTOM_KINDS)),
         "real_sets": list(LITE_REAL_ONLY_SETS),
@@ -173,6 +174,11 @@ def export(args, splits, history: list[dict], minutes: float) -> None:
     export_model(final, args.export, final.concepts, info)
     record_mask_sources(args.export, splits["val"])
     print(f"exported {args.export}")
+
+
+def dense_windows() -> dict[str, list[str]]:
+    """The intensity mappings the dense tumour slices were written under (what window robustness was taught)."""
+    return {"ct": list(CT_WINDOWS), "mr": [f"{low:g}-{high:g} percentiles" for low, high in MR_PERCENTILES]}
 
 
 def parse_pairs(pairs: list[str], names) -> dict[str, int]:

@@ -131,6 +131,7 @@ def test_info_tells_how_lite_was_trained():
     assert "steps" in text and "minutes" in text and "held out: spleen" in text
     assert "dense-radiomics-tumor" in text
     assert "weighting: 400 more ct phantoms, 400 more nuclei phantoms, dense-radiomics-tumor 4x per epoch" in text
+    assert "tumour slices under: CT lung, abdomen, bone, brain, soft_tissue, mediastinum, liver; MR 0.5-99.5" in text
 
 
 def test_an_empty_detector_answer_falls_back_to_the_semantic_map(lite, tmp_path):

@@ -64,6 +64,9 @@ def training_lines(spec: str) -> list[str]:
             "training data: " + ", ".join(data) + (f"; phantoms: {', '.join(kinds)}" if kinds else "")
             + (f"; held out: {meta['held_out_concept']}" if meta.get("held_out_concept") else "")
         )
+    windows = meta.get("dense_windows")
+    if windows:
+        lines.append(f"tumour slices under: CT {', '.join(windows['ct'])}; MR {', '.join(windows['mr'])}")
     weights = [f"{n} more {kind} phantoms" for kind, n in meta.get("extra_phantoms", {}).items()]
     weights += [f"{name} {k}x per epoch" for name, k in meta.get("train_repeats", {}).items()]
     if weights:
