@@ -8,7 +8,7 @@ labelled data it may have: here every slice of the same source volumes that is *
 - MNI T1 (tissue and tracts): axial slices of each set's range except its test slices, plus sagittal
   slices (a third view; the coronal test view stays untrained), each as stored and contrast-stretched
   to the brain's 1-99th percentiles (what an automatic MR window gives);
-- pyradiomics tumours: every non-test slice from 3 slices below the tumour to 3 above; CT under the
+- pyradiomics tumours: every non-test slice from 3 slices below the tumour to 3 above; CT under
   every viewer window preset, MR under four percentile windows (min-max included).
 
 Because every view and every mapping of a slice is a different picture, each is its own case and
