@@ -1,14 +1,17 @@
-"""Which checkpoint of a few-shot run to keep: the one validation picked, the last, or their mean.
+"""Which checkpoint of a few-shot run to keep: validation's pick, the final weights, or their mean.
 
     python benchmarks/bench_fewshot.py --out runs/bench_fewshot --skip "lite old recipe"
     python benchmarks/bench_checkpoint_choice.py --runs runs/bench_fewshot --out runs/checkpoint_choice
 
-A few-shot split validates on 1-2 held-out slices (under the view bank's views), and that choice
-decides early stopping and ``RUN/best``. This scores, for every task that ``bench_fewshot.py``
-trained, ``best/`` (what the command hands the user), ``last/`` and the element-wise mean of the two
-adapters, from text on the axial test slices and the unseen coronal ones, so the choice itself is
-measured. Every variant uses ``best/``'s per-concept mask sources; nothing is trained. Table to stdout
-and ``OUT/results.md`` (+ ``results.json``).
+A few-shot split validates on 1-2 held-out slices (under the view bank's views). That decides early
+stopping; which weights ``RUN/best`` holds is ``TrainConfig.keep`` (``auto``: the final weights on
+such a thin split, validation's pick moved to ``RUN/validation-pick``; runs from before that option
+have the pick in ``best/``). This scores, for every task that ``bench_fewshot.py`` trained,
+validation's pick, the final weights (``last/``) and the element-wise mean of the two, from text on
+the axial test slices and the unseen coronal ones, so the choice itself is measured. Each variant's
+mask sources are chosen on the run's own validation split, as ``medsam3 train`` chooses them (the
+pick's are the run's record). Nothing is trained. Table to stdout and ``OUT/results.md`` (+
+``results.json``).
 """
 
 from __future__ import annotations
@@ -26,24 +29,43 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_fewshot import score  # noqa: E402
 from common import machine, markdown_table, use_command_defaults, write_results  # noqa: E402
 
+from medsam3.data.dataset import open_dataset
 from medsam3.data.fewshot_sets import TASKS, build_fewshot_sets
+from medsam3.data.transforms import SampleViews, view_augmentation
+from medsam3.model import load_model
+from medsam3.train.mask_choice import choose_mask_sources, record_mask_sources
+from medsam3.train.run import hold_out_validation
+from medsam3.train.trainer import VALIDATION_PICK, validation_views
 
-VARIANTS = ("best", "last", "mean of best and last")
+VARIANTS = ("validation pick", "final weights", "mean of the two")
 
 
-def variant_adapter(run: Path, variant: str, out: Path) -> Path:
-    """The adapter folder of one variant; the mean is written under ``out`` (the run is only read)."""
-    if variant == "best":
-        return run / "best"
+def validation_split(data: Path, seed: int):
+    """The run's validation samples, as ``train_path`` held them out and the trainer scored them."""
+    dataset = open_dataset(data)
+    train, val = dataset.split("train"), dataset.split("val")
+    if not len(val):
+        train, val = hold_out_validation(train, seed)
+    bank = view_augmentation(seed=seed)
+    views = validation_views(val, bank, None)
+    return SampleViews(val, bank, views) if views > 1 else val
+
+
+def variant_adapter(run: Path, variant: str, out: Path, val_samples, pick: Path) -> Path:
+    """The adapter folder of one variant; the others are written under ``out`` (the run is only read)."""
+    if variant == "validation pick":
+        return pick
     folder = out / variant.replace(" ", "_")
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy(run / "best" / "adapter.json", folder / "adapter.json")  # best's mask sources for every variant
-    if variant == "last":
+    shutil.copy(pick / "adapter.json", folder / "adapter.json")
+    if variant == "final weights":
         shutil.copy(run / "last" / "adapter.safetensors", folder / "adapter.safetensors")
     else:
-        best, last = load_file(run / "best" / "adapter.safetensors"), load_file(run / "last" / "adapter.safetensors")
+        best, last = load_file(pick / "adapter.safetensors"), load_file(run / "last" / "adapter.safetensors")
         mean = {k: ((best[k].float() + last[k].float()) / 2).to(best[k].dtype) for k in best}
         save_file(mean, folder / "adapter.safetensors")
+    loaded = load_model("lite", device="cpu", adapter=folder)
+    record_mask_sources(folder, choose_mask_sources(loaded, val_samples))
     return folder
 
 
@@ -57,6 +79,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=None, help="the task folders (default RUNS/data)")
     parser.add_argument("--out", type=Path, default=Path("runs/checkpoint_choice"))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="the runs' seed (their validation split)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     use_command_defaults()
@@ -65,15 +88,19 @@ def main() -> None:
     for task in TASKS:
         axial, coronal = folders[task.concept]["axial"], folders[task.concept]["coronal"]
         run = args.runs / axial.name / "defaults"
-        if not (run / "best" / "adapter.safetensors").is_file() or not (run / "last" / "adapter.safetensors").is_file():
-            print(f"{run}: no best/ and last/ adapters, skipped", file=sys.stderr)
+        pick = run / VALIDATION_PICK if (run / VALIDATION_PICK).is_dir() else run / "best"
+        if not (pick / "adapter.safetensors").is_file() or not (run / "last" / "adapter.safetensors").is_file():
+            print(f"{run}: no validation pick and last/ adapters, skipped", file=sys.stderr)
             continue
         work = args.out / axial.name
-        steps = {"best": step_of(run / "best"), "last": step_of(run / "last")}
+        val_samples = validation_split(axial, args.seed)
+        steps = {"validation pick": step_of(pick), "final weights": step_of(run / "last")}
         for variant in VARIANTS:
-            adapter = variant_adapter(run, variant, work)
-            step = steps.get(variant, f"{steps['best']} + {steps['last']}")
-            row = {"task": task.concept, "variant": variant, "step": step}
+            adapter = variant_adapter(run, variant, work, val_samples, pick)
+            step = steps.get(variant, f"{steps['validation pick']} + {steps['final weights']}")
+            sources = json.loads((adapter / "adapter.json").read_text()).get("mask_sources") or {}
+            row = {"task": task.concept, "variant": variant, "step": step,
+                   "mask_sources": {c: v["source"] for c, v in sources.items()}}  # fmt: skip
             for view, folder in (("axial", axial), ("coronal", coronal)):
                 tag = f"{variant}_{view}".replace(" ", "_")
                 row[f"text {view}"] = score(folder, "lite", adapter, "text", work / "eval" / tag)

@@ -67,6 +67,7 @@ def finetune(base: str, data: Path, out: Path, minutes: float, seed: int) -> Pat
         cache_features=True,
         max_minutes=minutes,
         progress=False,
+        keep="best",  # validation's pick, as in the runs recorded in docs/lite.md
     )
     Trainer(load_model(base, device="cpu"), train, out, config, val_data=val, augment=flip_augmentation()).fit()
     return out / "best"

@@ -60,6 +60,75 @@ def test_validation_every_n_steps_and_early_stop_on_a_plateau(tmp_path, monkeypa
     assert summary["best_val_dice"] == pytest.approx(0.508)
 
 
+def _plateau_trainer(tmp_path, monkeypatch, **settings):
+    """A run whose validation peaks at its first check (step 4), then stalls until early stopping."""
+    loaded = load_model("tiny", device="cpu")
+    config = TrainConfig(steps=200, val_every=3, patience=2, choose_mask_sources=False, **FAST, **settings)
+    trainer = Trainer(loaded, disk_samples(4), tmp_path / "run", config, val_data=disk_samples(2, seed=9))
+    scores = iter([0.9, 0.5, 0.5])
+    monkeypatch.setattr(trainer, "validate", lambda: next(scores))
+    return trainer
+
+
+def _plateau_run(tmp_path, monkeypatch, **settings):
+    return _plateau_trainer(tmp_path, monkeypatch, **settings).fit(), tmp_path / "run"
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter.safetensors"))
+
+
+def _same(a, b) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+def test_thin_validation_keeps_the_mean_of_the_pick_and_the_final_weights(tmp_path, monkeypatch):
+    summary, out = _plateau_run(tmp_path, monkeypatch)  # 2 validation samples: too few to choose by
+    assert summary["stop_reason"] == "early_stop" and summary["kept"] == "average"
+    best, last, pick = _weights(out / "best"), _weights(out / "last"), _weights(out / "validation-pick")
+    assert best.keys() == last.keys() == pick.keys() and not _same(pick, last)  # 8 steps at lr 1e-3 moved them
+    for name in best:
+        expected = (pick[name].float() + last[name].float()) / 2
+        assert np.allclose(best[name].float().numpy(), expected.numpy(), atol=1e-6), name
+    meta = read_adapter_metadata(out / "best")
+    assert "mean of validation's pick and the final weights" in meta["selected_by"]
+    assert read_adapter_metadata(out / "validation-pick")["position"]["step"] == 4
+    assert read_adapter_metadata(out / "last")["position"]["step"] == 12
+
+
+def test_averaging_again_keeps_the_pick(tmp_path, monkeypatch):
+    trainer = _plateau_trainer(tmp_path, monkeypatch)
+    trainer.fit()
+    out, first = tmp_path / "run", _weights(tmp_path / "run" / "best")
+    trainer._keep_other_weights("average")  # what a resumed run that found nothing better does at its end
+    assert read_adapter_metadata(out / "validation-pick")["position"]["step"] == 4  # not the average
+    assert all(np.allclose(first[k].numpy(), v.numpy(), atol=1e-6) for k, v in _weights(out / "best").items())
+
+
+def test_keep_last_puts_the_final_weights_in_best(tmp_path, monkeypatch):
+    summary, out = _plateau_run(tmp_path, monkeypatch, keep="last")
+    assert summary["kept"] == "last" and _same(_weights(out / "best"), _weights(out / "last"))
+    assert read_adapter_metadata(out / "best")["selected_by"] == "final weights"
+
+
+def test_keep_best_leaves_validations_pick_in_best(tmp_path, monkeypatch):
+    summary, out = _plateau_run(tmp_path, monkeypatch, keep="best")
+    assert summary["kept"] == "best" and not (out / "validation-pick").exists()
+    assert read_adapter_metadata(out / "best")["position"]["step"] == 4
+    assert not _same(_weights(out / "best"), _weights(out / "last"))
+
+
+def test_keep_auto_chooses_by_a_validation_split_of_24_samples():
+    loaded = load_model("tiny", device="cpu")
+    thick = Trainer(loaded, disk_samples(2), "unused", TrainConfig(**FAST), val_data=disk_samples(24, seed=9))
+    thin = Trainer(loaded, disk_samples(2), "unused", TrainConfig(**FAST), val_data=disk_samples(23, seed=9))
+    assert thick.keep_choice() == "best" and thin.keep_choice() == "average"
+    with pytest.raises(MedSAM3Error, match="keep must be one of"):
+        Trainer(loaded, disk_samples(2), "unused", TrainConfig(keep="newest", **FAST))
+
+
 def test_time_budget_bends_the_schedule():
     import torch
 

@@ -83,6 +83,10 @@ def test_without_val_cases_best_is_last_and_the_cli_says_so(tmp_path, capsys):
     with pytest.raises(MedSAM3Error, match="epochs must be at least 1"):
         Trainer(load_model("tiny", device="cpu"), disk_samples(2), tmp_path / "z", _config(epochs=0))
 
+    code, _, err = _run([*args, "--keep", "newest", "--out", tmp_path / "keep"], capsys)
+    assert code != 0 and "--keep must be one of auto, best, last, average, got 'newest'" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "keep").exists()
+
 
 # -- resume ---------------------------------------------------------------------------------------------
 

@@ -636,6 +636,12 @@ def train(
     val_every: Annotated[
         int, typer.Option(help="Optimizer steps between validations (budget mode).", callback=_in_range(1))
     ] = 50,
+    keep: Annotated[
+        str,
+        typer.Option(help="What RUN/best holds at the end: best (validation's pick), last (the final weights; "
+                     "validation only decides when to stop), average (the mean of the two) or auto (average "
+                     "when the validation split has fewer than 24 samples, else best)."),
+    ] = "auto",
     val_views: Annotated[
         int | None,
         typer.Option(help="Views of each validation image to score (default: enough of the view bank's views "
@@ -725,6 +731,7 @@ def train(
         patience=patience,
         val_every=val_every,
         val_views=val_views,
+        keep=keep,
         choose_mask_sources=mask_source_choice,
         loss_weights=parse_loss_options(loss or []),
         batch_size=batch_size,

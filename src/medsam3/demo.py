@@ -173,6 +173,7 @@ def _finetune(settings: DemoSettings, out: Path, report: DemoReport, memo: Tower
         steps=400,  # a cap the time budget reaches first on 2 cores
         val_every=1,  # validate at every epoch end (a few samples, features cached)
         patience=4,
+        keep="best",  # ~20 validation phantoms would count as thin; the demo scores validation's pick (docs/demo.md)
         batch_size=settings.batch_size,
         lr=settings.lr,
         weight_decay=0.01,

@@ -7,8 +7,10 @@
 The dataset is indexed once and split by case into train and val. With ``skip_bad`` every train
 and val image (a whole volume for 3D data) is decoded once before training, so an unreadable or
 all-NaN file is left out with a warning (and listed in ``run.skipped``) instead of stopping the
-run halfway. ``RUN/best`` is the best validation Dice; without validation samples it is the latest
-checkpoint, and ``run.adapter_note`` says so.
+run halfway. ``RUN/best`` is the checkpoint to use: the best validation Dice, or (a validation split
+too thin to choose by, ``TrainConfig.keep``) the mean of that pick and the final weights, the pick
+then in ``RUN/validation-pick``; without validation samples the latest checkpoint.
+``run.adapter_note`` says which.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from medsam3.errors import DatasetError, MedSAM3Error
 from medsam3.model.presets import DEFAULT_MODEL
-from medsam3.train.trainer import TrainConfig, Trainer, seed_everything
+from medsam3.train.trainer import KEEP_CHOICES, VALIDATION_PICK, TrainConfig, Trainer, seed_everything
 
 log = logging.getLogger("medsam3.train")
 AUGMENTATIONS = ("views", "flips", "full", "none")
@@ -115,6 +117,8 @@ def train_path(
     if unknown:
         raise MedSAM3Error(f"unknown training setting(s) {', '.join(unknown)}")
     config = dataclasses.replace(config or TrainConfig(), **settings)
+    if config.keep not in KEEP_CHOICES:
+        raise MedSAM3Error(f"--keep must be one of {', '.join(KEEP_CHOICES)}, got '{config.keep}'")
     if augment not in AUGMENTATIONS:
         raise MedSAM3Error(f"augment must be one of {', '.join(AUGMENTATIONS)}, got '{augment}'")
     from medsam3.utils.outputs import check_output_folder
@@ -169,8 +173,15 @@ def train_path(
 
     if (out / "best" / "adapter.json").is_file():
         adapter = out / "best"
-        if len(val_set):
-            best = summary.get("best_val_dice")
+        best = summary.get("best_val_dice")
+        kept = summary.get("kept")
+        if len(val_set) and kept in ("last", "average") and (out / VALIDATION_PICK).is_dir():
+            what = "the final weights" if kept == "last" else "the mean of validation's pick and the final weights"
+            why = f"--keep {kept}"
+            if config.keep == "auto":
+                why = f"{len(val_set)} validation sample(s): too few to choose by"
+            note = f"{what} ({why}; validation's pick is {out / VALIDATION_PICK})"
+        elif len(val_set):
             note = "best validation Dice" + (f" {best:.4f}" if best is not None else "")
         else:
             note = "no validation samples: the latest checkpoint"
