@@ -4,9 +4,9 @@
     python benchmarks/bench_checkpoint_choice.py --runs runs/bench_fewshot --out runs/checkpoint_choice
 
 A few-shot split validates on 1-2 held-out slices (under the view bank's views). That decides early
-stopping; which weights ``RUN/best`` holds is ``TrainConfig.keep`` (``auto``: the final weights on
-such a thin split, validation's pick moved to ``RUN/validation-pick``; runs from before that option
-have the pick in ``best/``). This scores, for every task that ``bench_fewshot.py`` trained,
+stopping; which weights ``RUN/best`` holds is ``TrainConfig.keep`` (``auto``: on such a thin split
+the mean of validation's pick and the final weights, the pick moved to ``RUN/validation-pick``; runs
+from before that option have the pick in ``best/``). This scores, for every task that ``bench_fewshot.py`` trained,
 validation's pick, the final weights (``last/``) and the element-wise mean of the two, from text on
 the axial test slices and the unseen coronal ones, so the choice itself is measured. Each variant's
 mask sources are chosen on the run's own validation split, as ``medsam3 train`` chooses them (the
