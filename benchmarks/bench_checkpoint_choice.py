@@ -31,11 +31,11 @@ from common import machine, markdown_table, use_command_defaults, write_results 
 
 from medsam3.data.dataset import open_dataset
 from medsam3.data.fewshot_sets import TASKS, build_fewshot_sets
-from medsam3.data.transforms import SampleViews, view_augmentation
+from medsam3.data.transforms import view_augmentation
 from medsam3.model import load_model
 from medsam3.train.mask_choice import choose_mask_sources, record_mask_sources
-from medsam3.train.run import hold_out_validation
-from medsam3.train.trainer import VALIDATION_PICK, validation_views
+from medsam3.train.run import training_splits
+from medsam3.train.trainer import VALIDATION_PICK, mean_weights, scored_validation
 
 VARIANTS = ("validation pick", "final weights", "mean of the two")
 
@@ -43,12 +43,8 @@ VARIANTS = ("validation pick", "final weights", "mean of the two")
 def validation_split(data: Path, seed: int):
     """The run's validation samples, as ``train_path`` held them out and the trainer scored them."""
     dataset = open_dataset(data)
-    train, val = dataset.split("train"), dataset.split("val")
-    if not len(val):
-        train, val = hold_out_validation(train, seed)
-    bank = view_augmentation(seed=seed)
-    views = validation_views(val, bank, None)
-    return SampleViews(val, bank, views) if views > 1 else val
+    _, val, _ = training_splits(dataset.split("train"), dataset.split("val"), seed)
+    return scored_validation(val, view_augmentation(seed=seed), None)[1]
 
 
 def variant_adapter(run: Path, variant: str, out: Path, val_samples, pick: Path) -> Path:
@@ -61,8 +57,7 @@ def variant_adapter(run: Path, variant: str, out: Path, val_samples, pick: Path)
     if variant == "final weights":
         shutil.copy(run / "last" / "adapter.safetensors", folder / "adapter.safetensors")
     else:
-        best, last = load_file(pick / "adapter.safetensors"), load_file(run / "last" / "adapter.safetensors")
-        mean = {k: ((best[k].float() + last[k].float()) / 2).to(best[k].dtype) for k in best}
+        mean = mean_weights(load_file(pick / "adapter.safetensors"), load_file(run / "last" / "adapter.safetensors"))
         save_file(mean, folder / "adapter.safetensors")
     loaded = load_model("lite", device="cpu", adapter=folder)
     record_mask_sources(folder, choose_mask_sources(loaded, val_samples))

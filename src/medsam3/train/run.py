@@ -84,6 +84,14 @@ def hold_out_validation(train_set, seed: int = 0):
     return train_set.select(cases=cases[n_val:]), train_set.select(cases=cases[:n_val])
 
 
+def training_splits(train_set, val_set, seed: int = 0):
+    """(train, val, held_out): the dataset's own val split, or, when it has none and the training
+    split has enough cases, ``hold_out_validation``'s (``held_out`` True)."""
+    if len(val_set) == 0 and len(train_set.cases) >= MIN_CASES_TO_HOLD_OUT:
+        return *hold_out_validation(train_set, seed), True
+    return train_set, val_set, False
+
+
 def train_path(
     data: str | Path,
     base: str = DEFAULT_MODEL,
@@ -142,9 +150,9 @@ def train_path(
             f"{data}: nothing to train on: no case is in the training split ({held or 'no usable case'}); "
             "cases are split by a hash of their id (about 80% train), so a dataset this small can have none: add cases"
         )
+    train_set, val_set, held = training_splits(train_set, val_set, config.seed)
     held_out = ""
-    if len(val_set) == 0 and len(train_set.cases) >= MIN_CASES_TO_HOLD_OUT:
-        train_set, val_set = hold_out_validation(train_set, config.seed)
+    if held:
         total = len(train_set.cases) + len(val_set.cases)
         held_out = f" (held out of the {total} training cases: the dataset has no val split)"
     for concept in train_set.concepts:

@@ -41,6 +41,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -215,6 +216,23 @@ def validation_views(val_data: Sequence[Sample] | None, augment, asked: int | No
     return min(bank_views, math.ceil(VAL_SAMPLES_WANTED / len(val_data)))
 
 
+def mean_weights(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of two checkpoints' trained parameters (in fp32, back in ``first``'s dtypes)."""
+    return {name: ((v.float() + second[name].float().to(v.device)) / 2).to(v.dtype) for name, v in first.items()}
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter.safetensors"))
+
+
+def scored_validation(val_data: Sequence[Sample] | None, augment, asked: int | None):
+    """(views, samples): what validation scores, the split under ``validation_views`` views each."""
+    views = validation_views(val_data, augment, asked)
+    return views, SampleViews(val_data, augment, views) if views > 1 else val_data
+
+
 def _records_decoder_layers(model) -> bool:
     try:
         DecoderLayerRecorder(model).remove()
@@ -257,9 +275,8 @@ class Trainer:
         self.config = config
         self.train_data = train_data
         self.augment = augment
-        self.val_views = validation_views(val_data, augment, config.val_views)
+        self.val_views, self.val_data = scored_validation(val_data, augment, config.val_views)
         self.val_images = len(val_data) if val_data else 0
-        self.val_data = SampleViews(val_data, augment, self.val_views) if self.val_views > 1 else val_data
         self.out_dir = Path(out_dir)
         self.rank, self.world = distributed_context()
         self.device = loaded.device
@@ -829,8 +846,6 @@ class Trainer:
         the pick moves to ``validation-pick/``. The model is at the last step here and stays there."""
         import shutil
 
-        from safetensors.torch import load_file
-
         best, pick = self.out_dir / "best", self.out_dir / VALIDATION_PICK
         if not best.is_dir():
             return
@@ -843,44 +858,42 @@ class Trainer:
         why = "final weights" if kept == "last" else "mean of validation's pick and the final weights"
         if self.config.keep == "auto":
             why += f" (validation split of {self.val_images} sample(s): too few to choose a checkpoint by)"
-        own = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        final = {n: p.detach().clone() for n, p in own.items()}
+        weights = None
         if kept == "average":
-            chosen = load_file(str(pick / "adapter.safetensors"))
-            for name, value in chosen.items():
-                param = own[name]
-                param.data.copy_((final[name].float() + value.to(param.device).float()).div(2).to(param.dtype))
-        try:
+            final = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+            weights = mean_weights(_read_weights(pick), final)
+        with self._holding(weights):
             self.save_checkpoint("best", {"selected_by": why})
-        finally:
-            for name, param in own.items():
-                param.data.copy_(final[name])
 
     def _choose_mask_sources(self) -> dict | None:
-        """Each concept's mask source, measured on the validation split with the best weights, written
+        """Each concept's mask source, measured on the validation split with the kept weights, written
         into ``best/adapter.json`` (``mask_sources``); None when off or nothing to measure on."""
         best = self.out_dir / "best"
         if not self.config.choose_mask_sources or not self.val_data or not (best / "adapter.json").is_file():
             return None
         from medsam3.train.mask_choice import choose_mask_sources, record_mask_sources
 
-        current = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        self._load_weights(best)
-        try:
+        with self._holding(_read_weights(best)):
             choice = choose_mask_sources(self.loaded, self.val_data, cache=self.cache, limit=self.config.val_limit)
-        finally:  # the trainer's model stays at the last step (what the optimizer state belongs to)
-            own = dict(self.model.named_parameters())
-            for name, value in current.items():
-                own[name].data.copy_(value)
         record_mask_sources(best, choice)
         return choice
 
-    def _load_weights(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
+    @contextmanager
+    def _holding(self, weights: dict[str, torch.Tensor] | None):
+        """The model with ``weights`` (trained parameters by name; None: unchanged) inside the block,
+        back at the last step after it (what the optimizer state belongs to)."""
+        if weights is None:
+            yield
+            return
         own = dict(self.model.named_parameters())
-        for name, tensor in load_file(str(folder / "adapter.safetensors")).items():
+        current = {name: own[name].detach().clone() for name in weights}
+        for name, tensor in weights.items():
             own[name].data.copy_(tensor.to(own[name].device, own[name].dtype))
+        try:
+            yield
+        finally:
+            for name, value in current.items():
+                own[name].data.copy_(value)
 
     def _write_summary(self, summary: dict) -> None:
         from medsam3.utils.files import write_json_atomic
