@@ -1,4 +1,4 @@
-"""Which checkpoint of a few-shot run to keep: validation's pick, the final weights, or their mean.
+"""Which checkpoint of a few-shot run to keep: validation's pick, the final weights, their mean, or an EMA.
 
     python benchmarks/bench_fewshot.py --out runs/bench_fewshot --skip "lite old recipe"
     python benchmarks/bench_checkpoint_choice.py --runs runs/bench_fewshot --out runs/checkpoint_choice
@@ -7,8 +7,10 @@ A few-shot split validates on 1-2 held-out slices (under the view bank's views).
 stopping; which weights ``RUN/best`` holds is ``TrainConfig.keep`` (``auto``: on such a thin split
 the mean of validation's pick and the final weights, the pick moved to ``RUN/validation-pick``; runs
 from before that option have the pick in ``best/``). This scores, for every task that ``bench_fewshot.py`` trained,
-validation's pick, the final weights (``last/``) and the element-wise mean of the two, from text on
-the axial test slices and the unseen coronal ones, so the choice itself is measured. Each variant's
+validation's pick, the final weights (``last/``), the element-wise mean of the two and, for runs
+trained with ``--set keep=ema``, the moving average of the weights (their ``best/``) and its mean
+with the pick, from text on the
+axial test slices and the unseen coronal ones, so the choice itself is measured. Each variant's
 mask sources are chosen on the run's own validation split, as ``medsam3 train`` chooses them (the
 pick's are the run's record). Nothing is trained. Table to stdout and ``OUT/results.md`` (+
 ``results.json``).
@@ -38,6 +40,8 @@ from medsam3.train.run import training_splits
 from medsam3.train.trainer import VALIDATION_PICK, mean_weights, scored_validation
 
 VARIANTS = ("validation pick", "final weights", "mean of the two")
+EMA_VARIANT = "weight average (EMA)"  # only in runs that kept one (their best/)
+EMA_VARIANTS = (EMA_VARIANT, "mean of pick and EMA")
 
 
 def validation_split(data: Path, seed: int):
@@ -51,13 +55,16 @@ def variant_adapter(run: Path, variant: str, out: Path, val_samples, pick: Path)
     """The adapter folder of one variant; the others are written under ``out`` (the run is only read)."""
     if variant == "validation pick":
         return pick
+    if variant == EMA_VARIANT:
+        return run / "best"
     folder = out / variant.replace(" ", "_")
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(pick / "adapter.json", folder / "adapter.json")
     if variant == "final weights":
         shutil.copy(run / "last" / "adapter.safetensors", folder / "adapter.safetensors")
     else:
-        mean = mean_weights(load_file(pick / "adapter.safetensors"), load_file(run / "last" / "adapter.safetensors"))
+        other = run / ("best" if variant == "mean of pick and EMA" else "last") / "adapter.safetensors"
+        mean = mean_weights(load_file(pick / "adapter.safetensors"), load_file(other))
         save_file(mean, folder / "adapter.safetensors")
     loaded = load_model("lite", device="cpu", adapter=folder)
     record_mask_sources(folder, choose_mask_sources(loaded, val_samples))
@@ -90,9 +97,12 @@ def main() -> None:
         work = args.out / axial.name
         val_samples = validation_split(axial, args.seed)
         steps = {"validation pick": step_of(pick), "final weights": step_of(run / "last")}
-        for variant in VARIANTS:
+        kept = json.loads((run / "summary.json").read_text()).get("kept")
+        for variant in VARIANTS + (EMA_VARIANTS if kept == "ema" else ()):
             adapter = variant_adapter(run, variant, work, val_samples, pick)
             step = steps.get(variant, f"{steps['validation pick']} + {steps['final weights']}")
+            if variant in EMA_VARIANTS:
+                step = f"1-{steps['final weights']}" if variant == EMA_VARIANT else f"{steps['validation pick']} + EMA"
             sources = json.loads((adapter / "adapter.json").read_text()).get("mask_sources") or {}
             row = {"task": task.concept, "variant": variant, "step": step,
                    "mask_sources": {c: v["source"] for c, v in sources.items()}}  # fmt: skip

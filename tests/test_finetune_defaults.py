@@ -120,6 +120,37 @@ def test_keep_best_leaves_validations_pick_in_best(tmp_path, monkeypatch):
     assert not _same(_weights(out / "best"), _weights(out / "last"))
 
 
+def test_keep_ema_puts_the_weight_average_in_best(tmp_path, monkeypatch):
+    trainer = _plateau_trainer(tmp_path, monkeypatch, keep="ema", ema_decay=0.5)
+    summary, out = trainer.fit(), tmp_path / "run"
+    assert summary["kept"] == "ema" and trainer.ema.updates == 12
+    best, last, pick = _weights(out / "best"), _weights(out / "last"), _weights(out / "validation-pick")
+    average = trainer.ema.weights()
+    assert best.keys() == average.keys()
+    assert all(np.allclose(best[k].float().numpy(), average[k].numpy(), atol=1e-6) for k in best)
+    assert not _same(best, last) and not _same(best, pick)
+    assert "moving average of the weights (decay 0.5)" in read_adapter_metadata(out / "best")["selected_by"]
+
+
+def test_weight_average_follows_its_formula():
+    import torch
+
+    from medsam3.train.ema import WeightEMA
+
+    layer = torch.nn.Linear(1, 1, bias=False)
+    layer.weight.data.fill_(0.0)
+    ema = WeightEMA(layer, decay=0.5)
+    expected = 0.0
+    for step, value in enumerate([1.0, 2.0, 4.0, 8.0]):
+        layer.weight.data.fill_(value)
+        decay = min(0.5, (1 + step) / (10 + step))  # 0.1, 0.18, 0.25, 0.31: the start fades fast
+        expected = decay * expected + (1 - decay) * value
+        ema.update()
+        assert float(ema.weights()["weight"]) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        WeightEMA(layer, decay=1.0)
+
+
 def test_keep_auto_chooses_by_a_validation_split_of_24_samples():
     loaded = load_model("tiny", device="cpu")
     thick = Trainer(loaded, disk_samples(2), "unused", TrainConfig(**FAST), val_data=disk_samples(24, seed=9))
@@ -127,6 +158,8 @@ def test_keep_auto_chooses_by_a_validation_split_of_24_samples():
     assert thick.keep_choice() == "best" and thin.keep_choice() == "average"
     with pytest.raises(MedSAM3Error, match="keep must be one of"):
         Trainer(loaded, disk_samples(2), "unused", TrainConfig(keep="newest", **FAST))
+    with pytest.raises(MedSAM3Error, match="ema_decay must be between 0 and 1"):
+        Trainer(loaded, disk_samples(2), "unused", TrainConfig(keep="ema", ema_decay=1.5, **FAST))
 
 
 def test_time_budget_bends_the_schedule():

@@ -67,6 +67,28 @@ def test_interrupted_and_resumed_run_ends_with_same_weights(tmp_path, prompt_mod
         torch.testing.assert_close(param, reference[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_resumed_run_keeps_its_weight_average(tmp_path):
+    data = disk_samples(6)
+    config = dict(epochs=2, checkpoint_every=1, keep="ema", ema_decay=0.9)
+    torch.manual_seed(123)
+    straight = Trainer(load_model("tiny", device="cpu"), data, tmp_path / "a", _config(**config))
+    straight.fit()
+    torch.manual_seed(123)
+    Trainer(load_model("tiny", device="cpu"), data, tmp_path / "b", _config(max_steps=4, **config)).fit()
+    resumed = Trainer(load_model("tiny", device="cpu"), data, tmp_path / "b", _config(**config))
+    resumed.resume()
+    assert resumed.ema.updates == 4
+    resumed.fit()
+    assert resumed.ema.updates == straight.ema.updates == 6
+    for name, value in straight.ema.weights().items():
+        torch.testing.assert_close(resumed.ema.weights()[name], value, rtol=0, atol=1e-6, msg=name)
+    # a run saved without an average cannot be resumed into one
+    Trainer(load_model("tiny", device="cpu"), data, tmp_path / "c", _config(max_steps=2, epochs=2)).fit()
+    plain = Trainer(load_model("tiny", device="cpu"), data, tmp_path / "c", _config(**config))
+    with pytest.raises(MedSAM3Error, match="no weight average saved"):
+        plain.resume()
+
+
 def test_resume_refuses_another_base(tmp_path):
     loaded = load_model("tiny", device="cpu")
     Trainer(loaded, disk_samples(4), tmp_path / "run", _config(epochs=1)).fit()

@@ -639,9 +639,15 @@ def train(
     keep: Annotated[
         str,
         typer.Option(help="What RUN/best holds at the end: best (validation's pick), last (the final weights; "
-                     "validation only decides when to stop), average (the mean of the two) or auto (average "
-                     "when the validation split has fewer than 24 samples, else best)."),
+                     "validation only decides when to stop), average (the mean of the two), ema (a moving "
+                     "average of the weights over the run, decay --ema-decay) or auto (average when the "
+                     "validation split has fewer than 24 samples, else best)."),
     ] = "auto",
+    ema_decay: Annotated[
+        float,
+        typer.Option(help="Decay of the weight average that --keep ema keeps (horizon ~1/(1-decay) steps).",
+                     callback=_in_range(0.0, 1.0, above=True, below=True)),
+    ] = 0.99,
     val_views: Annotated[
         int | None,
         typer.Option(help="Views of each validation image to score (default: enough of the view bank's views "
@@ -732,6 +738,7 @@ def train(
         val_every=val_every,
         val_views=val_views,
         keep=keep,
+        ema_decay=ema_decay,
         choose_mask_sources=mask_source_choice,
         loss_weights=parse_loss_options(loss or []),
         batch_size=batch_size,

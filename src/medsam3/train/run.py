@@ -183,8 +183,12 @@ def train_path(
         adapter = out / "best"
         best = summary.get("best_val_dice")
         kept = summary.get("kept")
-        if len(val_set) and kept in ("last", "average") and (out / VALIDATION_PICK).is_dir():
-            what = "the final weights" if kept == "last" else "the mean of validation's pick and the final weights"
+        if len(val_set) and kept in ("last", "average", "ema") and (out / VALIDATION_PICK).is_dir():
+            what = {
+                "last": "the final weights",
+                "average": "the mean of validation's pick and the final weights",
+                "ema": "the moving average of the weights",
+            }[kept]
             why = f"--keep {kept}"
             if config.keep == "auto":
                 why = f"{len(val_set)} validation sample(s): too few to choose by"

@@ -64,6 +64,7 @@ from medsam3.model.loading import LoadedModel
 from medsam3.model.policy import apply_policy, check_policy
 from medsam3.model.tower_memo import image_key
 from medsam3.train.batches import TrainItem, check_prompt_mode, make_item, sample_rng
+from medsam3.train.ema import WeightEMA
 from medsam3.train.feature_cache import FeatureCache
 from medsam3.train.losses import DecoderLayerRecorder, LossWeights, Sam3DetectionLoss
 from medsam3.train.optim import build_optimizer
@@ -78,7 +79,7 @@ OUTPUT_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits", "se
 #: (and ``keep="auto"`` averages validation's pick with the final weights: such a split is too thin
 #: to choose a checkpoint by).
 VAL_SAMPLES_WANTED = 24
-KEEP_CHOICES = ("auto", "best", "last", "average")
+KEEP_CHOICES = ("auto", "best", "last", "average", "ema")
 #: Where a run whose best/ is not validation's pick leaves that pick.
 VALIDATION_PICK = "validation-pick"
 
@@ -108,7 +109,9 @@ class TrainConfig:
     # few-shot benchmark 1-2 held-out slices pick checkpoints early in the run; the mean scored higher
     # than the pick on other slices of the trained view in 10 of 10 runs and held the unseen view
     # (docs/fine-tuning.md); the final weights gained as much there but lost the unseen view.
+    # "ema": an exponential moving average of the weights over the run (``ema_decay``, train.ema).
     keep: str = "auto"
+    ema_decay: float = 0.99  # the weight average's decay (tracked only when ``keep`` is "ema")
     choose_mask_sources: bool = True  # pick each concept's mask source on the validation split at the end
     batch_size: int = 4
     grad_accum: int = 1
@@ -299,6 +302,9 @@ class Trainer:
         seed_everything(config.seed)  # before the policy: LoRA's initial weights come from torch's RNG
         apply_policy(self.model, config.policy)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if config.keep == "ema" and not 0.0 < config.ema_decay < 1.0:
+            raise MedSAM3Error(f"ema_decay must be between 0 and 1, got {config.ema_decay}")
+        self.ema = WeightEMA(self.model, config.ema_decay) if config.keep == "ema" else None
         if config.optimizer_groups:  # SAM 3's groups: detector / vision with layer decay / text; no decay on norms
             self.optimizer, self.param_groups = build_optimizer(self.model, config.lr, config.weight_decay)
         else:  # one group, decay on everything (the recipe before issue 17)
@@ -458,6 +464,8 @@ class Trainer:
             logged["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip))
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
         logged["lr"] = self.scheduler.get_last_lr()[self._lr_group]
         return logged
 
@@ -496,6 +504,8 @@ class Trainer:
         }
         if torch.cuda.is_available():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         return state
 
     def save_checkpoint(self, name: str, extra: dict | None = None) -> Path:
@@ -551,6 +561,10 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
             torch.set_rng_state(state["torch_rng"])
             position = Position(**state["position"])
+            if self.ema is not None:
+                if "ema" not in state:
+                    raise KeyError("no weight average saved (the run did not keep one: resume it without --keep ema)")
+                self.ema.load_state_dict(state["ema"])
         except (OSError, EOFError, RuntimeError, ValueError, TypeError, KeyError, SafetensorError,
                 pickle.UnpicklingError) as exc:  # fmt: skip
             reason = " ".join(str(exc).split())[:160] or type(exc).__name__
@@ -834,7 +848,7 @@ class Trainer:
         return row
 
     def keep_choice(self) -> str:
-        """What best/ holds at the end: "best", "last" or "average" (see ``TrainConfig.keep``)."""
+        """What best/ holds at the end: "best", "last", "average" or "ema" (see ``TrainConfig.keep``)."""
         if not self.val_data:
             return "last"  # best/ is the latest checkpoint all along
         if self.config.keep == "auto":
@@ -842,8 +856,9 @@ class Trainer:
         return self.config.keep
 
     def _keep_other_weights(self, kept: str) -> None:
-        """best/ <- the final weights ("last") or their mean with validation's pick ("average");
-        the pick moves to ``validation-pick/``. The model is at the last step here and stays there."""
+        """best/ <- the final weights ("last"), their mean with validation's pick ("average") or the
+        run's weight average ("ema"); the pick moves to ``validation-pick/``. The model is at the last
+        step here and stays there."""
         import shutil
 
         best, pick = self.out_dir / "best", self.out_dir / VALIDATION_PICK
@@ -855,13 +870,19 @@ class Trainer:
             if pick.exists():
                 shutil.rmtree(pick)
             os.replace(best, pick)
-        why = "final weights" if kept == "last" else "mean of validation's pick and the final weights"
+        why = {
+            "last": "final weights",
+            "average": "mean of validation's pick and the final weights",
+            "ema": f"exponential moving average of the weights (decay {self.config.ema_decay:g})",
+        }[kept]
         if self.config.keep == "auto":
             why += f" (validation split of {self.val_images} sample(s): too few to choose a checkpoint by)"
         weights = None
         if kept == "average":
             final = {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
             weights = mean_weights(_read_weights(pick), final)
+        elif kept == "ema":
+            weights = self.ema.weights()
         with self._holding(weights):
             self.save_checkpoint("best", {"selected_by": why})
 
