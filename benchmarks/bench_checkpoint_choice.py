@@ -9,8 +9,8 @@ the mean of validation's pick and the final weights, the pick moved to ``RUN/val
 from before that option have the pick in ``best/``). This scores, for every task that ``bench_fewshot.py`` trained,
 validation's pick, the final weights (``last/``), the element-wise mean of the two and, for runs
 trained with ``--set keep=ema``, the moving average of the weights (their ``best/``) and its mean
-with the pick, from text on the
-axial test slices and the unseen coronal ones, so the choice itself is measured. Each variant's
+with the pick, from text on the axial test slices and the unseen coronal ones, so the choice itself
+is measured. Each variant's
 mask sources are chosen on the run's own validation split, as ``medsam3 train`` chooses them (the
 pick's are the run's record). Nothing is trained. Table to stdout and ``OUT/results.md`` (+
 ``results.json``).
