@@ -269,3 +269,18 @@ def test_train_refuses_an_output_inside_the_dataset_or_a_file(tmp_path):
     assert main(["train", str(data), "--base", "tiny", "--out", str(tmp_path / "afile"), "--epochs", "1"]) == 2
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # nothing written into the data
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_the_cli_keeps_the_weight_average_when_asked(tmp_path, capsys):
+    data = _disk_folder(tmp_path / "data", cases=("c00", "c01", "c02", "c03"))  # c01: the validation case
+    out = tmp_path / "run"
+    args = ["train", data, "--base", "tiny", "--out", out, "--batch-size", "2", "--lr", "1e-3", "--device", "cpu",
+            "--epochs", "2", "--keep", "ema", "--ema-decay", "0.5", "--no-choose-mask-sources"]  # fmt: skip
+    code, stdout, err = _run(args, capsys)
+    assert code == 0, err
+    assert "the moving average of the weights (--keep ema" in stdout and f"adapter: {out / 'best'}" in stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kept"] == "ema"
+    meta = json.loads((out / "best" / "adapter.json").read_text())
+    assert meta["selected_by"] == "exponential moving average of the weights (decay 0.5)"
+    assert (out / "best" / "adapter.safetensors").read_bytes() != (out / "last" / "adapter.safetensors").read_bytes()
