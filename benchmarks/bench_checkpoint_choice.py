@@ -41,7 +41,8 @@ from medsam3.train.trainer import VALIDATION_PICK, mean_weights, scored_validati
 
 VARIANTS = ("validation pick", "final weights", "mean of the two")
 EMA_VARIANT = "weight average (EMA)"  # only in runs that kept one (their best/)
-EMA_VARIANTS = (EMA_VARIANT, "mean of pick and EMA")
+PICK_EMA_MEAN = "mean of pick and EMA"
+EMA_VARIANTS = (EMA_VARIANT, PICK_EMA_MEAN)
 
 
 def validation_split(data: Path, seed: int):
@@ -63,7 +64,7 @@ def variant_adapter(run: Path, variant: str, out: Path, val_samples, pick: Path)
     if variant == "final weights":
         shutil.copy(run / "last" / "adapter.safetensors", folder / "adapter.safetensors")
     else:
-        other = run / ("best" if variant == "mean of pick and EMA" else "last") / "adapter.safetensors"
+        other = run / ("best" if variant == PICK_EMA_MEAN else "last") / "adapter.safetensors"
         mean = mean_weights(load_file(pick / "adapter.safetensors"), load_file(other))
         save_file(mean, folder / "adapter.safetensors")
     loaded = load_model("lite", device="cpu", adapter=folder)
