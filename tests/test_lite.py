@@ -87,6 +87,25 @@ def test_predictor_outputs_at_original_size_for_both_mask_sources(lite_init):
         assert predictor.encode_count == 1
 
 
+def test_lite_masks_resize_logits_as_training_compares_them(lite_init):
+    """The semantic map and the detector's masks reach the image size as logits, then the sigmoid:
+    the resize train.losses.upsample_logits trains against, not transformers' resize of probabilities."""
+    from medsam3.infer.postprocess import mask_probabilities
+    from medsam3.train.losses import upsample_logits
+
+    rgb, _ = disk_image(90, 140)
+    predictor = Sam3Predictor(lite_init, score_threshold=0.0, mask_source="detector")
+    predictor.set_image(rgb)
+    [result] = predictor.predict(["liver"])
+    outputs = predictor.detector_forward([Prompt("liver")])
+    semantic = outputs.semantic_seg[0]
+    trained = upsample_logits(semantic, (140, 140)).sigmoid()[0, :90, :140].numpy()
+    np.testing.assert_allclose(result.semantic, trained, atol=1e-6)
+    by_probability = mask_probabilities(semantic, (140, 140), "probabilities")[0, :90, :140].numpy()
+    # an untrained map sits near logit 0, where the two resizes nearly agree; still 20x the tolerance
+    assert np.abs(by_probability - trained).max() > 2e-5
+
+
 def test_lite_folder_stores_only_trained_parts_and_loads_back(lite_init, tmp_path):
     with torch.no_grad():
         lite_init.model.detr_decoder.query_embed.weight.add_(0.5)  # make the state distinguishable

@@ -58,6 +58,22 @@ def test_batched_prompts_equal_plain_forward(tiny_model, rgb_image, threshold):
     assert kept > 0  # the comparison covered real instances
 
 
+def test_the_two_mask_resizes_put_a_border_in_different_places():
+    """A coarse row as trained maps have it (background -70, object +20), resized 4x: the logit crosses
+    0 close to the object's cells, the probability crosses 0.5 halfway between cells."""
+    from medsam3.infer.postprocess import mask_probabilities
+
+    row = torch.tensor([-70.0, -70.0, 20.0, 20.0, -70.0, -70.0])
+    logits = row.expand(6, 6)[None]  # (1, 6, 6): the object's cells 2-3 cover output pixels 8-15
+    by_logit = mask_probabilities(logits, (24, 24), "logits")[0, 12] > 0.5
+    by_probability = mask_probabilities(logits, (24, 24), "probabilities")[0, 12] > 0.5
+    assert by_logit.nonzero().flatten().tolist() == list(range(9, 15))
+    assert by_probability.nonzero().flatten().tolist() == list(range(8, 16))
+    assert mask_probabilities(logits[:0], (24, 24)).shape == (0, 24, 24)
+    with pytest.raises(ValueError, match="mask resize"):
+        mask_probabilities(logits, (24, 24), "nearest")
+
+
 def test_vision_encoder_runs_once_and_text_is_cached(tiny_model, rgb_image, monkeypatch):
     predictor = Sam3Predictor(tiny_model, score_threshold=0.0)
     predictor.set_image(rgb_image)

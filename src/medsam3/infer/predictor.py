@@ -19,7 +19,13 @@ from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
 from medsam3.data.windowing import as_rgb_uint8
 from medsam3.errors import PromptError
-from medsam3.infer.postprocess import fuse_results, resize_logits, semantic_result, to_prompt_result
+from medsam3.infer.postprocess import (
+    BOX_DECODER_RESIZE,
+    fuse_results,
+    mask_probabilities,
+    semantic_result,
+    to_prompt_result,
+)
 from medsam3.infer.types import Prompt, PromptResult, as_prompts
 from medsam3.model.backbones.base import BOX_MODES, TEXT_MASK_SOURCES
 from medsam3.model.loading import LoadedModel, load_model
@@ -228,6 +234,7 @@ class Sam3Predictor:
                 canvas_size=canvas,
                 box_masks=box_masks if not semantic_instances else None,
                 semantic_instances=semantic_instances,
+                mask_resize=self.seam.backbone.mask_resize,
                 **settings,
             )
 
@@ -267,7 +274,7 @@ class Sam3Predictor:
         clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
         clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
         logits = self._box_masks(clipped / frame)
-        probs = resize_logits(logits.float().sigmoid(), canvas)[:, :height, :width]
+        probs = mask_probabilities(logits, canvas, BOX_DECODER_RESIZE)[:, :height, :width]
         drawn = (probs > mask_threshold).cpu().numpy()
         found = drawn.reshape(len(drawn), -1).any(axis=1)
         score = np.float32(result.presence if np.isfinite(result.presence) else 1.0)
@@ -296,7 +303,7 @@ class Sam3Predictor:
         clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
         frame = torch.tensor([canvas[1], canvas[0], canvas[1], canvas[0]], dtype=torch.float32)
         logits, iou = self.seam.box_decode(self._image.embedding, clipped / frame * self.seam.input_size, mask_logits)
-        probs = resize_logits(logits.sigmoid(), canvas)[:, :height, :width]
+        probs = mask_probabilities(logits, canvas, BOX_DECODER_RESIZE)[:, :height, :width]
         return BoxDrawing(probs.float().cpu().numpy(), iou.cpu().numpy(), logits)
 
     def _box_masks(self, boxes_normalised: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,9 @@ class Backbone(ABC):
     max_text_tokens: int = 32
     # Where instance masks of text prompts come from by default (see infer.predictor.MASK_SOURCES).
     default_mask_source: str = "detector"
+    # How mask logits reach the image size (infer.postprocess.mask_probabilities): "probabilities" is
+    # transformers' Sam3Processor, which the SAM 3 presets must equal; "logits" is what training compares.
+    mask_resize: str = "probabilities"
     # Why ``--dtype auto`` must not pick bf16 towers for this backbone (None: bf16 passes the fidelity guard).
     bf16_fidelity: str | None = None
 
