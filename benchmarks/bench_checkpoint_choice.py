@@ -5,12 +5,13 @@
 
 A few-shot split validates on 1-2 held-out slices (under the view bank's views). That decides early
 stopping; which weights ``RUN/best`` holds is ``TrainConfig.keep`` (``auto``: on such a thin split
-the mean of validation's pick and the final weights, the pick moved to ``RUN/validation-pick``; runs
-from before that option have the pick in ``best/``). This scores, for every task that ``bench_fewshot.py`` trained,
-validation's pick, the final weights (``last/``), the element-wise mean of the two and, for runs
-trained with ``--set keep=ema``, the moving average of the weights (their ``best/``) and its mean
-with the pick, from text on the axial test slices and the unseen coronal ones, so the choice itself
-is measured. Each variant's
+the mean of validation's pick and the moving average of the weights, the pick moved to
+``RUN/validation-pick``; runs from before that option have the pick in ``best/``). This scores, for
+every task that ``bench_fewshot.py`` trained, validation's pick, the final weights (``last/``), the
+element-wise mean of the two and the moving-average variants the run kept: for runs trained with
+``--set keep=ema`` the average itself (their ``best/``) and its mean with the pick, for the default's
+runs that mean (their ``best/``); from text on the axial test slices and the unseen coronal ones, so
+the choice itself is measured. Each variant's
 mask sources are chosen on the run's own validation split, as ``medsam3 train`` chooses them (the
 pick's are the run's record). Nothing is trained. Table to stdout and ``OUT/results.md`` (+
 ``results.json``).
@@ -52,11 +53,17 @@ def validation_split(data: Path, seed: int):
     return scored_validation(val, view_augmentation(seed=seed), None)[1]
 
 
-def variant_adapter(run: Path, variant: str, out: Path, val_samples, pick: Path) -> Path:
+def ema_variants(kept: str | None) -> tuple[str, ...]:
+    """The moving-average variants a run can be scored on: a ``keep=ema`` run saved the average (its
+    best/), a ``keep=average-ema`` run (the default on a thin split) only its mean with the pick."""
+    return {"ema": EMA_VARIANTS, "average-ema": (PICK_EMA_MEAN,)}.get(kept, ())
+
+
+def variant_adapter(run: Path, variant: str, out: Path, val_samples, pick: Path, kept: str | None) -> Path:
     """The adapter folder of one variant; the others are written under ``out`` (the run is only read)."""
     if variant == "validation pick":
         return pick
-    if variant == EMA_VARIANT:
+    if variant == EMA_VARIANT or (variant == PICK_EMA_MEAN and kept == "average-ema"):
         return run / "best"
     folder = out / variant.replace(" ", "_")
     folder.mkdir(parents=True, exist_ok=True)
@@ -99,8 +106,8 @@ def main() -> None:
         val_samples = validation_split(axial, args.seed)
         steps = {"validation pick": step_of(pick), "final weights": step_of(run / "last")}
         kept = json.loads((run / "summary.json").read_text()).get("kept")
-        for variant in VARIANTS + (EMA_VARIANTS if kept == "ema" else ()):
-            adapter = variant_adapter(run, variant, work, val_samples, pick)
+        for variant in VARIANTS + ema_variants(kept):
+            adapter = variant_adapter(run, variant, work, val_samples, pick, kept)
             step = steps.get(variant, f"{steps['validation pick']} + {steps['final weights']}")
             if variant in EMA_VARIANTS:
                 step = f"1-{steps['final weights']}" if variant == EMA_VARIANT else f"{steps['validation pick']} + EMA"

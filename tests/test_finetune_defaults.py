@@ -84,8 +84,42 @@ def _same(a, b) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
 
-def test_thin_validation_keeps_the_mean_of_the_pick_and_the_final_weights(tmp_path, monkeypatch):
-    summary, out = _plateau_run(tmp_path, monkeypatch)  # 2 validation samples: too few to choose by
+def test_thin_validation_keeps_the_mean_of_the_pick_and_the_weight_average(tmp_path, monkeypatch):
+    trainer = _plateau_trainer(tmp_path, monkeypatch, ema_decay=0.5)  # 2 validation samples: too few to choose by
+    summary, out = trainer.fit(), tmp_path / "run"
+    assert summary["stop_reason"] == "early_stop" and summary["kept"] == "average-ema" and trainer.ema.updates == 12
+    best, last, pick = _weights(out / "best"), _weights(out / "last"), _weights(out / "validation-pick")
+    average = trainer.ema.weights()
+    assert best.keys() == pick.keys() == average.keys()
+    for name in best:
+        expected = (pick[name].float() + average[name].float()) / 2
+        assert np.allclose(best[name].float().numpy(), expected.numpy(), atol=1e-6), name
+    assert not _same(best, last) and not _same(best, pick)
+    meta = read_adapter_metadata(out / "best")
+    assert "mean of validation's pick and the exponential moving average of the weights (decay 0.5)" in meta[
+        "selected_by"]
+    assert "too few to choose a checkpoint by" in meta["selected_by"]
+    assert read_adapter_metadata(out / "validation-pick")["position"]["step"] == 4
+
+
+def test_a_run_saved_without_an_average_resumes_under_auto_from_its_weights(tmp_path):
+    """A thin-split run checkpointed before ``auto`` tracked a moving average (here: ``keep="average"``,
+    which tracks none) resumes under ``auto``: the average starts at the resumed weights."""
+    loaded, val = load_model("tiny", device="cpu"), disk_samples(2, seed=9)
+    settings = dict(epochs=3, checkpoint_every=1, choose_mask_sources=False, **FAST)
+    Trainer(loaded, disk_samples(4), tmp_path / "run", TrainConfig(keep="average", max_steps=2, **settings),
+            val_data=val).fit()  # fmt: skip
+    resumed = Trainer(load_model("tiny", device="cpu"), disk_samples(4), tmp_path / "run", TrainConfig(**settings),
+                      val_data=val)  # fmt: skip
+    resumed.resume()
+    assert resumed.position.step == 2 and resumed.ema.updates == 0
+    own = {name: p.detach() for name, p in resumed.model.named_parameters() if p.requires_grad}
+    assert all(np.array_equal(resumed.ema.weights()[k].numpy(), own[k].float().numpy()) for k in own)
+    assert resumed.fit()["kept"] == "average-ema" and resumed.ema.updates == 4
+
+
+def test_keep_average_keeps_the_mean_of_the_pick_and_the_final_weights(tmp_path, monkeypatch):
+    summary, out = _plateau_run(tmp_path, monkeypatch, keep="average")
     assert summary["stop_reason"] == "early_stop" and summary["kept"] == "average"
     best, last, pick = _weights(out / "best"), _weights(out / "last"), _weights(out / "validation-pick")
     assert best.keys() == last.keys() == pick.keys() and not _same(pick, last)  # 8 steps at lr 1e-3 moved them
@@ -102,7 +136,7 @@ def test_averaging_again_keeps_the_pick(tmp_path, monkeypatch):
     trainer = _plateau_trainer(tmp_path, monkeypatch)
     trainer.fit()
     out, first = tmp_path / "run", _weights(tmp_path / "run" / "best")
-    trainer._keep_other_weights("average")  # what a resumed run that found nothing better does at its end
+    trainer._keep_other_weights("average-ema")  # what a resumed run that found nothing better does at its end
     assert read_adapter_metadata(out / "validation-pick")["position"]["step"] == 4  # not the average
     assert all(np.allclose(first[k].numpy(), v.numpy(), atol=1e-6) for k, v in _weights(out / "best").items())
 
@@ -155,7 +189,8 @@ def test_keep_auto_chooses_by_a_validation_split_of_24_samples():
     loaded = load_model("tiny", device="cpu")
     thick = Trainer(loaded, disk_samples(2), "unused", TrainConfig(**FAST), val_data=disk_samples(24, seed=9))
     thin = Trainer(loaded, disk_samples(2), "unused", TrainConfig(**FAST), val_data=disk_samples(23, seed=9))
-    assert thick.keep_choice() == "best" and thin.keep_choice() == "average"
+    assert thick.keep_choice() == "best" and thin.keep_choice() == "average-ema"
+    assert thick.ema is None and thin.ema is not None  # the weight average is tracked only where it is kept
     with pytest.raises(MedSAM3Error, match="keep must be one of"):
         Trainer(loaded, disk_samples(2), "unused", TrainConfig(keep="newest", **FAST))
     with pytest.raises(MedSAM3Error, match="ema_decay must be between 0 and 1"):

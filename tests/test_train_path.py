@@ -84,7 +84,7 @@ def test_without_val_cases_best_is_last_and_the_cli_says_so(tmp_path, capsys):
         Trainer(load_model("tiny", device="cpu"), disk_samples(2), tmp_path / "z", _config(epochs=0))
 
     code, _, err = _run([*args, "--keep", "newest", "--out", tmp_path / "keep"], capsys)
-    assert code != 0 and "--keep must be one of auto, best, last, average, ema, got 'newest'" in err
+    assert code != 0 and "--keep must be one of auto, best, last, average, ema, average-ema, got 'newest'" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "keep").exists()
     code, _, err = _run([*args, "--keep", "ema", "--ema-decay", "1", "--out", tmp_path / "ema"], capsys)
     assert code == 2 and "--ema-decay" in err and "in (0, 1)" in err and not (tmp_path / "ema").exists()

@@ -640,12 +640,14 @@ def train(
         str,
         typer.Option(help="What RUN/best holds at the end: best (validation's pick), last (the final weights; "
                      "validation only decides when to stop), average (the mean of the two), ema (a moving "
-                     "average of the weights over the run, decay --ema-decay) or auto (average when the "
-                     "validation split has fewer than 24 samples, else best)."),
+                     "average of the weights over the run, decay --ema-decay), average-ema (the mean of "
+                     "validation's pick and that moving average) or auto (average-ema when the validation "
+                     "split has fewer than 24 samples, else best)."),
     ] = "auto",
     ema_decay: Annotated[
         float,
-        typer.Option(help="Decay of the weight average that --keep ema keeps (horizon ~1/(1-decay) steps).",
+        typer.Option(help="Decay of the weight average that --keep ema and average-ema use "
+                     "(horizon ~1/(1-decay) steps).",
                      callback=_in_range(0.0, 1.0, above=True, below=True)),
     ] = 0.99,
     val_views: Annotated[

@@ -5,8 +5,8 @@ weights of single late steps still move with each batch. An average over the las
 steps is a smoother end point (``TrainConfig.keep = "ema"``). On the four few-shot tasks
 (``benchmarks/bench_checkpoint_choice.py``) it beat the final weights on average on both views and
 every other choice on the trained view, but not validation's pick on the unseen view, so
-``keep="auto"`` does not use it. Only the parameters that train are averaged: the frozen towers
-never move.
+``keep="auto"`` keeps the mean of the two on a thin validation split ("average-ema"). Only the
+parameters that train are averaged: the frozen towers never move.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ The dataset is indexed once and split by case into train and val. With ``skip_ba
 and val image (a whole volume for 3D data) is decoded once before training, so an unreadable or
 all-NaN file is left out with a warning (and listed in ``run.skipped``) instead of stopping the
 run halfway. ``RUN/best`` is the checkpoint to use: the best validation Dice, or (a validation split
-too thin to choose by, ``TrainConfig.keep``) the mean of that pick and the final weights, the pick
-then in ``RUN/validation-pick``; without validation samples the latest checkpoint.
+too thin to choose by, ``TrainConfig.keep``) the mean of that pick and the moving average of the
+weights, the pick then in ``RUN/validation-pick``; without validation samples the latest checkpoint.
 ``run.adapter_note`` says which.
 """
 
@@ -183,11 +183,12 @@ def train_path(
         adapter = out / "best"
         best = summary.get("best_val_dice")
         kept = summary.get("kept")
-        if len(val_set) and kept in ("last", "average", "ema") and (out / VALIDATION_PICK).is_dir():
+        if len(val_set) and kept in ("last", "average", "ema", "average-ema") and (out / VALIDATION_PICK).is_dir():
             what = {
                 "last": "the final weights",
                 "average": "the mean of validation's pick and the final weights",
                 "ema": "the moving average of the weights",
+                "average-ema": "the mean of validation's pick and the moving average of the weights",
             }[kept]
             why = f"--keep {kept}"
             if config.keep == "auto":
