@@ -20,8 +20,9 @@ and presence (recorded with hooks around the seam's detector call) get the class
 presence and box terms scaled by ``LossWeights.aux`` (0 turns them off).
 
 Stopping: after ``epochs``; after ``max_steps`` optimizer steps (as if interrupted: only the last
-periodic checkpoint counts); or after the step that crosses ``max_minutes`` of wall-clock time,
-which validates, writes ``last/`` (and ``best/`` when better) and records the stop in
+periodic checkpoint counts); or after the step that leaves too little of ``max_minutes`` of wall-clock
+time for the run's end (a final validation and the mask-source choice, timed by the last
+validation), which validates, writes ``last/`` (and ``best/`` when better) and records the stop in
 ``metrics.csv`` (a fractional epoch) and ``summary.json``. Without validation samples ``best/``
 is the latest ``last/``; with a thin validation split (``keep="auto"``) validation decides when to
 stop and ``best/`` ends as the mean of validation's pick and the moving average of the weights
@@ -81,6 +82,9 @@ OUTPUT_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits", "se
 VAL_SAMPLES_WANTED = 24
 KEEP_CHOICES = ("auto", "best", "last", "average", "ema", "average-ema")
 EMA_CHOICES = ("ema", "average-ema")  # the end points that need the weight average tracked
+#: Passes over the validation split after the last step (the final validation, the text mask
+#: sources, the box modes): the time budget keeps room for them.
+END_PASSES = 3
 #: Where a run whose best/ is not validation's pick leaves that pick.
 VALIDATION_PICK = "validation-pick"
 
@@ -134,7 +138,7 @@ class TrainConfig:
     # (at most the bank's); larger splits, or no bank: the images alone. 1: the images alone.
     val_views: int | None = None
     max_steps: int | None = None  # stop after this many optimizer steps (as if interrupted)
-    max_minutes: float | None = 10.0  # stop cleanly after the step that crosses this wall-clock budget
+    max_minutes: float | None = 10.0  # the whole run's wall-clock budget (the last step leaves room for the end)
     bf16: bool = True  # bf16 autocast on GPU (fp32 master weights)
     cpu_autocast: bool = False  # bf16 autocast on CPU too (benchmarks/bench_cpu.py measures whether it pays)
     progress: bool = True
@@ -480,6 +484,7 @@ class Trainer:
         negatives weighed equally (``balanced_dice``)."""
         if not self.val_data:
             return None
+        started = time.perf_counter()
         self.model.eval()
         predictor = Sam3Predictor(self.loaded)
         scores, positive = [], []
@@ -494,6 +499,7 @@ class Trainer:
             result = predictor.predict_one(Prompt(sample.concept, boxes=boxes))
             scores.append(dice(result.union, sample.union))
             positive.append(not sample.is_negative)
+        self._val_seconds = time.perf_counter() - started
         return balanced_dice(scores, positive)
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -645,12 +651,21 @@ class Trainer:
         """Whether the wall-clock budget is spent (every process agrees: rank 0's clock decides)."""
         if self.config.max_minutes is None:
             return False
-        spent = (time.perf_counter() - started) / 60.0 >= self.config.max_minutes
+        spent = time.perf_counter() - started + self._end_reserve() >= 60.0 * self.config.max_minutes
         if self.world > 1:
             flag = torch.tensor([float(spent)], device=self.device if self.device.type == "cuda" else "cpu")
             dist.broadcast(flag, src=0)
             spent = bool(flag.item())
         return spent
+
+    def _end_reserve(self) -> float:
+        """Seconds a run needs after its last step, so that the whole run fits ``max_minutes``: the final
+        validation and, when on, the mask-source choice (two more passes over the validation split),
+        estimated from the last validation's duration (0 before the first)."""
+        passes = END_PASSES if self.config.choose_mask_sources else 1
+        return passes * self._val_seconds if self.val_data else 0.0
+
+    _val_seconds: float = 0.0  # the last validation's duration
 
     def _time_fraction(self) -> float:
         """Share of the training time spent so far: the budget left once the feature cache was filled
