@@ -715,7 +715,8 @@ def train(
         float,
         typer.Option(
             "--max-minutes",
-            help="Wall-clock budget: stop after the step that crosses it (validates, writes last/ and best/).",
+            help="Wall-clock budget of the whole run: the last step leaves room for the final validation and "
+            "the mask-source choice (writes last/ and best/).",
             callback=_in_range(0.0, above=True),
         ),
     ] = 10.0,
