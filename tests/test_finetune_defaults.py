@@ -61,8 +61,8 @@ def test_validation_every_n_steps_and_early_stop_on_a_plateau(tmp_path, monkeypa
 
 
 def test_time_budget_keeps_room_for_the_end_of_the_run(tmp_path):
-    """The last step leaves time for the final validation and the mask-source choice (three passes
-    over the validation split, timed by the last validation), so the whole run fits ``max_minutes``."""
+    """The last step leaves time for the final validation and the mask-source choice (``END_PASSES``
+    validations' durations, timed by the last validation), so the whole run fits ``max_minutes``."""
     import time
 
     loaded, val = load_model("tiny", device="cpu"), disk_samples(2, seed=9)
@@ -73,7 +73,7 @@ def test_time_budget_keeps_room_for_the_end_of_the_run(tmp_path):
     started = time.perf_counter() - 45.0  # 45 s of the 60 spent
     assert not choosing._out_of_time(started)  # no validation timed yet: nothing reserved
     choosing._val_seconds = plain._val_seconds = 10.0
-    assert choosing._out_of_time(started) and not plain._out_of_time(started)  # 45 + 3 x 10 > 60 > 45 + 10
+    assert choosing._out_of_time(started) and not plain._out_of_time(started)  # 45 + 8 x 10 > 60 > 45 + 10
     choosing.validate()
     assert 0.0 < choosing._val_seconds < 10.0  # a validation times itself
 
