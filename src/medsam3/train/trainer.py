@@ -84,8 +84,10 @@ KEEP_CHOICES = ("auto", "best", "last", "average", "ema", "average-ema")
 EMA_CHOICES = ("ema", "average-ema")  # the end points that need the weight average tracked
 #: The end of a run after its last step, in validations' durations: the final validation, then the
 #: kept weights' mask sources (every text source and box mode on each validation sample) and the
-#: saves. Measured: a few-shot run's end took 18 s after its final validation, ~7 validations.
-END_PASSES = 8
+#: saves. Measured on few-shot runs: 12-18 s after the final validation, 6-8 validations; with 8
+#: passes a 3-minute run still ended 3 s late, with 10 passes 0.3 s late (END_MARGIN_S covers that).
+END_PASSES = 10
+END_MARGIN_S = 5.0
 #: Where a run whose best/ is not validation's pick leaves that pick.
 VALIDATION_PICK = "validation-pick"
 
@@ -662,9 +664,9 @@ class Trainer:
     def _end_reserve(self) -> float:
         """Seconds a run needs after its last step, so that the whole run fits ``max_minutes``: the final
         validation and, when on, the mask-source choice (``END_PASSES``), estimated from the last
-        validation's duration (0 before the first)."""
+        validation's duration, plus ``END_MARGIN_S``."""
         passes = END_PASSES if self.config.choose_mask_sources else 1
-        return passes * self._val_seconds if self.val_data else 0.0
+        return passes * self._val_seconds + END_MARGIN_S if self.val_data else 0.0
 
     _val_seconds: float = 0.0  # the last validation's duration
 
