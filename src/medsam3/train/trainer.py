@@ -77,8 +77,8 @@ SUMMARY_FILE = "summary.json"
 RESUME_INVARIANTS = (("batch_size", "--batch-size"), ("grad_accum", "--grad-accum"), ("seed", "--seed"))
 OUTPUT_KEYS = ("pred_logits", "pred_boxes", "pred_masks", "presence_logits", "semantic_seg")
 #: Below this many validation images, validation also scores them under the view bank's views
-#: (and ``keep="auto"`` averages validation's pick with the final weights: such a split is too thin
-#: to choose a checkpoint by).
+#: (and ``keep="auto"`` averages validation's pick with the moving average of the weights: such a
+#: split is too thin to choose a checkpoint by).
 VAL_SAMPLES_WANTED = 24
 KEEP_CHOICES = ("auto", "best", "last", "average", "ema", "average-ema")
 EMA_CHOICES = ("ema", "average-ema")  # the end points that need the weight average tracked
