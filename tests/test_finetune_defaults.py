@@ -481,3 +481,29 @@ def test_a_bad_box_mode_in_adapter_json_is_one_line(tmp_path):
         load_model("tiny", device="cpu", adapter=adapter)
     adapter = _adapter_recording(tmp_path / "run", {"blob": {"source": "semantic", "box": "exemplar"}})
     assert load_model("tiny", device="cpu", adapter=adapter).box_modes == {"blob": "exemplar"}
+
+
+# -- the semantic head ---------------------------------------------------------------------------------
+
+
+def test_semantic_head_is_fitted_on_the_training_images_after_the_kept_weights(tmp_path):
+    """lite's semantic head gets its own stage once best/ holds the kept weights: the rest of best/ is
+    untouched, the head's loss on the training images falls, and the budget reserves its time."""
+    from medsam3.train.semantic_head import HEAD_MAX_SECONDS
+
+    loaded = load_model("lite-init", device="cpu", runtime="openvino")
+    config = TrainConfig(epochs=1, keep="last", head_steps=25, choose_mask_sources=False, **FAST)
+    trainer = Trainer(loaded, disk_samples(4), tmp_path / "run", config, val_data=disk_samples(2, seed=9))
+    assert trainer._end_reserve() >= HEAD_MAX_SECONDS
+    summary = trainer.fit()
+    report = summary["semantic_head"]
+    assert report["steps"] == 25 and report["images"] == 3  # the negative image has no semantic term
+    assert report["last_loss"] < 0.8 * report["first_loss"]
+    best, last = _weights(tmp_path / "run" / "best"), _weights(tmp_path / "run" / "last")
+    head = [n for n in best if n.startswith("semantic_head.")]
+    assert head and best.keys() == last.keys()
+    assert all(np.array_equal(best[n].numpy(), last[n].numpy()) for n in best if n not in head)
+    assert not np.array_equal(best["semantic_head.out.weight"].numpy(), last["semantic_head.out.weight"].numpy())
+    assert read_adapter_metadata(tmp_path / "run" / "best")["semantic_head"] == report
+    off = Trainer(loaded, disk_samples(4), tmp_path / "off", TrainConfig(epochs=1, head_steps=0, **FAST))
+    assert off._end_reserve() < HEAD_MAX_SECONDS and off.fit()["semantic_head"] is None

@@ -40,8 +40,8 @@ def test_paper_policy_trains_exactly_neck_projection_and_detector(lite_init):
     apply_policy(model, "paper")
     trained = {component_of(n) for n, p in model.named_parameters() if p.requires_grad}
     frozen = {component_of(n) for n, p in model.named_parameters() if not p.requires_grad}
-    assert trained == {"vision_adapter", "text_projection", "geometry_encoder", "detr_encoder", "detr_decoder",
-                       "mask_decoder", "dot_product_scoring"}  # fmt: skip
+    assert trained == {"vision_adapter", "text_projection", "semantic_head", "geometry_encoder", "detr_encoder",
+                       "detr_decoder", "mask_decoder", "dot_product_scoring"}  # fmt: skip
     assert frozen == {"vision_encoder", "text_encoder", "box_decoder"}
     model.train()
     assert not model.text_encoder.training and not model.vision_encoder.trunk.training  # no dropout in frozen towers
@@ -131,10 +131,36 @@ def test_lite_folder_with_wrong_weights_is_refused(lite_init, tmp_path):
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(folder / "model.safetensors"))
-    tensors.pop(next(iter(tensors)))
+    tensors.pop(next(n for n in tensors if not n.startswith("semantic_head.")))
     save_file(tensors, str(folder / "model.safetensors"))
     with pytest.raises(ModelSpecError, match="does not match the lite architecture"):
         load_model(folder, device="cpu")
+
+
+def test_semantic_head_starts_as_the_identity_and_reads_the_prompt(lite_init, tmp_path):
+    """A folder saved before the head existed (the bundled weights) predicts what it did; a trained
+    head corrects the mask decoder's map, differently for each prompt."""
+    from safetensors.torch import load_file, save_file
+
+    folder = export_model(lite_init, tmp_path / "before_head", ["liver"], None)
+    tensors = load_file(str(folder / "model.safetensors"))
+    assert any(n.startswith("semantic_head.") for n in tensors)  # saved with the model from now on
+    save_file({n: t for n, t in tensors.items() if not n.startswith("semantic_head.")},
+              str(folder / "model.safetensors"))  # fmt: skip
+    model = load_model(folder, device="cpu")
+    raw = []
+    model.model.mask_decoder.register_forward_hook(lambda _m, _i, out: raw.append(out.semantic_seg.detach().clone()))
+    predictor = Sam3Predictor(model)
+    predictor.set_image(disk_image(90, 140)[0])
+    prompts = [Prompt("liver"), Prompt("kidney")]
+    torch.testing.assert_close(predictor.detector_forward(prompts).semantic_seg, raw[-1], rtol=0, atol=0)
+    with torch.no_grad():  # as if trained: a nonzero last layer and prompt modulation
+        generator = torch.Generator().manual_seed(0)
+        for layer in (model.model.semantic_head.out, model.model.semantic_head.prompt):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * 0.05)
+    correction = predictor.detector_forward(prompts).semantic_seg - raw[-1]
+    assert float(correction[0].abs().mean()) > 1e-3
+    assert float((correction[0] - correction[1]).abs().mean()) > 1e-4  # the prompt changes the correction
 
 
 def test_feature_cache_stores_the_frozen_embedding_and_flipped_views(lite_init, tmp_path):

@@ -702,6 +702,11 @@ def train(
             help="At the end, measure each concept's mask source on the validation split and record it.",
         ),
     ] = True,
+    head_steps: Annotated[
+        int,
+        typer.Option(help="Steps that fit the semantic head (lite) alone on the training images once RUN/best "
+                     "holds the kept weights (0: off).", callback=_in_range(0)),
+    ] = 300,
     checkpoint_every: Annotated[
         int, typer.Option(help="Also checkpoint every N optimizer steps (0: per epoch).", callback=_in_range(0))
     ] = 0,
@@ -743,6 +748,7 @@ def train(
         keep=keep,
         ema_decay=ema_decay,
         choose_mask_sources=mask_source_choice,
+        head_steps=head_steps,
         loss_weights=parse_loss_options(loss or []),
         batch_size=batch_size,
         grad_accum=grad_accum,

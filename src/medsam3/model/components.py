@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from torch import nn
 
 ENCODER_COMPONENTS = ("vision_encoder", "text_encoder", "text_projection")
-# lite only: the trainable neck inside its vision encoder, and LiteMedSAM's box-prompted mask decoder.
-LITE_COMPONENTS = ("vision_adapter", "box_decoder")
+# lite only: the trainable neck inside its vision encoder, the trainable head on the semantic map,
+# and LiteMedSAM's box-prompted mask decoder.
+LITE_COMPONENTS = ("vision_adapter", "semantic_head", "box_decoder")
 DETECTOR_COMPONENTS = (
     "geometry_encoder",
     "detr_encoder",

@@ -363,6 +363,20 @@ class Sam3DetectionLoss(nn.Module):
             total = torch.stack(weighted).sum() if weighted else pred_logits.float().sum() * 0.0
         return total, terms
 
+    def semantic_loss(self, semantic_seg: torch.Tensor, targets: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        """The weighted semantic terms alone: what trains a head on the semantic map once the
+        detector is fixed (``train.semantic_head``)."""
+        prepared = _prepare_targets(targets, semantic_seg.shape[0], semantic_seg.device)
+        weighted: list[torch.Tensor] = []
+
+        def add(name: str, value: torch.Tensor, weight: float) -> None:
+            if weight != 0:
+                weighted.append(weight * value)
+
+        with torch.autocast(semantic_seg.device.type, enabled=False):
+            self._semantic_terms(semantic_seg, prepared, add)
+        return torch.stack(weighted).sum() if weighted else semantic_seg.float().sum() * 0.0
+
     def _detection_terms(self, outputs, prepared, num_boxes, suffix, scale, add) -> list[Match]:
         """Match, then classification, presence and box terms of one decoder layer."""
         w = self.weights

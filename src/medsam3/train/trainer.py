@@ -70,6 +70,13 @@ from medsam3.train.feature_cache import FeatureCache
 from medsam3.train.losses import DecoderLayerRecorder, LossWeights, Sam3DetectionLoss
 from medsam3.train.optim import build_optimizer
 from medsam3.train.schedule import warmup_cosine
+from medsam3.train.semantic_head import (
+    HEAD_MAX_IMAGES,
+    HEAD_MAX_SECONDS,
+    collect_head_inputs,
+    fit_semantic_head,
+    has_semantic_head,
+)
 
 STATE_FILE = "trainer_state.pt"
 SUMMARY_FILE = "summary.json"
@@ -123,6 +130,9 @@ class TrainConfig:
     keep: str = "auto"
     ema_decay: float = 0.99  # the weight average's decay (tracked when ``keep`` resolves to "ema" or "average-ema")
     choose_mask_sources: bool = True  # pick each concept's mask source on the validation split at the end
+    # Steps that fit the semantic head alone on the training images once the kept weights are set
+    # (models with one: lite; train.semantic_head); 0: off.
+    head_steps: int = 300
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 3e-4
@@ -306,8 +316,8 @@ class Trainer:
                 "those of the exact pixels, so augmented views would be encoded anew each step (use the "
                 "default --augment views: a fixed bank of views per image, each cached once)"
             )
-        self.use_cache = config.cache_features if config.cache_features is not None else (
-            self.encoders_frozen and cacheable
+        self.use_cache = (
+            config.cache_features if config.cache_features is not None else (self.encoders_frozen and cacheable)
         )
         seed_everything(config.seed)  # before the policy: LoRA's initial weights come from torch's RNG
         apply_policy(self.model, config.policy)
@@ -666,7 +676,11 @@ class Trainer:
         validation and, when on, the mask-source choice (``END_PASSES``), estimated from the last
         validation's duration, plus ``END_MARGIN_S``."""
         passes = END_PASSES if self.config.choose_mask_sources else 1
-        return passes * self._val_seconds + END_MARGIN_S if self.val_data else 0.0
+        head = HEAD_MAX_SECONDS if self._head_stage_runs() else 0.0
+        return head + (passes * self._val_seconds + END_MARGIN_S if self.val_data else 0.0)
+
+    def _head_stage_runs(self) -> bool:
+        return self.config.head_steps > 0 and has_semantic_head(self.model)
 
     _val_seconds: float = 0.0  # the last validation's duration
 
@@ -802,6 +816,7 @@ class Trainer:
                 kept = "best"  # as if interrupted: a resumed run that ends normally applies `keep`
             elif self.rank == 0:
                 self._keep_other_weights(kept)
+        head = self._fit_semantic_head() if self.rank == 0 and stop != "max_steps" else None
         mask_sources = self._choose_mask_sources() if self.rank == 0 else None
         summary = {
             "history": history,
@@ -819,6 +834,7 @@ class Trainer:
             "validated": bool(self.val_data),
             "val_views": self.val_views,
             "train_set": self.train_set,
+            "semantic_head": head,
             "mask_sources": mask_sources,
         }
         if self.rank == 0:
@@ -913,6 +929,36 @@ class Trainer:
             weights = mean_weights(_read_weights(pick), self.ema.weights())
         with self._holding(weights):
             self.save_checkpoint("best", {"selected_by": why})
+
+    def _fit_semantic_head(self) -> dict | None:
+        """best/ <- its weights with the semantic head fitted alone on the training images as they are
+        (no views; see train.semantic_head); None when off, headless or nothing to fit on."""
+        c = self.config
+        best = self.out_dir / "best"
+        if not self._head_stage_runs() or not (best / "adapter.json").is_file():
+            return None
+        samples = []  # images holding the concept (the semantic term skips the others), in a seeded order
+        for i in np.random.default_rng([c.seed, 23]).permutation(len(self.train_data))[: 4 * HEAD_MAX_IMAGES]:
+            sample = self.train_data[int(i)]
+            if len(sample.masks) > 0 and len(samples) < HEAD_MAX_IMAGES:
+                samples.append(sample)
+        if not samples:
+            return None
+        items = [make_item(s, sample_rng(c.seed, 0, k), "text", canvas_size=self.seam.canvas_size)
+                 for k, s in enumerate(samples)]  # fmt: skip
+        for item in items:
+            item.target = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in item.target.items()}
+        kept = _read_weights(best)
+        with self._holding(kept):
+            self.model.eval()
+            inputs = collect_head_inputs(self.seam, items, self._vision)
+            report = fit_semantic_head(self.model, inputs, self.loss.semantic_loss, c.head_steps, c.seed)
+            fitted = {n: p.detach().clone() for n, p in self.model.named_parameters() if n.startswith("semantic_head.")}
+        meta = read_adapter_metadata(best)
+        extra = {k: meta[k] for k in ("selected_by", "val_dice") if k in meta}
+        with self._holding({**kept, **fitted}):
+            self.save_checkpoint("best", {**extra, "semantic_head": report})
+        return report
 
     def _choose_mask_sources(self) -> dict | None:
         """Each concept's mask source, measured on the validation split with the kept weights, written
