@@ -3,7 +3,8 @@
 ``paper``: MedSAM-3's method: vision encoder, text encoder and text projection frozen; geometry
 encoder, DETR encoder/decoder (with the presence token and head), mask decoder and dot-product
 scoring trained. A backbone whose towers are not SAM 3's (``lite``) adds the new modules between its
-frozen towers and the detector (``model.extra_trained``: its vision neck and text projection).
+frozen towers and the detector (``model.extra_trained``: its vision neck and text projection; its
+semantic head has a stage of its own, ``train.semantic_head``).
 ``lora-detector``: LoRA adapters on the detector's linear layers only, everything else frozen.
 ``lora-all``: the authors' released v1: LoRA (rank 16, alpha 32, dropout 0.1) on every linear
 layer, both encoders included. ``full``: everything trains.

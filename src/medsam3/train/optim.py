@@ -18,7 +18,8 @@ for it.
 
 Which component a parameter belongs to comes from `medsam3.model.components.component_of`. Modules
 a backbone adds between its frozen towers and the detector (``model.extra_trained``, e.g. lite's
-vision neck and text projection, new and trained from scratch) learn with the detector; LiteMedSAM's
+vision neck and text projection, new and trained from scratch) learn with the detector, as does lite's
+semantic head where it trains (``full``; otherwise its own stage, ``train.semantic_head``); LiteMedSAM's
 pretrained box decoder (lite, trained only under ``full``) learns at the vision rate.
 """
 
@@ -127,7 +128,7 @@ def build_optimizer(
         if not param.requires_grad:
             continue
         component = component_of(name)
-        if component in extra or component in DETECTOR_COMPONENTS or component == "other":
+        if component in extra or component in DETECTOR_COMPONENTS or component in ("other", "semantic_head"):
             label, scale = "detector", 1.0
         elif component in VISION_COMPONENTS:
             layer, layer_scale = vision_layer_scale(name, depth, layer_decay)

@@ -131,8 +131,9 @@ class TrainConfig:
     ema_decay: float = 0.99  # the weight average's decay (tracked when ``keep`` resolves to "ema" or "average-ema")
     choose_mask_sources: bool = True  # pick each concept's mask source on the validation split at the end
     # Steps that fit the semantic head alone on the training images once the kept weights are set
-    # (models with one: lite; train.semantic_head); 0: off.
-    head_steps: int = 300
+    # (models with one: lite; train.semantic_head); 0: off, the default: it gains on the trained view
+    # and can lose much of a view training never showed (docs/fine-tuning.md).
+    head_steps: int = 0
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 3e-4

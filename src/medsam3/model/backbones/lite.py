@@ -11,8 +11,9 @@
   model, not only in the concept normaliser.
 - Detector: transformers' SAM 3 detector (geometry encoder, DETR encoder/decoder with presence,
   mask decoder, dot-product scoring) at a width that trains on 2 CPU cores.
-- ``semantic_head``: trainable, a few convolutions on the neck's 64 x 64 level, the dense semantic
-  map's logits and the prompt, adding a correction to that map (see :class:`SemanticHead`).
+- ``semantic_head``: a few convolutions on the neck's 64 x 64 level, the dense semantic map's logits
+  and the prompt, adding a correction to that map; off (an exact zero) until a fine-tuning run fits it
+  (``--head-steps``, see :class:`SemanticHead`).
 - ``box_decoder``: LiteMedSAM's own pretrained prompt encoder + mask decoder, frozen. Given a box (a
   user's, or one the detector found from text) it draws a 256 x 256 mask; the predictor can use it
   instead of the detector's 64 x 64 masks (``mask_source``).
@@ -162,7 +163,9 @@ class SemanticHead(nn.Module):
     gyrus: Dice 0.86 on them). This head reads the neck's finest level and the map's logits, is told
     the prompt (a per-channel scale and shift from the pooled text features), and adds a correction.
     Its last convolution and its prompt modulation start at zero, so a model saved before the head
-    existed predicts exactly what it did; the rest starts from a fixed seed, so runs repeat.
+    existed predicts exactly what it did, and a head at that start is skipped (it would add an exact
+    zero); the rest starts from a fixed seed, so runs repeat. The paper policy leaves it alone: only
+    ``train.semantic_head``'s stage fits it.
     """
 
     def __init__(self, hidden: int, channels: int = SEMANTIC_HEAD_CHANNELS):
@@ -189,6 +192,10 @@ class SemanticHead(nn.Module):
         for module in (self.prompt, self.out):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
+
+    @property
+    def at_zero_start(self) -> bool:
+        return not (bool(self.out.weight.any()) or bool(self.out.bias.any()))
 
     def forward(
         self, level0: torch.Tensor, logits: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None
@@ -318,7 +325,7 @@ class LiteSam3Model(Sam3Model):
     """A ``Sam3Model`` whose towers are LiteMedSAM's TinyViT and MiniLM: every SAM 3 code path still works."""
 
     # New modules between the frozen towers and the detector: the paper policy trains them too.
-    extra_trained = ("vision_adapter", "text_projection", "semantic_head")
+    extra_trained = ("vision_adapter", "text_projection")
 
     def __init__(self, config: Sam3Config, *, pretrained: bool = True):
         with quiet_placeholder_config():
@@ -354,7 +361,7 @@ class LiteSam3Model(Sam3Model):
         outputs = super().forward(
             vision_embeds=vision_embeds, attention_mask=attention_mask, text_embeds=text_embeds, **kwargs
         )
-        if outputs.semantic_seg is not None:
+        if outputs.semantic_seg is not None and not self.semantic_head.at_zero_start:
             outputs.semantic_seg = self.semantic_head(
                 vision_embeds.fpn_hidden_states[0], outputs.semantic_seg, text_embeds.pooler_output, attention_mask
             )
@@ -388,7 +395,7 @@ class LiteBackbone(Backbone):
     input_size = INPUT_SIZE
     resize = "longest side to 256 (bilinear, aspect kept), pad right/bottom to 256 x 256, as LiteMedSAM"
     normalisation = "per-image min-max to [0, 1] (LiteMedSAM), same value in all 3 channels for gray images"
-    extra_trained = ("vision_adapter", "text_projection", "semantic_head")
+    extra_trained = ("vision_adapter", "text_projection")
     default_mask_source = "semantic"  # measured best on lite's own validation/training slices
     # Trained against logits resized to the target (as SAM and Meta's SAM 3 post-process): resizing
     # probabilities instead cost thin structures 0.06 Dice (see infer.postprocess.mask_probabilities).
