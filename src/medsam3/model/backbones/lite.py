@@ -457,7 +457,8 @@ class LiteBackbone(Backbone):
         rows = [{"part": prefix, "source": source, "frozen": True} for prefix, source in PRETRAINED.items()]
         rows.append(
             {
-                "part": "vision_encoder.adapter, text_projection, semantic_head, detector",
+                "part": "vision_encoder.adapter, text_projection, detector (semantic_head: at its zero start "
+                "unless a fine-tuning run fitted it)",
                 "source": "trained by this project (scripts/train_lite.py) or randomly initialised (lite-init)",
                 "frozen": False,
             }
