@@ -453,6 +453,12 @@ class Trainer:
             for i in indices
         ]
 
+    def _targets_on_device(self, items: list[TrainItem]) -> list[TrainItem]:
+        """``items`` with their targets' tensors moved to the training device (in place)."""
+        for item in items:
+            item.target = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in item.target.items()}
+        return items
+
     def _sync_gradients(self) -> None:
         if self.world == 1:
             return
@@ -468,12 +474,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         logged: dict[str, float] = {}
         for indices in batches:
-            items = self._items(epoch, indices)
-            targets_device = [
-                {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in item.target.items()} for item in items
-            ]
-            for item, target in zip(items, targets_device):
-                item.target = target
+            items = self._targets_on_device(self._items(epoch, indices))
             with torch.autocast(self.autocast_device, dtype=torch.bfloat16, enabled=self.autocast):
                 outputs, targets, aux = self.forward_items(items)
                 total, terms = self.loss(outputs, targets, aux_outputs=aux)
@@ -941,14 +942,18 @@ class Trainer:
         samples = []  # images holding the concept (the semantic term skips the others), in a seeded order
         for i in np.random.default_rng([c.seed, 23]).permutation(len(self.train_data))[: 4 * HEAD_MAX_IMAGES]:
             sample = self.train_data[int(i)]
-            if len(sample.masks) > 0 and len(samples) < HEAD_MAX_IMAGES:
+            if len(sample.masks) > 0:
                 samples.append(sample)
+                if len(samples) == HEAD_MAX_IMAGES:
+                    break
         if not samples:
             return None
-        items = [make_item(s, sample_rng(c.seed, 0, k), "text", canvas_size=self.seam.canvas_size)
-                 for k, s in enumerate(samples)]  # fmt: skip
-        for item in items:
-            item.target = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in item.target.items()}
+        items = self._targets_on_device(
+            [
+                make_item(s, sample_rng(c.seed, 0, k), "text", canvas_size=self.seam.canvas_size)
+                for k, s in enumerate(samples)
+            ]
+        )
         kept = _read_weights(best)
         with self._holding(kept):
             self.model.eval()
