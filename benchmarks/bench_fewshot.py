@@ -57,6 +57,7 @@ def old_recipe(minutes: float, seed: int) -> TrainConfig:
         choose_mask_sources=False,
         loss_weights=dict(LEGACY_LOSS),
         optimizer_groups=False,
+        head_steps=0,
     )
 
 

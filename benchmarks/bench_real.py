@@ -68,6 +68,7 @@ def finetune(base: str, data: Path, out: Path, minutes: float, seed: int) -> Pat
         max_minutes=minutes,
         progress=False,
         keep="best",  # validation's pick, as in the runs recorded in docs/lite.md
+        head_steps=0,  # as in those runs (they predate the semantic head's stage)
     )
     Trainer(load_model(base, device="cpu"), train, out, config, val_data=val, augment=flip_augmentation()).fit()
     return out / "best"

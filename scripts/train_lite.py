@@ -122,6 +122,7 @@ def main() -> None:
         val_limit=300,
         patience=0,  # a long run on a large set: the cosine schedule, not early stopping, ends it
         choose_mask_sources=False,  # export measures them (and the box modes) on the exported folder
+        head_steps=0,  # the shipped stages predate the head's stage; it stays at its zero start
     )
     augment = view_augmentation(views=args.views, seed=args.seed)
     trainer = Trainer(loaded, splits["train"], args.out, config, val_data=splits["val"], augment=augment)

@@ -486,7 +486,13 @@ def test_a_bad_box_mode_in_adapter_json_is_one_line(tmp_path):
 # -- the semantic head ---------------------------------------------------------------------------------
 
 
-def test_semantic_head_is_fitted_on_the_training_images_after_the_kept_weights(tmp_path):
+def _judged(monkeypatch, without: dict, fitted: dict) -> None:
+    """Validation, as the head stage reads it, answers ``without`` before the fit and ``fitted`` after."""
+    answers = iter([without, fitted])
+    monkeypatch.setattr(Trainer, "validation_by_framing", lambda self: next(answers))
+
+
+def test_semantic_head_is_fitted_on_the_training_images_after_the_kept_weights(tmp_path, monkeypatch):
     """lite's semantic head gets its own stage once best/ holds the kept weights: the rest of best/ is
     untouched, the head's loss on the training images falls, and the budget reserves its time."""
     from medsam3.train.semantic_head import HEAD_MAX_SECONDS
@@ -495,10 +501,12 @@ def test_semantic_head_is_fitted_on_the_training_images_after_the_kept_weights(t
     config = TrainConfig(epochs=1, keep="last", head_steps=25, choose_mask_sources=False, **FAST)
     trainer = Trainer(loaded, disk_samples(4), tmp_path / "run", config, val_data=disk_samples(2, seed=9))
     assert trainer._end_reserve() >= HEAD_MAX_SECONDS
+    _judged(monkeypatch, {"images": 0.50, "views": 0.40}, {"images": 0.55, "views": 0.33})
     summary = trainer.fit()
     report = summary["semantic_head"]
     assert report["steps"] == 25 and report["images"] == 3  # the negative image has no semantic term
     assert report["last_loss"] < 0.8 * report["first_loss"]
+    assert report["kept"] and report["validation"]["with"] == {"images": 0.55, "views": 0.33}
     best, last = _weights(tmp_path / "run" / "best"), _weights(tmp_path / "run" / "last")
     head = {n for n in best if n.startswith("semantic_head.")}
     assert head and not any(n.startswith("semantic_head.") for n in last)  # the main loop leaves it alone
@@ -510,3 +518,41 @@ def test_semantic_head_is_fitted_on_the_training_images_after_the_kept_weights(t
     assert read_adapter_metadata(tmp_path / "run" / "best")["semantic_head"] == report
     off = Trainer(loaded, disk_samples(4), tmp_path / "off", TrainConfig(epochs=1, head_steps=0, **FAST))
     assert off._end_reserve() < HEAD_MAX_SECONDS and off.fit()["semantic_head"] is None
+    unjudged = Trainer(loaded, disk_samples(4), tmp_path / "unjudged", TrainConfig(epochs=1, **FAST))
+    assert unjudged.config.head_steps > 0 and not unjudged._head_stage_runs()  # no validation split
+    assert unjudged.fit()["semantic_head"] is None
+
+
+@pytest.mark.parametrize(
+    "fitted",
+    [{"images": 0.55, "views": 0.25}, {"images": 0.50, "views": 0.45}],
+    ids=["costs-the-views", "no-gain-on-the-images"],
+)
+def test_a_semantic_head_that_validation_does_not_back_is_dropped(tmp_path, monkeypatch, fitted):
+    """A fitted head that costs the bank's views more than the tolerance, or does not gain on the
+    held-out images, leaves best/ as the kept weights: the model predicts as if the stage never ran."""
+    loaded = load_model("lite-init", device="cpu", runtime="openvino")
+    config = TrainConfig(epochs=1, keep="last", head_steps=10, choose_mask_sources=False, **FAST)
+    trainer = Trainer(loaded, disk_samples(4), tmp_path / "run", config, val_data=disk_samples(2, seed=9))
+    _judged(monkeypatch, {"images": 0.50, "views": 0.40}, fitted)
+    report = trainer.fit()["semantic_head"]
+    assert report["steps"] == 10 and report["kept"] is False
+    best, last = _weights(tmp_path / "run" / "best"), _weights(tmp_path / "run" / "last")
+    assert best.keys() == last.keys() and not any(n.startswith("semantic_head.") for n in best)
+    assert loaded.model.semantic_head.at_zero_start and not any(
+        p.requires_grad for p in loaded.model.semantic_head.parameters()
+    )
+    assert read_adapter_metadata(tmp_path / "run" / "best")["semantic_head"] == report
+    assert load_model("lite-init", device="cpu", adapter=tmp_path / "run" / "best").model.semantic_head.at_zero_start
+
+
+def test_validation_by_framing_reads_view_zero_as_the_images(tmp_path, monkeypatch):
+    """Under a view bank, every ``val_views``-th validation sample is an image as it is (view 0)."""
+    loaded = load_model("lite-init", device="cpu", runtime="openvino")
+    val = disk_samples(2, seed=9)
+    config = TrainConfig(epochs=1, val_views=3, **FAST)
+    trainer = Trainer(loaded, disk_samples(4), tmp_path / "run", config, val_data=val, augment=view_augmentation())
+    assert trainer.val_views == 3 and len(trainer.val_data) == 6
+    scores = [0.9, 0.1, 0.2, 0.7, 0.3, 0.5]
+    monkeypatch.setattr(Trainer, "validation_scores", lambda self: (scores, [True] * 6))
+    assert trainer.validation_by_framing() == {"images": pytest.approx(0.8), "views": pytest.approx(0.45)}

@@ -284,3 +284,20 @@ def test_the_cli_keeps_the_weight_average_when_asked(tmp_path, capsys):
     meta = json.loads((out / "best" / "adapter.json").read_text())
     assert meta["selected_by"] == "exponential moving average of the weights (decay 0.5)"
     assert (out / "best" / "adapter.safetensors").read_bytes() != (out / "last" / "adapter.safetensors").read_bytes()
+
+
+def test_the_cli_says_whether_the_semantic_head_was_kept(tmp_path, capsys):
+    """By default a lite run fits its semantic head and validation judges it; the CLI says what it decided
+    and on which numbers, and the summary, best/'s metadata and the line agree."""
+    data = _disk_folder(tmp_path / "data", cases=("c00", "c01", "c02", "c03"))  # c01: the validation case
+    out = tmp_path / "run"
+    args = ["train", data, "--base", "lite-init", "--out", out, "--batch-size", "2", "--device", "cpu",
+            "--epochs", "1", "--head-steps", "5", "--no-choose-mask-sources"]  # fmt: skip
+    code, stdout, err = _run(args, capsys)
+    assert code == 0, err
+    head = json.loads((out / "summary.json").read_text())["semantic_head"]
+    assert head["steps"] == 5 and json.loads((out / "best" / "adapter.json").read_text())["semantic_head"] == head
+    before, after = head["validation"]["without"], head["validation"]["with"]
+    line = next(line for line in stdout.splitlines() if line.startswith("semantic head: "))
+    assert line.startswith(f"semantic head: {'kept' if head['kept'] else 'not kept'} (")
+    assert f"held-out images {before['images']:.3f} -> {after['images']:.3f}" in line

@@ -705,9 +705,10 @@ def train(
     head_steps: Annotated[
         int,
         typer.Option(help="Steps that fit the semantic head (lite) alone on the training images once RUN/best "
-                     "holds the kept weights (0: off). Gains on images framed like the training ones, can lose "
-                     "on other views; about a minute for 300.", callback=_in_range(0)),
-    ] = 0,
+                     "holds the kept weights (0: off); kept only when the validation split backs it (a gain on "
+                     "the held-out images, at most a small loss under the view bank's views). About a minute.",
+                     callback=_in_range(0)),
+    ] = 300,
     checkpoint_every: Annotated[
         int, typer.Option(help="Also checkpoint every N optimizer steps (0: per epoch).", callback=_in_range(0))
     ] = 0,
@@ -791,6 +792,14 @@ def train(
         _echo(f"stopped by --max-minutes {max_minutes:g} after {steps_done} step(s)")
     elif run.summary["stop_reason"] == "early_stop":
         _echo(f"stopped early after {steps_done} step(s): validation Dice stopped improving")
+    head = run.summary.get("semantic_head")
+    if head and "validation" in head:
+        before, after = head["validation"]["without"], head["validation"]["with"]
+        _echo(
+            f"semantic head: {'kept' if head['kept'] else 'not kept'} (validation Dice without -> with it: "
+            f"held-out images {before['images']:.3f} -> {after['images']:.3f}, "
+            f"under the view bank's views {before['views']:.3f} -> {after['views']:.3f})"
+        )
     for concept, choice in (run.summary.get("mask_sources") or {}).items():
         best = choice["dice"][choice["source"]]
         _echo(f"mask source for '{concept}': {choice['source']} (validation Dice {best:.3f})")

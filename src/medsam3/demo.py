@@ -174,6 +174,7 @@ def _finetune(settings: DemoSettings, out: Path, report: DemoReport, memo: Tower
         val_every=1,  # validate at every epoch end (a few samples, features cached)
         patience=4,
         keep="best",  # ~20 validation phantoms would count as thin; the demo scores validation's pick (docs/demo.md)
+        head_steps=0,  # the demo's few minutes go to the detector (the head's stage: docs/fine-tuning.md)
         batch_size=settings.batch_size,
         lr=settings.lr,
         weight_decay=0.01,

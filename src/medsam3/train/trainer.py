@@ -59,7 +59,7 @@ from medsam3.errors import MedSAM3Error
 from medsam3.evaluate.metrics import balanced_dice, dice
 from medsam3.infer.predictor import Sam3Predictor
 from medsam3.infer.types import Prompt
-from medsam3.model.adapter import read_adapter_metadata, save_adapter
+from medsam3.model.adapter import META_FILE, read_adapter_metadata, save_adapter
 from medsam3.model.components import ENCODER_COMPONENTS
 from medsam3.model.loading import LoadedModel
 from medsam3.model.policy import apply_policy, check_policy
@@ -76,7 +76,9 @@ from medsam3.train.semantic_head import (
     collect_head_inputs,
     fit_semantic_head,
     has_semantic_head,
+    head_pays,
 )
+from medsam3.utils.files import write_json_atomic
 
 STATE_FILE = "trainer_state.pt"
 SUMMARY_FILE = "summary.json"
@@ -131,9 +133,9 @@ class TrainConfig:
     ema_decay: float = 0.99  # the weight average's decay (tracked when ``keep`` resolves to "ema" or "average-ema")
     choose_mask_sources: bool = True  # pick each concept's mask source on the validation split at the end
     # Steps that fit the semantic head alone on the training images once the kept weights are set
-    # (models with one: lite; train.semantic_head); 0: off, the default: it gains on the trained view
-    # and can lose much of a view training never showed (docs/fine-tuning.md).
-    head_steps: int = 0
+    # (models with one: lite; needs a validation split, which decides whether the fitted head is kept:
+    # train.semantic_head.head_pays); 0: off (docs/fine-tuning.md).
+    head_steps: int = 300
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 3e-4
@@ -493,12 +495,26 @@ class Trainer:
         return logged
 
     # -- validation ----------------------------------------------------------------------------
-    @torch.no_grad()
     def validate(self) -> float | None:
         """Union Dice on the validation samples (text prompts, or text+box in that mode), positives and
         negatives weighed equally (``balanced_dice``)."""
         if not self.val_data:
             return None
+        return balanced_dice(*self.validation_scores())
+
+    def validation_by_framing(self) -> dict[str, float]:
+        """Validation Dice on the held-out images as they are ("images": the training slices' framing)
+        and under the bank's views ("views"; the same number without views)."""
+        scores, positive = self.validation_scores()
+        plain = [i for i in range(len(scores)) if i % self.val_views == 0]  # view 0 is the image itself
+        return {
+            "images": round(balanced_dice([scores[i] for i in plain], [positive[i] for i in plain]), 4),
+            "views": round(balanced_dice(scores, positive), 4),
+        }
+
+    @torch.no_grad()
+    def validation_scores(self) -> tuple[list[float], list[bool]]:
+        """Each validation sample's union Dice and whether it holds its concept, in the split's order."""
         started = time.perf_counter()
         self.model.eval()
         predictor = Sam3Predictor(self.loaded)
@@ -515,7 +531,7 @@ class Trainer:
             scores.append(dice(result.union, sample.union))
             positive.append(not sample.is_negative)
         self._val_seconds = time.perf_counter() - started
-        return balanced_dice(scores, positive)
+        return scores, positive
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -678,11 +694,15 @@ class Trainer:
         validation and, when on, the mask-source choice (``END_PASSES``), estimated from the last
         validation's duration, plus ``END_MARGIN_S``."""
         passes = END_PASSES if self.config.choose_mask_sources else 1
+        if self._head_stage_runs():  # the head's fit, judged by two validations (with and without it)
+            passes += 2
         head = HEAD_MAX_SECONDS if self._head_stage_runs() else 0.0
         return head + (passes * self._val_seconds + END_MARGIN_S if self.val_data else 0.0)
 
     def _head_stage_runs(self) -> bool:
-        return self.config.head_steps > 0 and has_semantic_head(self.model)
+        """Whether the semantic head gets its stage: asked for, a model with one, and a validation split
+        to judge the fitted head by."""
+        return self.config.head_steps > 0 and has_semantic_head(self.model) and bool(self.val_data)
 
     _val_seconds: float = 0.0  # the last validation's duration
 
@@ -934,7 +954,9 @@ class Trainer:
 
     def _fit_semantic_head(self) -> dict | None:
         """best/ <- its weights with the semantic head fitted alone on the training images as they are
-        (no views; see train.semantic_head); None when off, headless or nothing to fit on."""
+        (no views; see train.semantic_head), when validation backs the fitted head (``head_pays``; else
+        best/ is left as it was and the head back at its zero start); None when the stage does not run
+        or has nothing to fit on."""
         c = self.config
         best = self.out_dir / "best"
         if not self._head_stage_runs() or not (best / "adapter.json").is_file():
@@ -955,11 +977,22 @@ class Trainer:
             ]
         )
         kept = _read_weights(best)
+        head = {n: p for n, p in self.model.named_parameters() if n.startswith("semantic_head.")}
+        start = {n: (p.detach().clone(), p.requires_grad) for n, p in head.items()}
         with self._holding(kept):
             self.model.eval()
+            without = self.validation_by_framing()
             inputs = collect_head_inputs(self.seam, items, self._vision)
             report = fit_semantic_head(self.model, inputs, self.loss.semantic_loss, c.head_steps, c.seed)
-            fitted = {n: p.detach().clone() for n, p in self.model.named_parameters() if n.startswith("semantic_head.")}
+            fitted = {n: p.detach().clone() for n, p in head.items()}
+            report["validation"] = {"without": without, "with": self.validation_by_framing()}
+        report["kept"] = head_pays(without, report["validation"]["with"])
+        if not report["kept"]:  # the head as it was: the model predicts as if the stage never ran
+            for name, parameter in head.items():
+                parameter.data.copy_(start[name][0])
+                parameter.requires_grad_(start[name][1])
+            write_json_atomic(best / META_FILE, {**read_adapter_metadata(best), "semantic_head": report})
+            return report
         meta = read_adapter_metadata(best)
         extra = {k: meta[k] for k in ("selected_by", "val_dice") if k in meta}
         with self._holding({**kept, **fitted}):
@@ -997,8 +1030,6 @@ class Trainer:
                 own[name].data.copy_(value)
 
     def _write_summary(self, summary: dict) -> None:
-        from medsam3.utils.files import write_json_atomic
-
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.out_dir / SUMMARY_FILE, summary)
 
