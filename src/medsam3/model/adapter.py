@@ -22,7 +22,7 @@ import medsam3
 from medsam3.errors import ModelSpecError
 from medsam3.model.loaded import LoadedModel, box_mode_map, mask_source_map
 from medsam3.model.policy import LoraSettings, apply_policy, trainable_state_dict
-from medsam3.utils.files import atomic_dir, save_tensors
+from medsam3.utils.files import atomic_dir, save_tensors, write_json_atomic
 
 WEIGHTS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
@@ -79,6 +79,12 @@ def read_adapter_metadata(adapter_dir: str | os.PathLike) -> dict:
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelSpecError(f"{meta_file}: unreadable adapter metadata ({exc})") from exc
     return check_adapter_metadata(meta, meta_file)
+
+
+def update_adapter_metadata(adapter_dir: str | os.PathLike, **fields) -> None:
+    """Add or replace ``fields`` in an adapter's ``adapter.json`` (atomically; the weights are untouched)."""
+    adapter_dir = Path(adapter_dir)
+    write_json_atomic(adapter_dir / META_FILE, {**read_adapter_metadata(adapter_dir), **fields})
 
 
 def check_adapter_metadata(meta: object, meta_file: str | os.PathLike = META_FILE) -> dict:

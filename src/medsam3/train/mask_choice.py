@@ -26,10 +26,9 @@ from medsam3.data.sample import Sample
 from medsam3.evaluate.metrics import balanced_dice, dice
 from medsam3.infer.predictor import Sam3Predictor
 from medsam3.infer.types import Prompt
-from medsam3.model.adapter import META_FILE, read_adapter_metadata
+from medsam3.model.adapter import update_adapter_metadata
 from medsam3.model.backbones.base import BOX_MODES
 from medsam3.model.loading import LoadedModel
-from medsam3.utils.files import write_json_atomic
 
 PREFERENCE = ("semantic", "fusion", "box-decoder", "detector")
 
@@ -134,7 +133,4 @@ def choose_mask_sources(
 
 def record_mask_sources(adapter_dir: str | Path, choice: dict[str, dict]) -> None:
     """Write the choice into the adapter's ``adapter.json`` (atomically)."""
-    adapter_dir = Path(adapter_dir)
-    meta = read_adapter_metadata(adapter_dir)
-    meta["mask_sources"] = choice
-    write_json_atomic(adapter_dir / META_FILE, meta)
+    update_adapter_metadata(adapter_dir, mask_sources=choice)

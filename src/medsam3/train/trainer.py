@@ -59,7 +59,7 @@ from medsam3.errors import MedSAM3Error
 from medsam3.evaluate.metrics import balanced_dice, dice
 from medsam3.infer.predictor import Sam3Predictor
 from medsam3.infer.types import Prompt
-from medsam3.model.adapter import META_FILE, read_adapter_metadata, save_adapter
+from medsam3.model.adapter import read_adapter_metadata, save_adapter, update_adapter_metadata
 from medsam3.model.components import ENCODER_COMPONENTS
 from medsam3.model.loading import LoadedModel
 from medsam3.model.policy import apply_policy, check_policy
@@ -991,7 +991,7 @@ class Trainer:
             for name, parameter in head.items():
                 parameter.data.copy_(start[name][0])
                 parameter.requires_grad_(start[name][1])
-            write_json_atomic(best / META_FILE, {**read_adapter_metadata(best), "semantic_head": report})
+            update_adapter_metadata(best, semantic_head=report)
             return report
         meta = read_adapter_metadata(best)
         extra = {k: meta[k] for k in ("selected_by", "val_dice") if k in meta}
